@@ -1,0 +1,107 @@
+"""Command line: `mnist-pipeline run` runs the flow locally and prints a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from flows.config import STAGES
+
+# Machines without internet should not even try to send telemetry; users may still opt in.
+QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the command line."""
+    parser = argparse.ArgumentParser(prog="mnist-pipeline", description="MNIST training pipeline orchestrated by Prefect.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the pipeline (cached stages are skipped)", description="Run the pipeline.")
+    run.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage (default: %(default)s)")
+    run.add_argument("--rerun", choices=STAGES, action="append", default=[], metavar="STAGE",
+                     help="run STAGE even if cached (repeatable)")
+    run.add_argument("--source", help="auto (mirrors, then the shipped copy), an http(s):// or file:// URL, or a folder")
+    run.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
+    run.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
+    run.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
+    return parser
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the config fields that the command line sets."""
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.artifacts_dir:
+        overrides["artifacts_dir"] = args.artifacts_dir
+    if args.source:
+        overrides["download"] = {"source": args.source}
+    return overrides
+
+
+class _ExpectedErrorsWithoutTraceback(logging.Filter):
+    """Log expected pipeline errors as their one-line message; keep tracebacks for real bugs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.core import PipelineError
+
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_expected_errors() -> None:
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()
+    for handler in logging.getLogger("prefect").handlers:
+        handler.addFilter(_ExpectedErrorsWithoutTraceback())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    args = build_parser().parse_args(argv)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+    from pydantic import ValidationError
+
+    from flows.config import PipelineConfig
+    from tasks.core import PipelineError
+
+    try:
+        config = PipelineConfig(**config_overrides(args))
+    except ValidationError as exc:
+        print(f"mnist-pipeline: error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+    _quiet_expected_errors()
+    from flows.pipeline import mnist_pipeline
+
+    state = mnist_pipeline(config=config, until=args.until, rerun=args.rerun, return_state=True)
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, PipelineError):
+            print(f"mnist-pipeline: error: {error}", file=sys.stderr)
+            return 1
+        raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
+    summary = state.result()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for stage, info in summary["stages"].items():
+            print(f"{stage:<11} {info['state']:<9} {', '.join(info['artifacts'])}")
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,140 @@
+"""Artifact references, content hashing and atomic publishing shared by every stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+_CHUNK = 1 << 20
+
+
+class PipelineError(Exception):
+    """An expected failure (bad input, failed check) whose message is meant for the user as is."""
+
+
+class FileRef(BaseModel):
+    """One file of an artifact: absolute path, SHA-256 of its bytes and its size."""
+
+    path: str
+    sha256: str
+    size: int
+
+
+class ArtifactRef(BaseModel):
+    """What a stage hands to the next: the files it wrote, a content digest and a little metadata."""
+
+    stage: str
+    digest: str = Field(description="Identity of the content; downstream cache keys are built from it.")
+    files: dict[str, FileRef]
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    def path(self, name: str) -> Path:
+        """Return the path of one named file of this artifact."""
+        return Path(self.files[name].path)
+
+    def problem(self) -> str | None:
+        """Return why the files on disk no longer match this reference, or None if they do."""
+        for name, ref in self.files.items():
+            path = Path(ref.path)
+            if not path.is_file():
+                return f"{path}: missing"
+            if path.stat().st_size != ref.size:
+                return f"{path}: size {path.stat().st_size}, expected {ref.size}"
+            if sha256_file(path) != ref.sha256:
+                return f"{path}: content digest differs from the recorded one"
+        return None
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Return the hex SHA-256 of a byte string."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Return the SHA-256 of a JSON value in canonical form (sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return sha256_bytes(text.encode())
+
+
+def new_workdir(parent: Path) -> Path:
+    """Create a private temporary folder inside `parent`, so that publishing it is one rename."""
+    parent.mkdir(parents=True, exist_ok=True)
+    work = parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    return work
+
+
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    """Write a file and fsync it, so that a rename that follows publishes complete content."""
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write a JSON document (sorted keys, indented) durably."""
+    write_bytes_durably(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str, Any] | None = None) -> ArtifactRef:
+    """Move a finished work folder to its content-addressed name next to it and return its reference.
+
+    The final folder is named by `digest` (default: the digest of the files' names and contents). If a folder
+    with that name already holds the same bytes it is kept untouched and the work folder is dropped, so reruns that
+    produce identical output rewrite nothing.
+    """
+    files = {
+        p.name: FileRef(path=p.name, sha256=sha256_file(p), size=p.stat().st_size)
+        for p in sorted(workdir.iterdir())
+        if p.is_file()
+    }
+    if digest is None:
+        digest = sha256_json({name: ref.sha256 for name, ref in files.items()})
+    final = workdir.parent / digest[:16]
+    existing = _relocate(stage, digest, files, final, meta)
+    if final.exists():
+        if existing.problem() is None and set(p.name for p in final.iterdir()) == set(files):
+            shutil.rmtree(workdir)
+            return existing
+        trash = workdir.parent / f".trash-{uuid.uuid4().hex[:8]}"
+        final.rename(trash)
+        shutil.rmtree(trash)
+    try:
+        workdir.rename(final)
+    except OSError:
+        # Another process published the same content in the meantime.
+        if existing.problem() is not None:
+            raise
+        shutil.rmtree(workdir)
+    _fsync_dir(final.parent)
+    return existing
+
+
+def _relocate(stage: str, digest: str, files: dict[str, FileRef], folder: Path, meta: dict[str, Any] | None) -> ArtifactRef:
+    placed = {name: ref.model_copy(update={"path": str(folder / name)}) for name, ref in files.items()}
+    return ArtifactRef(stage=stage, digest=digest, files=placed, meta=meta or {})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

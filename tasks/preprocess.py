@@ -1,0 +1,82 @@
+"""Preprocess stage: turn the validated IDX files into float32 parquet, one row per image."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from tasks.core import ArtifactRef, new_workdir, publish
+from tasks.download import SPLITS
+from tasks.idx import read_payload
+
+MODULES = ("tasks.core", "tasks.idx", "tasks.preprocess")
+SCHEMA_VERSION = 1
+PIXELS = 28 * 28
+PIXEL_COLUMNS = [f"pixel_{i:03d}" for i in range(PIXELS)]
+METADATA_KEY = b"mnist_pipeline"
+# One non-nullable, uncompressed float32 column per pixel in a single row group: any parquet reader sees plain named
+# float columns, and a memory-mapped read straight into one column-major buffer takes about 2x np.load of the same
+# array (benchmarks/bench_load.py). Compression (lz4, snappy) or a list column read 1.3x to 5x slower.
+SCHEMA = pa.schema(
+    [pa.field(name, pa.float32(), nullable=False) for name in PIXEL_COLUMNS]
+    + [pa.field("label", pa.uint8(), nullable=False)]
+)
+
+
+def to_table(images: np.ndarray, labels: np.ndarray, metadata: dict) -> pa.Table:
+    """Return the parquet table of one split: pixels scaled to [0, 1] as float32 (x / 255) and uint8 labels."""
+    pixels = images.reshape(len(images), PIXELS).astype(np.float32) / np.float32(255)
+    columns = [pa.array(np.ascontiguousarray(pixels[:, i])) for i in range(PIXELS)] + [pa.array(labels, pa.uint8())]
+    schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path) -> ArtifactRef:
+    """Write `train.parquet` and `test.parquet` from validated raw files and publish them under `out_dir`."""
+    work = new_workdir(out_dir)
+    rows = {}
+    for split, (images_name, labels_name) in SPLITS.items():
+        images_payload = read_payload(raw.path(f"{images_name}.gz"))
+        labels_payload = read_payload(raw.path(f"{labels_name}.gz"))
+        # Offsets follow the IDX headers that the validate stage has checked (3 and 1 dimensions).
+        images = np.frombuffer(images_payload, np.uint8, offset=16).reshape(-1, 28, 28)
+        labels = np.frombuffer(labels_payload, np.uint8, offset=8)
+        metadata = {
+            "schema_version": SCHEMA_VERSION,
+            "split": split,
+            "rows": len(images),
+            "image_shape": [28, 28],
+            "pixels": "float32, raw uint8 value / 255, row-major 28x28 in columns pixel_000..pixel_783",
+            "source_sha256": raw.meta.get("payload_sha256", {}),
+            "raw_digest": raw.digest,
+            "validation_digest": validation.digest,
+        }
+        pq.write_table(to_table(images, labels, metadata), work / f"{split}.parquet", compression="none", use_dictionary=False)
+        rows[split] = len(images)
+    return publish("preprocess", work, meta={"rows": rows, "schema_version": SCHEMA_VERSION})
+
+
+def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a split back as (float32 images of shape (n, 784), uint8 labels of shape (n,))."""
+    table = pq.read_table(path, memory_map=True).combine_chunks()
+    pixels = table.select(PIXEL_COLUMNS).to_batches()[0].to_tensor(row_major=False)
+    # A column-major (n, 784) array: one copy out of the mapped file, no per-row work.
+    return np.asarray(pixels), table.column("label").to_numpy()
+
+
+def read_metadata(path: Path) -> dict:
+    """Return the pipeline metadata stored in a split's parquet schema."""
+    return json.loads(pq.read_schema(path).metadata[METADATA_KEY])
+
+
+@task(name="preprocess_mnist")
+def preprocess_mnist(raw: ArtifactRef, validation: ArtifactRef, data_dir: Path) -> ArtifactRef:
+    """Write the float32 parquet splits under `data_dir/processed`."""
+    ref = preprocess_files(raw, validation, Path(data_dir) / "processed")
+    get_run_logger().info("wrote %s rows: %s", ref.meta["rows"], ", ".join(f.path for f in ref.files.values()))
+    return ref

@@ -1,0 +1,74 @@
+"""Validate stage: check the raw IDX files and write a validation report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from tasks.core import ArtifactRef, new_workdir, publish, write_json
+from tasks.download import SPLITS
+from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
+
+MODULES = ("tasks.core", "tasks.idx", "tasks.validate")
+REPORT = "validation.json"
+
+
+class ValidateConfig(BaseModel):
+    """Expected size of each split (None: any size)."""
+
+    train_count: int | None = 60000
+    test_count: int | None = 10000
+
+
+def validate_files(raw: ArtifactRef, out_dir: Path, config: ValidateConfig = ValidateConfig()) -> ArtifactRef:
+    """Check every raw file and publish a JSON report under `out_dir`; raise PipelineError on the first failure."""
+    checks = Checks()
+    splits = {}
+    expected = {"train": config.train_count, "test": config.test_count}
+    for split, (images_name, labels_name) in SPLITS.items():
+        images_file, labels_file = f"{images_name}.gz", f"{labels_name}.gz"
+        arrays = check_split(
+            read_payload(raw.path(images_file)),
+            read_payload(raw.path(labels_file)),
+            images_file,
+            labels_file,
+            checks,
+            expected[split],
+        )
+        if arrays is not None:
+            splits[split] = summarize(*arrays)
+    checks.raise_first()
+    report = {"schema_version": 1, "raw_digest": raw.digest, "passed": True, "checks": checks.items, "splits": splits}
+    work = new_workdir(out_dir)
+    write_json(work / REPORT, report)
+    return publish("validate", work, meta={"splits": splits, "checks": len(checks.items)})
+
+
+def summarize(images: np.ndarray, labels: np.ndarray) -> dict:
+    """Return the data summary of one split: shape, dtype, label range, class counts, pixel mean/std."""
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    # A histogram of the 256 pixel values gives exact moments without a float copy of the images.
+    hist = sum(np.bincount(chunk.ravel(), minlength=256) for chunk in np.array_split(images, max(1, len(images) // 5000)))
+    values = np.arange(256)
+    mean = float((hist * values).sum() / hist.sum())
+    std = float(np.sqrt((hist * (values - mean) ** 2).sum() / hist.sum()))
+    return {
+        "count": int(len(images)),
+        "shape": list(images.shape),
+        "dtype": str(images.dtype),
+        "label_range": [int(labels.min()), int(labels.max())],
+        "class_counts": {str(c): int(n) for c, n in enumerate(counts)},
+        "pixel_mean": round(mean, 4),
+        "pixel_std": round(std, 4),
+    }
+
+
+@task(name="validate_mnist")
+def validate_mnist(raw: ArtifactRef, config: ValidateConfig, artifacts_dir: Path) -> ArtifactRef:
+    """Validate the raw files and write `validation.json` under `artifacts_dir/validation`."""
+    ref = validate_files(raw, Path(artifacts_dir) / "validation", config)
+    get_run_logger().info("all %d checks passed; report %s", ref.meta["checks"], ref.path(REPORT))
+    return ref
