@@ -13,6 +13,8 @@ from flows.config import STAGES
 
 # Machines without internet should not even try to send telemetry; users may still opt in.
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+# The temporary API server of a serverless run needs more than the default 20 s on a busy 2-core machine.
+STARTUP_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,17 +57,16 @@ class _ExpectedErrorsWithoutTraceback(logging.Filter):
 
 
 def _quiet_expected_errors() -> None:
-    from prefect.logging.configuration import setup_logging
+    import prefect  # noqa: F401  (configures logging on import; the filters below must come after)
 
-    setup_logging()
-    for handler in logging.getLogger("prefect").handlers:
-        handler.addFilter(_ExpectedErrorsWithoutTraceback())
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_ExpectedErrorsWithoutTraceback())
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
-    for key, value in QUIET_ENV.items():
+    for key, value in {**QUIET_ENV, **STARTUP_ENV}.items():
         os.environ.setdefault(key, value)
 
     from pydantic import ValidationError

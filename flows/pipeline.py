@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from prefect.states import State
 from prefect.tasks import Task
 
 from flows.config import STAGES, PipelineConfig, Stage
 from tasks import download, preprocess, validate
 from tasks.caching import cached
 from tasks.core import ArtifactRef
+
+
+def _discard_failure_record(state: State, cache_dir: Path) -> None:
+    """Delete the exception record Prefect persists for a failed task, so a failed stage leaves no file behind."""
+    key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
+    if key and Path(key).parent == cache_dir:
+        Path(key).unlink(missing_ok=True)
 
 
 @flow(name="mnist-pipeline")
@@ -24,6 +33,8 @@ def mnist_pipeline(config: PipelineConfig | None = None, until: Stage = STAGES[-
     def run(stage: str, stage_task: Task, modules: tuple[str, ...], **inputs: Any) -> ArtifactRef:
         configured = cached(stage_task, config.cache_dir, modules, refresh=stage in rerun)
         state = configured(**inputs, return_state=True)
+        if state.is_failed():
+            _discard_failure_record(state, config.cache_dir)
         ref = state.result()  # re-raises the stage's error
         summary["stages"][stage] = {
             "state": "cached" if state.name == "Cached" else "completed",

@@ -79,25 +79,30 @@ def download_files(
     `source` is `auto` (each mirror in turn, then the shipped snapshot), an http(s):// or file:// URL of a folder,
     or a local folder. Raises PipelineError for a bad source or bad content; nothing is left under a final name.
     """
+    fetch = dict(retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, log=log)
     if source == "auto":
-        candidates = [m for m in mirrors] + ([str(snapshot_dir)] if snapshot_dir else [])
-        for i, candidate in enumerate(candidates):
-            is_last = i == len(candidates) - 1
+        candidates = [*mirrors, *([str(snapshot_dir)] if snapshot_dir else [])]
+        if not candidates:
+            raise PipelineError("source auto: expected mirrors or a snapshot folder, found neither configured")
+        # Any failure of a mirror (no answer, missing or bad files) moves on; the last candidate's error is final.
+        for candidate in candidates[:-1]:
             try:
-                payloads, served = _fetch_all(candidate, retries, backoff_s, timeout_s, log, give_up_on_dns=True)
-            except Unreachable as exc:
-                log(f"source {candidate} did not answer ({exc}); {'giving up' if is_last else 'trying the next'}")
-                continue
-            break
-        else:
-            raise PipelineError(f"source auto: no mirror answered and no snapshot is available (tried {', '.join(candidates)})")
-    else:
-        try:
-            payloads, served = _fetch_all(source, retries, backoff_s, timeout_s, log, give_up_on_dns=False)
-        except Unreachable as exc:
-            raise PipelineError(f"source {source}: unreachable: {exc}") from None
-    log(f"served by {served}")
+                return _download_from(candidate, raw_dir, expected_sha256, give_up_on_dns=True, **fetch)
+            except (Unreachable, PipelineError) as exc:
+                log(f"source {candidate} failed ({exc}); trying the next")
+        source = candidates[-1]
+    try:
+        return _download_from(source, raw_dir, expected_sha256, give_up_on_dns=False, **fetch)
+    except Unreachable as exc:
+        raise PipelineError(f"source {source}: unreachable: {exc}") from None
+
+
+def _download_from(
+    source: str, raw_dir: Path, expected_sha256: dict[str, str] | None, give_up_on_dns: bool, **fetch
+) -> ArtifactRef:
+    payloads, served = _fetch_all(source, fetch["retries"], fetch["backoff_s"], fetch["timeout_s"], fetch["log"], give_up_on_dns)
     _verify(payloads, expected_sha256)
+    fetch["log"](f"served by {served}")
     return _store(payloads, raw_dir, served)
 
 
@@ -138,18 +143,21 @@ def _fetch_all(
             f"source {source}: expected auto, an http://, https:// or file:// URL, or a folder, found scheme {parsed.scheme!r}"
         )
     payloads: dict[str, bytes] = {}
+    as_served: dict[str, bytes] = {}
     for name in FILES:
         for candidate in (name + ".gz", name):
             data = get(candidate)
             if data is not None:
                 payloads[name] = decode_payload(data, candidate)
+                as_served[candidate] = data
                 log(f"fetched {candidate} ({len(data)} bytes) from {source}")
                 break
         else:
             raise PipelineError(f"source {source}: missing file: expected {name}.gz (or {name}), found neither")
     sums = get(SUMS_FILE)
     if sums is not None:
-        _check_sums(sums, payloads, source)
+        # A SHA256SUMS file may list the payloads or the files as served (`sha256sum *.gz`): check both.
+        _check_sums(sums, {**as_served, **payloads}, source)
     return payloads, source
 
 
@@ -168,8 +176,12 @@ def _http_get(url: str, retries: int, backoff_s: float, timeout_s: float, log: L
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
                 data = response.read(MAX_FILE_BYTES + 1)
+                announced = response.headers.get("Content-Length")
             if len(data) > MAX_FILE_BYTES:
                 raise PipelineError(f"{url.rsplit('/', 1)[-1]}: size: expected at most {MAX_FILE_BYTES} bytes, found more")
+            # A read with a size limit returns short data, not an error, when the server closes early: retry it.
+            if announced is not None and announced.isdigit() and len(data) < int(announced):
+                raise ConnectionError(f"connection closed after {len(data)} of {announced} bytes")
             return data
         except urllib.error.HTTPError as exc:
             if exc.code in (404, 410):
@@ -190,30 +202,33 @@ def _http_get(url: str, retries: int, backoff_s: float, timeout_s: float, log: L
         attempt += 1
 
 
-def _check_sums(sums: bytes, payloads: dict[str, bytes], source: str) -> None:
-    """Verify the payloads against a SHA256SUMS file (entries for the .gz names are not checked here)."""
+def _check_sums(sums: bytes, files: dict[str, bytes], source: str) -> None:
+    """Verify files (by name) against a SHA256SUMS file; entries for names not fetched are ignored."""
     for line in sums.decode(errors="replace").splitlines():
         parts = line.split()
         if len(parts) != 2:
             continue
         digest, name = parts[0].lower(), parts[1].lstrip("*")
-        if name in payloads:
-            found = sha256_bytes(payloads[name])
+        if name in files:
+            found = sha256_bytes(files[name])
             if found != digest:
                 raise PipelineError(f"{name}: {SUMS_FILE} digest: expected {digest}, found {found} (source {source})")
 
 
 def _verify(payloads: dict[str, bytes], expected: dict[str, str] | None) -> None:
-    """Check payload digests against the pinned ones; name the structural problem first if there is one."""
-    if not expected:
-        return
-    wrong = [name for name in FILES if sha256_bytes(payloads[name]) != expected[name]]
-    if not wrong:
+    """Check payload digests against the pinned ones; name the structural problem first if there is one.
+
+    Without pinned digests the structural checks are all there is, so they always run then.
+    """
+    wrong = [name for name in FILES if sha256_bytes(payloads[name]) != expected[name]] if expected else []
+    if expected and not wrong:
         return
     checks = Checks()
     for images, labels in SPLITS.values():
         check_split(payloads[images], payloads[labels], images, labels, checks)
     checks.raise_first()
+    if not wrong:
+        return
     name = wrong[0]
     raise PipelineError(f"{name}: pinned SHA-256: expected {expected[name]}, found {sha256_bytes(payloads[name])}")
 

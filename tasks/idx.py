@@ -30,11 +30,11 @@ def decode_payload(data: bytes, name: str, limit: int = MAX_PAYLOAD_BYTES) -> by
             try:
                 out += inflater.decompress(rest, limit + 1 - len(out))
             except zlib.error as exc:
-                raise PipelineError(f"{name}: gzip: corrupt data ({exc})") from None
+                raise PipelineError(f"{name}: gzip: expected a valid gzip stream, found corrupt data ({exc})") from None
             if len(out) > limit:
                 raise PipelineError(f"{name}: size: expected a payload of at most {limit} bytes, found more")
             if not inflater.eof:
-                raise PipelineError(f"{name}: gzip: truncated (the stream ends before its end marker)")
+                raise PipelineError(f"{name}: gzip: expected a complete gzip stream, found it truncated after {len(data)} bytes")
             rest = inflater.unused_data  # a further gzip member, if any
         return bytes(out)
     if data.lstrip()[:1] == b"<":

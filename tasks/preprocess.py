@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,26 +40,30 @@ def to_table(images: np.ndarray, labels: np.ndarray, metadata: dict) -> pa.Table
 def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path) -> ArtifactRef:
     """Write `train.parquet` and `test.parquet` from validated raw files and publish them under `out_dir`."""
     work = new_workdir(out_dir)
-    rows = {}
-    for split, (images_name, labels_name) in SPLITS.items():
-        images_payload = read_payload(raw.path(f"{images_name}.gz"))
-        labels_payload = read_payload(raw.path(f"{labels_name}.gz"))
-        # Offsets follow the IDX headers that the validate stage has checked (3 and 1 dimensions).
-        images = np.frombuffer(images_payload, np.uint8, offset=16).reshape(-1, 28, 28)
-        labels = np.frombuffer(labels_payload, np.uint8, offset=8)
-        metadata = {
-            "schema_version": SCHEMA_VERSION,
-            "split": split,
-            "rows": len(images),
-            "image_shape": [28, 28],
-            "pixels": "float32, raw uint8 value / 255, row-major 28x28 in columns pixel_000..pixel_783",
-            "source_sha256": raw.meta.get("payload_sha256", {}),
-            "raw_digest": raw.digest,
-            "validation_digest": validation.digest,
-        }
-        pq.write_table(to_table(images, labels, metadata), work / f"{split}.parquet", compression="none", use_dictionary=False)
-        rows[split] = len(images)
-    return publish("preprocess", work, meta={"rows": rows, "schema_version": SCHEMA_VERSION})
+    try:
+        rows = {}
+        for split, (images_name, labels_name) in SPLITS.items():
+            images_payload = read_payload(raw.path(f"{images_name}.gz"))
+            labels_payload = read_payload(raw.path(f"{labels_name}.gz"))
+            # Offsets follow the IDX headers that the validate stage has checked (3 and 1 dimensions).
+            images = np.frombuffer(images_payload, np.uint8, offset=16).reshape(-1, 28, 28)
+            labels = np.frombuffer(labels_payload, np.uint8, offset=8)
+            metadata = {
+                "schema_version": SCHEMA_VERSION,
+                "split": split,
+                "rows": len(images),
+                "image_shape": [28, 28],
+                "pixels": "float32, raw uint8 value / 255, row-major 28x28 in columns pixel_000..pixel_783",
+                "source_sha256": raw.meta.get("payload_sha256", {}),
+                "raw_digest": raw.digest,
+                "validation_digest": validation.digest,
+            }
+            pq.write_table(to_table(images, labels, metadata), work / f"{split}.parquet", compression="none", use_dictionary=False)
+            rows[split] = len(images)
+        return publish("preprocess", work, meta={"rows": rows, "schema_version": SCHEMA_VERSION})
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -53,13 +53,14 @@ def summarize(images: np.ndarray, labels: np.ndarray) -> dict:
     # A histogram of the 256 pixel values gives exact moments without a float copy of the images.
     hist = sum(np.bincount(chunk.ravel(), minlength=256) for chunk in np.array_split(images, max(1, len(images) // 5000)))
     values = np.arange(256)
-    mean = float((hist * values).sum() / hist.sum())
-    std = float(np.sqrt((hist * (values - mean) ** 2).sum() / hist.sum()))
+    pixels = max(int(hist.sum()), 1)  # an empty split has no pixels; report zeros rather than divide by zero
+    mean = float((hist * values).sum() / pixels)
+    std = float(np.sqrt((hist * (values - mean) ** 2).sum() / pixels))
     return {
         "count": int(len(images)),
         "shape": list(images.shape),
         "dtype": str(images.dtype),
-        "label_range": [int(labels.min()), int(labels.max())],
+        "label_range": [int(labels.min()), int(labels.max())] if len(labels) else [],
         "class_counts": {str(c): int(n) for c, n in enumerate(counts)},
         "pixel_mean": round(mean, 4),
         "pixel_std": round(std, 4),

@@ -1,0 +1,53 @@
+"""Small synthetic MNIST-like IDX data for fast tests: each class is a learnable pattern plus noise."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+NAMES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as IDX (magic 0x0000 08 ndim, big-endian dims, raw bytes)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def make_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return n images (uint8, 28x28) and labels; class c is a bright bar at rows 2c+4..2c+5 plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 * c + 4 : 2 * c + 6, 4:24] = 255
+    return images, labels
+
+
+def payloads(n_train: int = 200, n_test: int = 50, seed: int = 0) -> dict[str, bytes]:
+    """Return the four IDX payloads by their MNIST file names."""
+    out = {}
+    for split, n, s in (("train", n_train, seed), ("test", n_test, seed + 1)):
+        images, labels = make_split(n, s)
+        out[NAMES[split][0]] = idx_bytes(images)
+        out[NAMES[split][1]] = idx_bytes(labels)
+    return out
+
+
+def write_source(folder: Path, files: dict[str, bytes] | None = None, gz: bool = True) -> dict[str, str]:
+    """Write payloads (default: `payloads()`) into `folder` as .gz (or plain) files; return their SHA-256."""
+    files = payloads() if files is None else files
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
+        else:
+            (folder / name).write_bytes(data)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}

@@ -1,0 +1,130 @@
+"""The `mnist-pipeline` command in a subprocess: JSON summary, cached reruns, clean failures on bad sources."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tree_state
+from synthetic import idx_bytes, make_split, payloads, write_source
+
+
+def cli(*args, env=None, api_url=None):
+    full_env = {**os.environ, **(env or {})}
+    if api_url:
+        full_env["PREFECT_API_URL"] = api_url
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=full_env, timeout=600,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, prefect_api_url):
+    """A synthetic source, its pins, and roots that already hold one successful run."""
+    base = tmp_path_factory.mktemp("cli")
+    digests = write_source(base / "source")
+    env = {
+        "MNIST_PIPELINE_DOWNLOAD__SHA256": json.dumps(digests),
+        "MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]",
+        "MNIST_PIPELINE_DOWNLOAD__RETRIES": "0",
+        "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
+        "MNIST_PIPELINE_VALIDATION__TEST_COUNT": "50",
+    }
+    roots = ["--data-dir", str(base / "data"), "--artifacts-dir", str(base / "artifacts")]
+    first = cli("run", "--until", "preprocess", "--json", "--source", str(base / "source"), *roots, env=env, api_url=prefect_api_url)
+    assert first.returncode == 0, first.stderr
+    return {"base": base, "env": env, "roots": roots, "api": prefect_api_url, "first": json.loads(first.stdout)}
+
+
+def test_json_summary_names_every_stage_and_its_artifacts(good):
+    summary = good["first"]
+    assert summary["run_id"]
+    assert list(summary["stages"]) == ["download", "validate", "preprocess"]
+    for info in summary["stages"].values():
+        assert info["state"] == "completed"
+        assert info["artifacts"] and all(Path(p).is_file() for p in info["artifacts"])
+    names = sorted(Path(p).name for p in summary["stages"]["preprocess"]["artifacts"])
+    assert names == ["test.parquet", "train.parquet"]
+
+
+def test_second_run_in_a_new_process_is_cached_and_rewrites_nothing(good):
+    base = good["base"]
+    before = tree_state(base / "data", base / "artifacts")
+
+    again = cli("run", "--until", "preprocess", "--json", "--source", str(base / "source"), *good["roots"], env=good["env"], api_url=good["api"])
+
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout)
+    assert {s: i["state"] for s, i in summary["stages"].items()} == dict.fromkeys(["download", "validate", "preprocess"], "cached")
+    assert tree_state(base / "data", base / "artifacts") == before
+
+
+def _images(n=200, shape=(28, 28)):
+    images, _ = make_split(n, 0)
+    return idx_bytes(images[:, : shape[0], : shape[1]])
+
+
+def _labels(n=200, last=None):
+    _, labels = make_split(200, 0)
+    labels = labels[:n].copy()
+    if last is not None:
+        labels[-1] = last
+    return idx_bytes(labels)
+
+
+def _flip_pixel(payload):
+    data = bytearray(payload)
+    data[-1] ^= 0x01
+    return bytes(data)
+
+
+GOOD = payloads()
+MALFORMED = {
+    # case: (file name, raw bytes written as <name>.gz, expected fragments of the message)
+    "wrong magic": ("train-images-idx3-ubyte", gzip.compress(b"\x12\x34" + GOOD["train-images-idx3-ubyte"][2:]), "magic number"),
+    "truncated gzip": ("train-images-idx3-ubyte", gzip.compress(GOOD["train-images-idx3-ubyte"])[:3000], "gzip: expected a complete gzip stream, found it truncated"),
+    "label of 10": ("train-labels-idx1-ubyte", gzip.compress(_labels(last=10)), "label range: expected 0..9, found 0..10"),
+    "fewer labels": ("train-labels-idx1-ubyte", gzip.compress(_labels(n=199)), "count match: expected 200 labels (one per image), found 199"),
+    "28x27 images": ("train-images-idx3-ubyte", gzip.compress(_images(shape=(28, 27))), "image size: expected 28x28, found 28x27"),
+    "digest differs": ("t10k-images-idx3-ubyte", gzip.compress(_flip_pixel(GOOD["t10k-images-idx3-ubyte"])), "pinned SHA-256"),
+    "html page": ("t10k-labels-idx1-ubyte", b"<!DOCTYPE html><html><body>Moved</body></html>", "found an HTML/XML document"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_source_fails_with_one_line_and_leaves_artifacts_intact(good, case, tmp_path):
+    name, data, fragment = MALFORMED[case]
+    source = tmp_path / "bad"
+    write_source(source)
+    (source / f"{name}.gz").write_bytes(data)
+    base = good["base"]
+    before = tree_state(base / "data", base / "artifacts")
+
+    result = cli("run", "--until", "preprocess", "--json", "--source", str(source), *good["roots"], env=good["env"], api_url=good["api"])
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("mnist-pipeline: error: ")
+    assert name in message and fragment in message, message
+    assert "Traceback" not in result.stderr
+    assert tree_state(base / "data", base / "artifacts") == before
+    assert not list((base / "data").rglob(".tmp-*"))
+
+
+def test_unknown_stage_is_a_usage_error():
+    result = cli("run", "--until", "deploy")
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr
+
+
+def test_help_lists_the_options():
+    result = cli("run", "--help")
+    assert result.returncode == 0
+    for option in ("--until", "--rerun", "--source", "--data-dir", "--artifacts-dir", "--json"):
+        assert option in result.stdout

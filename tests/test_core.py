@@ -1,0 +1,165 @@
+"""Content hashing, artifact references and atomic, content-addressed publishing."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tasks.core import ArtifactRef, new_workdir, publish, sha256_bytes, sha256_file, sha256_json, write_json
+
+OLD_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09: an mtime no rewrite could produce by accident
+
+
+def make_work(parent: Path, files: dict[str, bytes]) -> Path:
+    work = new_workdir(parent)
+    for name, data in files.items():
+        (work / name).write_bytes(data)
+    return work
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".tmp-", ".trash-")))
+
+
+def file_state(folder: Path) -> dict[str, tuple[int, int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+FILES = {"a.bin": b"alpha" * 100, "b.txt": b"bravo\n"}
+
+
+def test_hashes_match_hashlib_and_json_is_canonical(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * (3 << 20))  # several read chunks
+    assert sha256_file(path) == hashlib.sha256(b"x" * (3 << 20)).hexdigest()
+    assert sha256_bytes(b"abc") == hashlib.sha256(b"abc").hexdigest()
+    assert sha256_json({"b": 1, "a": [1, 2]}) == sha256_json({"a": [1, 2], "b": 1})
+    assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+    assert sha256_json({"a": 1}) == sha256_bytes(b'{"a":1}')
+
+
+def test_write_json_is_sorted_and_newline_terminated(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(path, {"b": 2, "a": {"d": 1, "c": 0}})
+    text = path.read_text()
+    assert text.endswith("}\n")
+    assert text.index('"a"') < text.index('"b"') and text.index('"c"') < text.index('"d"')
+    assert json.loads(text) == {"a": {"c": 0, "d": 1}, "b": 2}
+
+
+def test_new_workdir_is_a_fresh_hidden_folder_inside_parent(tmp_path):
+    parent = tmp_path / "not" / "yet"
+    first, second = new_workdir(parent), new_workdir(parent)
+    assert first.parent == parent and second.parent == parent
+    assert first != second
+    assert first.name.startswith(".tmp-") and first.is_dir() and not any(first.iterdir())
+
+
+def test_publish_moves_work_folder_to_its_digest_name(tmp_path):
+    work = make_work(tmp_path, FILES)
+
+    ref = publish("stage-x", work, meta={"k": 1})
+
+    expected_digest = sha256_json({name: sha256_bytes(data) for name, data in FILES.items()})
+    final = tmp_path / expected_digest[:16]
+    assert ref.stage == "stage-x" and ref.meta == {"k": 1}
+    assert ref.digest == expected_digest
+    assert not work.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+    for name, data in FILES.items():
+        assert ref.path(name) == final / name
+        assert ref.path(name).read_bytes() == data
+        assert ref.files[name].sha256 == sha256_bytes(data)
+        assert ref.files[name].size == len(data)
+        assert Path(ref.files[name].path).is_absolute()
+    assert ref.problem() is None
+
+
+def test_publish_uses_a_given_digest_for_the_folder_name(tmp_path):
+    digest = "0123456789abcdef" + "f" * 48
+    ref = publish("s", make_work(tmp_path, FILES), digest=digest)
+    assert ref.digest == digest
+    assert ref.path("a.bin").parent == tmp_path / "0123456789abcdef"
+    assert leftovers(tmp_path) == []
+
+
+def test_second_publish_of_identical_content_rewrites_nothing(tmp_path):
+    first = publish("s", make_work(tmp_path, FILES))
+    final = first.path("a.bin").parent
+    for path in final.iterdir():
+        os.utime(path, ns=(OLD_NS, OLD_NS))
+    before = file_state(final)
+
+    work = make_work(tmp_path, FILES)
+    second = publish("s", work)
+
+    assert second == first
+    assert file_state(final) == before
+    assert not work.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+
+
+def test_different_content_gets_a_different_folder(tmp_path):
+    first = publish("s", make_work(tmp_path, FILES))
+    second = publish("s", make_work(tmp_path, {**FILES, "b.txt": b"charlie\n"}))
+    renamed = publish("s", make_work(tmp_path, {"c.bin": FILES["a.bin"], "b.txt": FILES["b.txt"]}))
+
+    folders = {first.digest, second.digest, renamed.digest}
+    assert len(folders) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(d[:16] for d in folders)
+    assert first.problem() is None and second.problem() is None and renamed.problem() is None
+    assert first.path("b.txt").read_bytes() == b"bravo\n"
+    assert second.path("b.txt").read_bytes() == b"charlie\n"
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete", "extra"])
+def test_publish_replaces_a_damaged_folder_of_the_same_name(tmp_path, damage):
+    first = publish("s", make_work(tmp_path, FILES))
+    final = first.path("a.bin").parent
+    if damage == "flip":
+        first.path("a.bin").write_bytes(b"A" + FILES["a.bin"][1:])
+    elif damage == "delete":
+        first.path("b.txt").unlink()
+    else:
+        (final / "stray.txt").write_bytes(b"?")
+
+    second = publish("s", make_work(tmp_path, FILES))
+
+    assert second.digest == first.digest
+    assert second.problem() is None
+    assert sorted(p.name for p in final.iterdir()) == sorted(FILES)
+    assert second.path("a.bin").read_bytes() == FILES["a.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
+
+
+def test_problem_reports_a_missing_file(tmp_path):
+    ref = publish("s", make_work(tmp_path, FILES))
+    ref.path("b.txt").unlink()
+    problem = ref.problem()
+    assert problem is not None and str(ref.path("b.txt")) in problem and "missing" in problem
+
+
+def test_problem_reports_a_size_change(tmp_path):
+    ref = publish("s", make_work(tmp_path, FILES))
+    ref.path("a.bin").write_bytes(FILES["a.bin"] + b"!")
+    problem = ref.problem()
+    assert problem is not None and str(ref.path("a.bin")) in problem
+    assert f"size {len(FILES['a.bin']) + 1}, expected {len(FILES['a.bin'])}" in problem
+
+
+def test_problem_reports_a_same_size_byte_flip(tmp_path):
+    ref = publish("s", make_work(tmp_path, FILES))
+    data = bytearray(FILES["a.bin"])
+    data[len(data) // 2] ^= 0x01
+    ref.path("a.bin").write_bytes(bytes(data))
+    problem = ref.problem()
+    assert problem is not None and str(ref.path("a.bin")) in problem and "digest differs" in problem
+
+
+def test_reference_survives_a_json_round_trip(tmp_path):
+    ref = publish("s", make_work(tmp_path, FILES), meta={"rows": {"train": 3}})
+    again = ArtifactRef.model_validate_json(ref.model_dump_json())
+    assert again == ref and again.problem() is None
+

@@ -1,0 +1,100 @@
+"""The flow on the real Prefect engine: cache semantics of the data stages on synthetic data."""
+
+from pathlib import Path
+
+import pytest
+from conftest import tree_state
+
+from flows.pipeline import mnist_pipeline
+from tasks.core import PipelineError
+
+
+@pytest.fixture(autouse=True)
+def _server(prefect_api_url):
+    return prefect_api_url
+
+
+def states(summary):
+    return {stage: info["state"] for stage, info in summary["stages"].items()}
+
+
+def test_second_run_is_all_cached_and_rewrites_nothing(synthetic_config):
+    first = mnist_pipeline(config=synthetic_config, until="preprocess")
+    assert states(first) == {"download": "completed", "validate": "completed", "preprocess": "completed"}
+    before = tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir)
+
+    second = mnist_pipeline(config=synthetic_config, until="preprocess")
+
+    assert states(second) == {"download": "cached", "validate": "cached", "preprocess": "cached"}
+    assert second["stages"] == {s: {**i, "state": "cached"} for s, i in first["stages"].items()}
+    assert tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir) == before
+    assert first["run_id"] != second["run_id"]
+
+
+def test_until_stops_after_the_named_stage(synthetic_config):
+    summary = mnist_pipeline(config=synthetic_config, until="validate")
+    assert list(summary["stages"]) == ["download", "validate"]
+    assert not (synthetic_config.data_dir / "processed").exists()
+
+
+def test_rerun_forces_one_stage_and_identical_output_is_not_rewritten(synthetic_config):
+    mnist_pipeline(config=synthetic_config)
+    before = tree_state(synthetic_config.data_dir)
+
+    summary = mnist_pipeline(config=synthetic_config, rerun=["preprocess"])
+
+    assert states(summary) == {"download": "cached", "validate": "cached", "preprocess": "completed"}
+    assert tree_state(synthetic_config.data_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_cached_stage_whose_files_are_damaged_is_recomputed(synthetic_config, damage):
+    first = mnist_pipeline(config=synthetic_config)
+    parquet = Path(next(p for p in first["stages"]["preprocess"]["artifacts"] if p.endswith("train.parquet")))
+    good = parquet.read_bytes()
+    if damage == "delete":
+        parquet.unlink()
+    else:
+        parquet.chmod(0o644)
+        data = bytearray(good)
+        data[len(data) // 2] ^= 0xFF
+        parquet.write_bytes(bytes(data))
+
+    summary = mnist_pipeline(config=synthetic_config)
+
+    assert states(summary) == {"download": "cached", "validate": "cached", "preprocess": "completed"}
+    assert parquet.read_bytes() == good
+
+
+def test_changed_parameter_reruns_that_stage_and_its_dependants_only(synthetic_config):
+    mnist_pipeline(config=synthetic_config)
+    changed = synthetic_config.model_copy(update={"validation": synthetic_config.validation.model_copy(update={"train_count": None})})
+
+    summary = mnist_pipeline(config=changed)
+
+    assert summary["stages"]["download"]["state"] == "cached"
+    assert summary["stages"]["validate"]["state"] == "completed"
+
+
+def test_changed_source_files_are_downloaded_again(synthetic_config, tmp_path):
+    from synthetic import payloads, write_source
+
+    mnist_pipeline(config=synthetic_config, until="download")
+    digests = write_source(Path(synthetic_config.download.source), payloads(seed=7))
+    changed = synthetic_config.model_copy(update={"download": synthetic_config.download.model_copy(update={"sha256": digests})})
+    assert mnist_pipeline(config=changed, until="download")["stages"]["download"]["state"] == "completed"
+
+    # The same config with the old pins would now fail on the changed files instead of serving a stale cache.
+    with pytest.raises(PipelineError, match="pinned SHA-256"):
+        mnist_pipeline(config=synthetic_config, until="download")
+
+
+def test_failed_validation_stops_before_preprocess_and_keeps_earlier_artifacts(synthetic_config):
+    mnist_pipeline(config=synthetic_config)
+    before = tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir)
+    wrong = synthetic_config.model_copy(update={"validation": synthetic_config.validation.model_copy(update={"test_count": 51})})
+
+    with pytest.raises(PipelineError, match=r"t10k-images-idx3-ubyte.gz: count: expected 51, found 50"):
+        mnist_pipeline(config=wrong)
+
+    assert tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir) == before

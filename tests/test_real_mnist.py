@@ -1,0 +1,62 @@
+"""End to end on the real MNIST files that the repository ships: the data stages through the command line."""
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, tree_state
+from test_cli import cli
+
+from tasks.preprocess import PIXEL_COLUMNS, load_split
+
+SNAPSHOT = REPO / "data" / "snapshot" / "mnist"
+
+
+def idx_array(name, offset):
+    return np.frombuffer(gzip.decompress((SNAPSHOT / f"{name}.gz").read_bytes()), np.uint8, offset=offset)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory, prefect_api_url):
+    base = tmp_path_factory.mktemp("real")
+    # auto with no mirrors: the pinned, shipped copy serves, so the test never leaves this machine.
+    env = {"MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]"}
+    args = ["run", "--until", "preprocess", "--json", "--data-dir", str(base / "data"), "--artifacts-dir", str(base / "artifacts")]
+    first = cli(*args, env=env, api_url=prefect_api_url)
+    assert first.returncode == 0, first.stderr
+    return {"base": base, "env": env, "args": args, "api": prefect_api_url, "summary": json.loads(first.stdout), "log": first.stderr}
+
+
+def test_parquet_holds_every_image_divided_by_255_exactly(real_run):
+    paths = {p.rsplit("/", 1)[-1]: p for p in real_run["summary"]["stages"]["preprocess"]["artifacts"]}
+    for split, prefix, rows in (("train", "train", 60000), ("test", "t10k", 10000)):
+        images = idx_array(f"{prefix}-images-idx3-ubyte", 16).reshape(rows, 784)
+        labels = idx_array(f"{prefix}-labels-idx1-ubyte", 8)
+        table = pq.read_table(paths[f"{split}.parquet"])
+        assert table.num_rows == rows
+        assert table.column_names == PIXEL_COLUMNS + ["label"]
+        pixels, read_labels = load_split(paths[f"{split}.parquet"])
+        assert pixels.dtype == np.float32
+        assert np.array_equal(pixels, images.astype(np.float32) / 255)
+        assert np.array_equal(read_labels, labels)
+    assert labels[:20].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4]
+
+
+def test_validation_report_passes_with_the_mnist_class_counts(real_run):
+    (report_path,) = real_run["summary"]["stages"]["validate"]["artifacts"]
+    report = json.loads(open(report_path).read())
+    assert report["passed"] and all(c["passed"] for c in report["checks"])
+    assert report["splits"]["train"]["class_counts"]["1"] == 6742
+    assert report["splits"]["test"]["count"] == 10000
+    assert "served by" in real_run["log"] and str(SNAPSHOT) in real_run["log"]
+
+
+def test_rerun_in_a_new_process_is_cached_and_rewrites_nothing(real_run):
+    base = real_run["base"]
+    before = tree_state(base / "data", base / "artifacts")
+    again = cli(*real_run["args"], env=real_run["env"], api_url=real_run["api"])
+    assert again.returncode == 0, again.stderr
+    assert {i["state"] for i in json.loads(again.stdout)["stages"].values()} == {"cached"}
+    assert tree_state(base / "data", base / "artifacts") == before
