@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from flows.config import STAGES
@@ -17,17 +18,34 @@ QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 STARTUP_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
+TRAIN_FLAGS = (
+    ("--epochs", int, "training epochs"),
+    ("--batch-size", int, "training batch size"),
+    ("--learning-rate", float, "Adam learning rate"),
+    ("--hidden-units", int, "units of the hidden dense layer"),
+    ("--seed", int, "random seed (same seed and data: same model)"),
+    ("--validation-split", float, "fraction of the training rows held out for validation (default 0)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the command line."""
     parser = argparse.ArgumentParser(prog="mnist-pipeline", description="MNIST training pipeline orchestrated by Prefect.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline (cached stages are skipped)", description="Run the pipeline.")
-    run.add_argument("--until", choices=STAGES, default=STAGES[-1], help="stop after this stage (default: %(default)s)")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--until", choices=STAGES, default=STAGES[-1], metavar="STAGE",
+                       help="stop after STAGE (default: %(default)s)")
+    which.add_argument("--only", choices=STAGES, metavar="STAGE",
+                       help="run just STAGE, on the existing artifacts of the stages before it")
     run.add_argument("--rerun", choices=STAGES, action="append", default=[], metavar="STAGE",
-                     help="run STAGE even if cached (repeatable)")
+                     help="run STAGE even if cached (repeatable); one of: " + ", ".join(STAGES))
     run.add_argument("--source", help="auto (mirrors, then the shipped copy), an http(s):// or file:// URL, or a folder")
     run.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
     run.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
+    training = run.add_argument_group("training (defaults: the reference model, 5 epochs at batch 128)")
+    for flag, kind, what in TRAIN_FLAGS:
+        training.add_argument(flag, type=kind, help=what)
     run.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
     return parser
 
@@ -41,6 +59,13 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["artifacts_dir"] = args.artifacts_dir
     if args.source:
         overrides["download"] = {"source": args.source}
+    training = {
+        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
+        for flag, _, _ in TRAIN_FLAGS
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    }
+    if training:
+        overrides["train"] = training
     return overrides
 
 
@@ -77,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig(**config_overrides(args))
     except ValidationError as exc:
-        print(f"mnist-pipeline: error: invalid configuration: {exc}", file=sys.stderr)
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (found {e['input']!r})" for e in exc.errors())
+        print(f"mnist-pipeline: error: invalid configuration: {problems}", file=sys.stderr)
         return 2
 
     _quiet_expected_errors()
     from flows.pipeline import mnist_pipeline
 
-    state = mnist_pipeline(config=config, until=args.until, rerun=args.rerun, return_state=True)
+    state = mnist_pipeline(config=config, until=args.until, rerun=args.rerun, only=args.only, return_state=True)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, PipelineError):
@@ -91,12 +117,20 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
     summary = state.result()
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        for stage, info in summary["stages"].items():
-            print(f"{stage:<11} {info['state']:<9} {', '.join(info['artifacts'])}")
+    print(json.dumps(summary, indent=2) if args.json else human_summary(summary))
     return 0
+
+
+def human_summary(summary: dict[str, Any]) -> str:
+    """Return a few lines for people: each stage's state, the headline metrics, and the report's path last."""
+    lines = [f"{stage:<11} {info['state']:<9} {Path(info['artifacts'][0]).parent}" for stage, info in summary["stages"].items()]
+    if "metrics" in summary:
+        m = summary["metrics"]
+        lines.append(f"test accuracy {m['test_accuracy']:.4f}, test loss {m['test_loss']:.4f}")
+        lines.append("first 20 predictions: " + " ".join(map(str, m["first_20_predictions"])))
+    if "report" in summary:
+        lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
 
 
 def run() -> None:

@@ -9,11 +9,12 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.download import DownloadConfig
+from tasks.train import TrainConfig
 from tasks.validate import ValidateConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("download", "validate", "preprocess")
-Stage = Literal["download", "validate", "preprocess"]
+STAGES = ("download", "validate", "preprocess", "train", "evaluate", "report")
+Stage = Literal["download", "validate", "preprocess", "train", "evaluate", "report"]
 
 
 class PipelineConfig(BaseSettings):
@@ -25,6 +26,7 @@ class PipelineConfig(BaseSettings):
     artifacts_dir: Path = Field(PROJECT_ROOT / "artifacts", description="Root of reports, models, metrics and the cache.")
     download: DownloadConfig = DownloadConfig()
     validation: ValidateConfig = ValidateConfig()
+    train: TrainConfig = TrainConfig()
 
     @field_validator("data_dir", "artifacts_dir")
     @classmethod

@@ -74,6 +74,18 @@ class StageCache(CachePolicy):
             record_path.unlink(missing_ok=True)
 
 
+def lookup(stage: str, cache_dir: Path, modules: tuple[str, ...], inputs: dict[str, Any]) -> ArtifactRef | None:
+    """Return the cached artifact of a stage for these inputs if it exists and its files are intact, else None."""
+    key = stage_key(stage, inputs, modules)
+    if not (Path(cache_dir) / key).exists():
+        return None
+    try:
+        ref = result_store(cache_dir).read(key).result
+    except Exception:  # an unreadable record is as good as none
+        return None
+    return ref if isinstance(ref, ArtifactRef) and ref.problem() is None else None
+
+
 def result_store(cache_dir: str | Path) -> ResultStore:
     """Return the store that holds the stage results (JSON records, no pickles) under `cache_dir`."""
     return ResultStore(result_storage=LocalFileSystem(basepath=str(cache_dir)), serializer=JSONSerializer())

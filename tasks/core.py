@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +82,20 @@ def new_workdir(parent: Path) -> Path:
     return work
 
 
-def write_bytes_durably(path: Path, data: bytes) -> None:
-    """Write a file and fsync it, so that a rename that follows publishes complete content."""
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+@contextmanager
+def workdir(parent: Path) -> Iterator[Path]:
+    """Yield a new work folder inside `parent`; remove it if the block fails before publishing it."""
+    work = new_workdir(parent)
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write a JSON document (sorted keys, indented) durably."""
-    write_bytes_durably(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+    """Write a JSON document (sorted keys, indented)."""
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str, Any] | None = None) -> ArtifactRef:
@@ -98,13 +103,13 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
 
     The final folder is named by `digest` (default: the digest of the files' names and contents). If a folder
     with that name already holds the same bytes it is kept untouched and the work folder is dropped, so reruns that
-    produce identical output rewrite nothing.
+    produce identical output rewrite nothing. Every file is synced to disk before the rename exposes it.
     """
-    files = {
-        p.name: FileRef(path=p.name, sha256=sha256_file(p), size=p.stat().st_size)
-        for p in sorted(workdir.iterdir())
-        if p.is_file()
-    }
+    files = {}
+    for p in sorted(workdir.iterdir()):
+        if p.is_file():
+            _fsync(p)
+            files[p.name] = FileRef(path=p.name, sha256=sha256_file(p), size=p.stat().st_size)
     if digest is None:
         digest = sha256_json({name: ref.sha256 for name, ref in files.items()})
     final = workdir.parent / digest[:16]
@@ -123,7 +128,7 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
         if existing.problem() is not None:
             raise
         shutil.rmtree(workdir)
-    _fsync_dir(final.parent)
+    _fsync(final.parent)
     return existing
 
 
@@ -132,7 +137,7 @@ def _relocate(stage: str, digest: str, files: dict[str, FileRef], folder: Path, 
     return ArtifactRef(stage=stage, digest=digest, files=placed, meta=meta or {})
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

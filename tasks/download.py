@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 import socket
 import time
 import urllib.error
@@ -15,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.core import ArtifactRef, PipelineError, new_workdir, publish, sha256_bytes, sha256_json, write_bytes_durably
+from tasks.core import ArtifactRef, PipelineError, publish, sha256_bytes, sha256_json, workdir
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_split, decode_payload
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -236,15 +235,11 @@ def _verify(payloads: dict[str, bytes], expected: dict[str, str] | None) -> None
 def _store(payloads: dict[str, bytes], raw_dir: Path, served: str) -> ArtifactRef:
     """Write the payloads gzipped into a work folder and publish it under the digest of the payloads."""
     digests = {name: sha256_bytes(payloads[name]) for name in FILES}
-    work = new_workdir(raw_dir)
-    try:
+    with workdir(raw_dir) as work:
         for name in FILES:
             # mtime=0 keeps the bytes a function of the payload alone.
-            write_bytes_durably(work / f"{name}.gz", gzip.compress(payloads[name], compresslevel=6, mtime=0))
+            (work / f"{name}.gz").write_bytes(gzip.compress(payloads[name], compresslevel=6, mtime=0))
         return publish("download", work, digest=sha256_json(digests), meta={"source": served, "payload_sha256": digests})
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 @task(name="download_mnist")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from tasks.core import ArtifactRef, new_workdir, publish
+from tasks.core import ArtifactRef, publish, workdir
 from tasks.download import SPLITS
 from tasks.idx import read_payload
 
@@ -39,8 +38,7 @@ def to_table(images: np.ndarray, labels: np.ndarray, metadata: dict) -> pa.Table
 
 def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path) -> ArtifactRef:
     """Write `train.parquet` and `test.parquet` from validated raw files and publish them under `out_dir`."""
-    work = new_workdir(out_dir)
-    try:
+    with workdir(out_dir) as work:
         rows = {}
         for split, (images_name, labels_name) in SPLITS.items():
             images_payload = read_payload(raw.path(f"{images_name}.gz"))
@@ -61,9 +59,6 @@ def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path) -
             pq.write_table(to_table(images, labels, metadata), work / f"{split}.parquet", compression="none", use_dictionary=False)
             rows[split] = len(images)
         return publish("preprocess", work, meta={"rows": rows, "schema_version": SCHEMA_VERSION})
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ import numpy as np
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.core import ArtifactRef, new_workdir, publish, write_json
+from tasks.core import ArtifactRef, publish, workdir, write_json
 from tasks.download import SPLITS
 from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
 
@@ -42,9 +42,9 @@ def validate_files(raw: ArtifactRef, out_dir: Path, config: ValidateConfig = Val
             splits[split] = summarize(*arrays)
     checks.raise_first()
     report = {"schema_version": 1, "raw_digest": raw.digest, "passed": True, "checks": checks.items, "splits": splits}
-    work = new_workdir(out_dir)
-    write_json(work / REPORT, report)
-    return publish("validate", work, meta={"splits": splits, "checks": len(checks.items)})
+    with workdir(out_dir) as work:
+        write_json(work / REPORT, report)
+        return publish("validate", work, meta={"splits": splits, "checks": len(checks.items)})
 
 
 def summarize(images: np.ndarray, labels: np.ndarray) -> dict:

@@ -10,6 +10,8 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="mnist-pipeline-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
+# Tasks called outside a flow (tests/test_tasks_direct.py) have no flow run to send their logs to.
+os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ.pop("PREFECT_API_URL", None)
 for _name in [n for n in os.environ if n.startswith("MNIST_PIPELINE_")]:
     del os.environ[_name]
@@ -46,6 +48,8 @@ def synthetic_config(tmp_path):
         artifacts_dir=tmp_path / "artifacts",
         download={"source": str(source), "mirrors": [], "sha256": digests, "retries": 0},
         validation={"train_count": 200, "test_count": 50},
+        # Small and without XLA compilation: seconds per run; the real-data tests use the defaults.
+        train={"epochs": 2, "hidden_units": 32, "batch_size": 32, "jit_compile": False, "steps_per_execution": 1},
     )
 
 

@@ -51,3 +51,17 @@ def write_source(folder: Path, files: dict[str, bytes] | None = None, gz: bool =
         else:
             (folder / name).write_bytes(data)
     return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def processed_ref(root: Path, n_train: int = 200, n_test: int = 50):
+    """Publish synthetic train/test parquet splits as the preprocess stage would; return the ArtifactRef."""
+    import pyarrow.parquet as pq
+
+    from tasks.core import new_workdir, publish
+    from tasks.preprocess import to_table
+
+    work = new_workdir(root)
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = make_split(n, seed)
+        pq.write_table(to_table(images, labels, {"split": split}), work / f"{split}.parquet", compression="none")
+    return publish("preprocess", work)

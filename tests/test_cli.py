@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import tree_state
 from synthetic import idx_bytes, make_split, payloads, write_source

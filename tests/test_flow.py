@@ -38,10 +38,10 @@ def test_until_stops_after_the_named_stage(synthetic_config):
 
 
 def test_rerun_forces_one_stage_and_identical_output_is_not_rewritten(synthetic_config):
-    mnist_pipeline(config=synthetic_config)
+    mnist_pipeline(config=synthetic_config, until="preprocess")
     before = tree_state(synthetic_config.data_dir)
 
-    summary = mnist_pipeline(config=synthetic_config, rerun=["preprocess"])
+    summary = mnist_pipeline(config=synthetic_config, until="preprocess", rerun=["preprocess"])
 
     assert states(summary) == {"download": "cached", "validate": "cached", "preprocess": "completed"}
     assert tree_state(synthetic_config.data_dir) == before
@@ -49,7 +49,7 @@ def test_rerun_forces_one_stage_and_identical_output_is_not_rewritten(synthetic_
 
 @pytest.mark.parametrize("damage", ["delete", "flip"])
 def test_cached_stage_whose_files_are_damaged_is_recomputed(synthetic_config, damage):
-    first = mnist_pipeline(config=synthetic_config)
+    first = mnist_pipeline(config=synthetic_config, until="preprocess")
     parquet = Path(next(p for p in first["stages"]["preprocess"]["artifacts"] if p.endswith("train.parquet")))
     good = parquet.read_bytes()
     if damage == "delete":
@@ -60,17 +60,17 @@ def test_cached_stage_whose_files_are_damaged_is_recomputed(synthetic_config, da
         data[len(data) // 2] ^= 0xFF
         parquet.write_bytes(bytes(data))
 
-    summary = mnist_pipeline(config=synthetic_config)
+    summary = mnist_pipeline(config=synthetic_config, until="preprocess")
 
     assert states(summary) == {"download": "cached", "validate": "cached", "preprocess": "completed"}
     assert parquet.read_bytes() == good
 
 
 def test_changed_parameter_reruns_that_stage_and_its_dependants_only(synthetic_config):
-    mnist_pipeline(config=synthetic_config)
+    mnist_pipeline(config=synthetic_config, until="preprocess")
     changed = synthetic_config.model_copy(update={"validation": synthetic_config.validation.model_copy(update={"train_count": None})})
 
-    summary = mnist_pipeline(config=changed)
+    summary = mnist_pipeline(config=changed, until="preprocess")
 
     assert summary["stages"]["download"]["state"] == "cached"
     assert summary["stages"]["validate"]["state"] == "completed"
@@ -90,11 +90,11 @@ def test_changed_source_files_are_downloaded_again(synthetic_config, tmp_path):
 
 
 def test_failed_validation_stops_before_preprocess_and_keeps_earlier_artifacts(synthetic_config):
-    mnist_pipeline(config=synthetic_config)
+    mnist_pipeline(config=synthetic_config, until="preprocess")
     before = tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir)
     wrong = synthetic_config.model_copy(update={"validation": synthetic_config.validation.model_copy(update={"test_count": 51})})
 
     with pytest.raises(PipelineError, match=r"t10k-images-idx3-ubyte.gz: count: expected 51, found 50"):
-        mnist_pipeline(config=wrong)
+        mnist_pipeline(config=wrong, until="preprocess")
 
     assert tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir) == before

@@ -1,7 +1,11 @@
-"""End to end on the real MNIST files that the repository ships: the data stages through the command line."""
+"""End to end on the real MNIST files that the repository ships, through the command line, with the defaults."""
 
 import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +16,12 @@ from test_cli import cli
 from tasks.preprocess import PIXEL_COLUMNS, load_split
 
 SNAPSHOT = REPO / "data" / "snapshot" / "mnist"
+REFERENCE_FIRST_20 = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4]
+# Runs the command line in-process and reports whether it imported tensorflow.
+PROBE = (
+    "import sys; from flows.cli import main; rc = main(sys.argv[1:]); "
+    "print('tensorflow imported:', 'tensorflow' in sys.modules, file=sys.stderr); sys.exit(rc)"
+)
 
 
 def idx_array(name, offset):
@@ -23,7 +33,8 @@ def real_run(tmp_path_factory, prefect_api_url):
     base = tmp_path_factory.mktemp("real")
     # auto with no mirrors: the pinned, shipped copy serves, so the test never leaves this machine.
     env = {"MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]"}
-    args = ["run", "--until", "preprocess", "--json", "--data-dir", str(base / "data"), "--artifacts-dir", str(base / "artifacts")]
+    # The default configuration (5 epochs): on this data it must match the reference program's results.
+    args = ["run", "--json", "--data-dir", str(base / "data"), "--artifacts-dir", str(base / "artifacts")]
     first = cli(*args, env=env, api_url=prefect_api_url)
     assert first.returncode == 0, first.stderr
     return {"base": base, "env": env, "args": args, "api": prefect_api_url, "summary": json.loads(first.stdout), "log": first.stderr}
@@ -41,7 +52,7 @@ def test_parquet_holds_every_image_divided_by_255_exactly(real_run):
         assert pixels.dtype == np.float32
         assert np.array_equal(pixels, images.astype(np.float32) / 255)
         assert np.array_equal(read_labels, labels)
-    assert labels[:20].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4]
+    assert labels[:20].tolist() == REFERENCE_FIRST_20
 
 
 def test_validation_report_passes_with_the_mnist_class_counts(real_run):
@@ -53,10 +64,26 @@ def test_validation_report_passes_with_the_mnist_class_counts(real_run):
     assert "served by" in real_run["log"] and str(SNAPSHOT) in real_run["log"]
 
 
-def test_rerun_in_a_new_process_is_cached_and_rewrites_nothing(real_run):
+def test_default_run_reaches_the_reference_quality(real_run):
+    summary = real_run["summary"]
+    assert {i["state"] for i in summary["stages"].values()} == {"completed"}
+    assert summary["metrics"]["test_accuracy"] >= 0.975
+    assert summary["metrics"]["first_20_predictions"] == REFERENCE_FIRST_20
+    report = Path(summary["report"])
+    for name in ("report.html", "report.md", "first20.png", "training_curves.png", "confusion_matrix.png", "misclassified.png"):
+        assert (report.parent / name).stat().st_size > 0
+    assert "epoch 5/5: loss" in real_run["log"]
+
+
+def test_rerun_in_a_new_process_is_cached_rewrites_nothing_and_never_imports_tensorflow(real_run):
     base = real_run["base"]
     before = tree_state(base / "data", base / "artifacts")
-    again = cli(*real_run["args"], env=real_run["env"], api_url=real_run["api"])
+    env = {**os.environ, **real_run["env"], "PREFECT_API_URL": real_run["api"]}
+    again = subprocess.run([sys.executable, "-c", PROBE, *real_run["args"]], capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=600)
     assert again.returncode == 0, again.stderr
-    assert {i["state"] for i in json.loads(again.stdout)["stages"].values()} == {"cached"}
+    summary = json.loads(again.stdout)
+    assert {i["state"] for i in summary["stages"].values()} == {"cached"}
+    assert summary["metrics"] == real_run["summary"]["metrics"]
+    assert "tensorflow imported: False" in again.stderr
     assert tree_state(base / "data", base / "artifacts") == before

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from synthetic import idx_bytes, make_split, payloads, write_source
 
-from tasks.core import PipelineError, new_workdir, publish, write_bytes_durably
+from tasks.core import PipelineError, new_workdir, publish
 from tasks.download import FILES, download_files
 from tasks.validate import REPORT, ValidateConfig, summarize, validate_files
 
@@ -26,7 +26,7 @@ def raw_from(tmp_path, files: dict[str, bytes]):
     """Publish raw files as the download stage would, without its checks (a raw artifact gone bad)."""
     work = new_workdir(tmp_path / "raw-bad")
     for name, data in files.items():
-        write_bytes_durably(work / f"{name}.gz", gzip.compress(data, mtime=0))
+        (work / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
     return publish("download", work)
 
 

@@ -1,0 +1,94 @@
+"""The whole flow on the real Prefect engine and TensorFlow, on synthetic data: the cache semantics of all six stages."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tree_state
+
+from flows.pipeline import mnist_pipeline
+from tasks.core import PipelineError
+
+ALL = ["download", "validate", "preprocess", "train", "evaluate", "report"]
+
+
+@pytest.fixture(autouse=True)
+def _server(prefect_api_url):
+    return prefect_api_url
+
+
+def states(summary):
+    return {stage: info["state"] for stage, info in summary["stages"].items()}
+
+
+def artifact(summary, stage, name):
+    return Path(next(p for p in summary["stages"][stage]["artifacts"] if p.endswith(name)))
+
+
+@pytest.fixture
+def first_run(synthetic_config):
+    return mnist_pipeline(config=synthetic_config)
+
+
+def test_full_run_then_nothing_changed_runs_no_stage(synthetic_config, first_run):
+    assert states(first_run) == dict.fromkeys(ALL, "completed")
+    assert 0.0 <= first_run["metrics"]["test_accuracy"] <= 1.0
+    assert len(first_run["metrics"]["first_20_predictions"]) == 20
+    assert Path(first_run["report"]).name == "report.html" and Path(first_run["report"]).is_file()
+    before = tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir)
+
+    second = mnist_pipeline(config=synthetic_config)
+
+    assert states(second) == dict.fromkeys(ALL, "cached")
+    assert second["metrics"] == first_run["metrics"] and second["report"] == first_run["report"]
+    assert tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir) == before
+
+
+def test_changed_training_parameter_reruns_train_and_its_dependants_only(synthetic_config, first_run):
+    changed = synthetic_config.model_copy(update={"train": synthetic_config.train.model_copy(update={"epochs": 3})})
+
+    summary = mnist_pipeline(config=changed)
+
+    assert states(summary) == {**dict.fromkeys(ALL[:3], "cached"), **dict.fromkeys(ALL[3:], "completed")}
+    history = json.loads(artifact(summary, "train", "history.json").read_text())
+    assert len(history["loss"]) == 3
+
+
+def test_rerun_of_preprocess_with_identical_output_leaves_dependants_cached(synthetic_config, first_run):
+    summary = mnist_pipeline(config=synthetic_config, rerun=["preprocess"])
+
+    assert states(summary) == {**dict.fromkeys(ALL, "cached"), "preprocess": "completed"}
+
+
+def test_deleted_model_is_retrained(synthetic_config, first_run):
+    artifact(first_run, "train", "model.keras").unlink()
+
+    summary = mnist_pipeline(config=synthetic_config)
+
+    assert summary["stages"]["train"]["state"] == "completed"
+    assert artifact(summary, "train", "model.keras").is_file()
+    assert all(summary["stages"][s]["state"] == "cached" for s in ALL[:3])
+
+
+def test_only_reruns_one_stage_on_the_existing_artifacts(synthetic_config, first_run):
+    summary = mnist_pipeline(config=synthetic_config, only="report")
+
+    assert states(summary) == {"report": "completed"}
+    assert summary["report"] == first_run["report"]
+
+
+def test_only_without_earlier_artifacts_is_a_clear_error(synthetic_config):
+    with pytest.raises(PipelineError, match=r"--only evaluate: stage download: expected artifacts of an earlier run"):
+        mnist_pipeline(config=synthetic_config, only="evaluate")
+    assert not synthetic_config.artifacts_dir.joinpath("evaluation").exists()
+
+
+def test_same_seed_gives_the_same_metrics_when_caches_are_bypassed(synthetic_config, first_run):
+    again = mnist_pipeline(config=synthetic_config, rerun=["train", "evaluate"])
+
+    assert again["stages"]["train"]["state"] == "completed"
+    assert again["metrics"] == first_run["metrics"]
+    first_metrics = json.loads(artifact(first_run, "evaluate", "metrics.json").read_text())
+    again_metrics = json.loads(artifact(again, "evaluate", "metrics.json").read_text())
+    assert again_metrics["test_loss"] == first_metrics["test_loss"]
+    assert again_metrics["confusion_matrix"] == first_metrics["confusion_matrix"]
