@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run just STAGE, on the existing artifacts of the stages before it")
     run.add_argument("--rerun", choices=STAGES, action="append", default=[], metavar="STAGE",
                      help="run STAGE even if cached (repeatable); one of: " + ", ".join(STAGES))
+    run.add_argument("--no-cache", action="store_true", help="run every stage, as if each were given to --rerun")
     run.add_argument("--source", help="auto (mirrors, then the shipped copy), an http(s):// or file:// URL, or a folder")
     run.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
     run.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_expected_errors()
     from flows.pipeline import mnist_pipeline
 
-    state = mnist_pipeline(config=config, until=args.until, rerun=args.rerun, only=args.only, return_state=True)
+    rerun = list(STAGES) if args.no_cache else args.rerun
+    state = mnist_pipeline(config=config, until=args.until, rerun=rerun, only=args.only, return_state=True)
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, PipelineError):
@@ -128,6 +130,9 @@ def human_summary(summary: dict[str, Any]) -> str:
         m = summary["metrics"]
         lines.append(f"test accuracy {m['test_accuracy']:.4f}, test loss {m['test_loss']:.4f}")
         lines.append("first 20 predictions: " + " ".join(map(str, m["first_20_predictions"])))
+    if "promotion" in summary:
+        p = summary["promotion"]
+        lines.append(f"{'promoted to champion' if p['promoted'] else 'not promoted'}: {p['reason']}")
     if "report" in summary:
         lines.append(f"report: {summary['report']}")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -78,7 +79,8 @@ def download_files(
     `source` is `auto` (each mirror in turn, then the shipped snapshot), an http(s):// or file:// URL of a folder,
     or a local folder. Raises PipelineError for a bad source or bad content; nothing is left under a final name.
     """
-    fetch = dict(retries=retries, backoff_s=backoff_s, timeout_s=timeout_s, log=log)
+    fetch = partial(_download_from, raw_dir=raw_dir, expected_sha256=expected_sha256, retries=retries,
+                    backoff_s=backoff_s, timeout_s=timeout_s, log=log)
     if source == "auto":
         candidates = [*mirrors, *([str(snapshot_dir)] if snapshot_dir else [])]
         if not candidates:
@@ -86,22 +88,30 @@ def download_files(
         # Any failure of a mirror (no answer, missing or bad files) moves on; the last candidate's error is final.
         for candidate in candidates[:-1]:
             try:
-                return _download_from(candidate, raw_dir, expected_sha256, give_up_on_dns=True, **fetch)
+                return fetch(candidate, give_up_on_dns=True)
             except (Unreachable, PipelineError) as exc:
                 log(f"source {candidate} failed ({exc}); trying the next")
         source = candidates[-1]
     try:
-        return _download_from(source, raw_dir, expected_sha256, give_up_on_dns=False, **fetch)
+        return fetch(source, give_up_on_dns=False)
     except Unreachable as exc:
         raise PipelineError(f"source {source}: unreachable: {exc}") from None
 
 
 def _download_from(
-    source: str, raw_dir: Path, expected_sha256: dict[str, str] | None, give_up_on_dns: bool, **fetch
+    source: str,
+    *,
+    raw_dir: Path,
+    expected_sha256: dict[str, str] | None,
+    give_up_on_dns: bool,
+    retries: int,
+    backoff_s: float,
+    timeout_s: float,
+    log: Log,
 ) -> ArtifactRef:
-    payloads, served = _fetch_all(source, fetch["retries"], fetch["backoff_s"], fetch["timeout_s"], fetch["log"], give_up_on_dns)
+    payloads, served = _fetch_all(source, retries, backoff_s, timeout_s, log, give_up_on_dns)
     _verify(payloads, expected_sha256)
-    fetch["log"](f"served by {served}")
+    log(f"served by {served}")
     return _store(payloads, raw_dir, served)
 
 

@@ -63,6 +63,19 @@ def test_second_run_in_a_new_process_is_cached_and_rewrites_nothing(good):
     assert tree_state(base / "data", base / "artifacts") == before
 
 
+def test_no_cache_runs_every_stage_and_identical_output_rewrites_nothing(good):
+    base = good["base"]
+    # Every artifact, but not Prefect's result records in artifacts/cache: those are rewritten by a forced run.
+    before = tree_state(base / "data", base / "artifacts" / "validation")
+
+    again = cli("run", "--until", "preprocess", "--no-cache", "--json", "--source", str(base / "source"), *good["roots"],
+                env=good["env"], api_url=good["api"])
+
+    assert again.returncode == 0, again.stderr
+    assert {i["state"] for i in json.loads(again.stdout)["stages"].values()} == {"completed"}
+    assert tree_state(base / "data", base / "artifacts" / "validation") == before
+
+
 def _images(n=200, shape=(28, 28)):
     images, _ = make_split(n, 0)
     return idx_bytes(images[:, : shape[0], : shape[1]])
