@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.download import DownloadConfig
+from tasks.promote import PromotionConfig
 from tasks.train import TrainConfig
 from tasks.validate import ValidateConfig
 
@@ -27,6 +28,7 @@ class PipelineConfig(BaseSettings):
     download: DownloadConfig = DownloadConfig()
     validation: ValidateConfig = ValidateConfig()
     train: TrainConfig = TrainConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @field_validator("data_dir", "artifacts_dir")
     @classmethod
@@ -38,3 +40,8 @@ class PipelineConfig(BaseSettings):
     def cache_dir(self) -> Path:
         """Where stage results (artifact references) are recorded for reuse across runs."""
         return self.artifacts_dir / "cache"
+
+    @property
+    def registry_dir(self) -> Path:
+        """Where the champion model and the history of promotion decisions are kept."""
+        return self.artifacts_dir / "registry"

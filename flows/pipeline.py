@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.tasks import Task
 
 from flows.config import STAGES, PipelineConfig, Stage
-from tasks import download, evaluate, preprocess, report, train, validate
+from tasks import download, evaluate, preprocess, promote, report, train, validate
 from tasks.caching import cached, lookup
 from tasks.core import ArtifactRef, PipelineError
 
@@ -82,6 +82,11 @@ def mnist_pipeline(
         return summary
     evaluation = run("evaluate", evaluate.evaluate_model, evaluate.MODULES, model=model, processed=processed, artifacts_dir=artifacts_dir)
     summary["metrics"] = {key: evaluation.meta[key] for key in ("test_accuracy", "test_loss", "first_20_predictions")}
+    # Not a stage: the decision depends on the registry's current champion, so it is made (or looked up) every run.
+    decision = promote.decide_promotion(
+        model, evaluation, config.registry_dir, config.promotion, run_id=summary["run_id"], log=get_run_logger().info
+    )
+    summary["promotion"] = {key: decision[key] for key in ("promoted", "reason")}
     if last < 5:
         return summary
     reported = run(
@@ -93,6 +98,10 @@ def mnist_pipeline(
         model=model,
         evaluation=evaluation,
         artifacts_dir=artifacts_dir,
+        decision=decision,
     )
+    if summary["stages"]["report"]["state"] == "cached":
+        # A cached stage publishes nothing; the run's page in the UI should still show the report.
+        report.publish_ui_artifacts(reported, evaluation, decision)
     summary["report"] = str(reported.path(report.REPORT_HTML))
     return summary

@@ -108,7 +108,7 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
     files = {}
     for p in sorted(workdir.iterdir()):
         if p.is_file():
-            _fsync(p)
+            fsync_path(p)
             files[p.name] = FileRef(path=p.name, sha256=sha256_file(p), size=p.stat().st_size)
     if digest is None:
         digest = sha256_json({name: ref.sha256 for name, ref in files.items()})
@@ -128,7 +128,7 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
         if existing.problem() is not None:
             raise
         shutil.rmtree(workdir)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     return existing
 
 
@@ -137,7 +137,8 @@ def _relocate(stage: str, digest: str, files: dict[str, FileRef], folder: Path, 
     return ArtifactRef(stage=stage, digest=digest, files=placed, meta=meta or {})
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's content (a folder: its entries, i.e. renames) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -45,6 +45,7 @@ FIGURES = {
 }
 # The figures worth the space in the Prefect UI; the full report has all of them.
 KEY_FIGURES = (FIRST20_PNG, CURVES_PNG, CONFUSION_PNG)
+PROMOTION_KEY = "mnist-promotion"
 
 NUM_CLASSES = 10
 DPI = 120
@@ -220,6 +221,30 @@ def headline_blocks(metrics: dict) -> list[Block]:
     ]
 
 
+def promotion_blocks(decision: dict) -> list[Block]:
+    """Return the promotion decision: the verdict with its reason, and the model against the champion before it."""
+    d, before = decision, decision.get("champion_before")
+    verdict = "Promoted" if d["promoted"] else "Not promoted"
+    rows = [("this model", Code(str(d["model_digest"])[:16]), _f4(d["test_accuracy"]), _f4(d["test_loss"]))]
+    if before:
+        rows.append(("champion before", Code(str(before["model_digest"])[:16]), _f4(before["test_accuracy"]),
+                     _f4(before["test_loss"])))
+        rows.append(("difference", "", f"{float(d['test_accuracy']) - float(before['test_accuracy']):+.4f}",
+                     f"{float(d['test_loss']) - float(before['test_loss']):+.4f}"))
+    rule = (f"Rule: promoted if the test accuracy is at least {_f4(d['gate'])} and at most {_f4(d['tolerance'])} "
+            "below the champion's.")
+    return [
+        Paragraph((Strong(verdict), f" ({d['reason']}).")),
+        _table(("Model", "Digest", "Test accuracy", "Test loss"), rows, (False, False, True, True)),
+        Paragraph(((rule if before else "No champion before. " + rule),)),
+    ]
+
+
+def promotion_markdown(decision: dict) -> str:
+    """Return the promotion decision as a short Markdown document for the Prefect UI."""
+    return render_markdown([Heading(2, "MNIST model promotion"), *promotion_blocks(decision)], image_src=str)
+
+
 def first20_blocks(metrics: dict) -> list[Block]:
     """Return the first 20 test predictions next to their true labels, as in the tutorial."""
     predicted = [int(v) for v in metrics["first_20_predictions"]]
@@ -235,15 +260,17 @@ def first20_blocks(metrics: dict) -> list[Block]:
     ]
 
 
-def build_document(inputs: ReportInputs) -> list[Block]:
-    """Return the report as blocks: headline, predictions, evaluation, training, data, what the pipeline did."""
+def build_document(inputs: ReportInputs, decision: dict | None = None) -> list[Block]:
+    """Return the report as blocks: headline, promotion, predictions, evaluation, training, data, pipeline steps."""
     m = inputs.metrics
+    promotion = [Heading(2, "Model promotion"), *promotion_blocks(decision)] if decision is not None else []
     return [
         Heading(1, "MNIST pipeline report"),
         Paragraph((f"{_model_text(inputs.config)} trained on the MNIST handwritten digits and evaluated on the "
                    f"{int(m['num_test'])} test images. Every number below is read from the pipeline's artifacts.",)),
         Heading(2, "Headline"),
         *headline_blocks(m),
+        *promotion,
         Heading(2, "First 20 test predictions"),
         *first20_blocks(m),
         Image(FIRST20_PNG, FIGURES[FIRST20_PNG]),
@@ -704,12 +731,20 @@ def draw_figures(inputs: ReportInputs) -> dict[str, bytes]:
 
 
 def write_report(
-    validation: ArtifactRef, processed: ArtifactRef, model: ArtifactRef, evaluation: ArtifactRef, out_dir: Path
+    validation: ArtifactRef,
+    processed: ArtifactRef,
+    model: ArtifactRef,
+    evaluation: ArtifactRef,
+    out_dir: Path,
+    decision: dict | None = None,
 ) -> ArtifactRef:
-    """Write `report.md`, a self-contained `report.html` and the PNG figures, and publish them under `out_dir`."""
+    """Write `report.md`, a self-contained `report.html` and the PNG figures, and publish them under `out_dir`.
+
+    `decision` (from `tasks.promote.decide_promotion`) adds a "Model promotion" section.
+    """
     inputs = read_inputs(validation, processed, model, evaluation)
     pngs = draw_figures(inputs)
-    blocks = build_document(inputs)
+    blocks = build_document(inputs, decision)
     m = inputs.metrics
     headline = {
         "test_accuracy": float(m["test_accuracy"]),
@@ -718,6 +753,8 @@ def write_report(
         "accuracy_gap": float(m["accuracy_gap"]),
         "overfitting": str(m["overfitting"]),
         "misclassified": int(m["misclassified"]["count"]),
+        # None: no promotion decision was made for this report.
+        "promoted": None if decision is None else bool(decision["promoted"]),
     }
     with workdir(out_dir) as work:
         # No timestamp anywhere: the same inputs give byte-identical files.
@@ -768,16 +805,12 @@ def confusion_table(metrics: dict) -> list[dict]:
     ]
 
 
-@task(name="report_results")
-def report_results(
-    validation: ArtifactRef, processed: ArtifactRef, model: ArtifactRef, evaluation: ArtifactRef, artifacts_dir: Path
-) -> ArtifactRef:
-    """Write the report under `artifacts_dir/reports` and publish its summary and tables as Prefect artifacts."""
-    ref = write_report(validation, processed, model, evaluation, Path(artifacts_dir) / "reports")
+def publish_ui_artifacts(report: ArtifactRef, evaluation: ArtifactRef, decision: dict | None = None) -> None:
+    """Publish the report's summary, tables and decision as Prefect artifacts of the current run."""
     metrics = _read_json(evaluation.path(METRICS_JSON))
-    figures = {name: ref.path(name) for name in KEY_FIGURES}
+    figures = {name: report.path(name) for name in KEY_FIGURES}
     create_markdown_artifact(
-        markdown=summary_markdown(metrics, figures, ref.path(REPORT_HTML)),
+        markdown=summary_markdown(metrics, figures, report.path(REPORT_HTML)),
         key="mnist-report",
         description=f"MNIST test accuracy {float(metrics['test_accuracy']):.4f}",
     )
@@ -787,5 +820,26 @@ def report_results(
     create_table_artifact(
         table=confusion_table(metrics), key="mnist-confusion-matrix", description="Confusion matrix: rows true, columns predicted"
     )
+    if decision is not None:
+        create_markdown_artifact(
+            markdown=promotion_markdown(decision),
+            key=PROMOTION_KEY,
+            description=("Promoted" if decision["promoted"] else "Not promoted")
+            + f": test accuracy {float(decision['test_accuracy']):.4f}",
+        )
+
+
+@task(name="report_results")
+def report_results(
+    validation: ArtifactRef,
+    processed: ArtifactRef,
+    model: ArtifactRef,
+    evaluation: ArtifactRef,
+    artifacts_dir: Path,
+    decision: dict | None = None,
+) -> ArtifactRef:
+    """Write the report under `artifacts_dir/reports`; publish its summary, tables and decision as Prefect artifacts."""
+    ref = write_report(validation, processed, model, evaluation, Path(artifacts_dir) / "reports", decision)
+    publish_ui_artifacts(ref, evaluation, decision)
     get_run_logger().info("report %s (test accuracy %.4f)", ref.path(REPORT_HTML), ref.meta["test_accuracy"])
     return ref

@@ -92,3 +92,29 @@ def test_same_seed_gives_the_same_metrics_when_caches_are_bypassed(synthetic_con
     again_metrics = json.loads(artifact(again, "evaluate", "metrics.json").read_text())
     assert again_metrics["test_loss"] == first_metrics["test_loss"]
     assert again_metrics["confusion_matrix"] == first_metrics["confusion_matrix"]
+
+
+def run_artifact_keys(run_id):
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run_id)])))
+    return {artifact.key for artifact in found if artifact.key}
+
+
+def test_promotion_is_decided_once_and_every_run_shows_the_report(synthetic_config, first_run):
+    from tasks.promote import read_champion, read_history
+
+    second = mnist_pipeline(config=synthetic_config)
+
+    assert states(second) == dict.fromkeys(ALL, "cached")
+    assert second["promotion"] == first_run["promotion"]
+    assert len(read_history(synthetic_config.registry_dir)) == 1
+    champion = read_champion(synthetic_config.registry_dir)
+    assert (champion is not None) == first_run["promotion"]["promoted"]
+    expected = {"mnist-report", "mnist-metrics", "mnist-confusion-matrix", "mnist-promotion"}
+    assert expected <= run_artifact_keys(first_run["run_id"])
+    assert expected <= run_artifact_keys(second["run_id"])

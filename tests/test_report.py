@@ -20,10 +20,13 @@ from tasks.preprocess import to_table
 from tasks.report import (
     FIGURES,
     KEY_FIGURES,
+    PROMOTION_KEY,
     REPORT_HTML,
     REPORT_MD,
     confusion_table,
     metrics_table,
+    promotion_markdown,
+    report_results,
     summary_markdown,
     write_report,
 )
@@ -117,6 +120,22 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(inputs, tmp_path_factory):
     return write_report(*inputs, tmp_path_factory.mktemp("out") / "reports")
+
+
+def rejection(model_digest: str) -> dict:
+    """Return a decision as tasks.promote records it: not promoted against a better champion (reason with markup)."""
+    return {
+        "schema_version": 1, "model_digest": model_digest, "model_path": "/artifacts/models/x/model.keras",
+        "test_accuracy": 0.9701, "test_loss": 0.0912, "promoted": False,
+        "reason": "test accuracy 0.9701 is 0.0081 below the champion's 0.9782, more than the tolerance 0.0020 " + EVIL,
+        "champion_before": {"model_digest": "c" * 64, "test_accuracy": 0.9782, "test_loss": 0.0704},
+        "gate": 0.97, "tolerance": 0.002, "decided_at": "2025-06-01T12:00:00+00:00", "run_id": "run-1",
+    }
+
+
+@pytest.fixture(scope="module")
+def rejected_report(inputs, tmp_path_factory):
+    return write_report(*inputs, tmp_path_factory.mktemp("rejected") / "reports", decision=rejection(inputs[2].digest))
 
 
 def metrics_of(inputs):
@@ -255,3 +274,52 @@ def test_importing_the_module_loads_neither_tensorflow_nor_pyplot():
     code = f"import sys, tasks.report; print(sorted(m for m in {modules!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_promotion_section_states_the_decision_against_the_champion(rejected_report, inputs):
+    markdown = rejected_report.path(REPORT_MD).read_text()
+    assert markdown.index("\n## Headline\n") < markdown.index("\n## Model promotion\n") < markdown.index("\n## First 20")
+    promotion = section(markdown, "Model promotion")
+    assert promotion.startswith("\n**Not promoted** (test accuracy 0.9701 is 0.0081 below the champion's 0.9782, "
+                                "more than the tolerance 0.0020 \\<script\\>")
+    assert f"| this model | `{inputs[2].digest[:16]}` | 0.9701 | 0.0912 |" in promotion
+    assert "| champion before | `cccccccccccccccc` | 0.9782 | 0.0704 |" in promotion
+    assert "| difference |  | -0.0081 | +0.0208 |" in promotion
+    assert "at least 0.9700 and at most 0.0020 below" in promotion
+    assert not re.search(r"(?<!\\)<", markdown)
+
+    page = rejected_report.path(REPORT_HTML).read_text()
+    assert "<h2>Model promotion</h2>\n<p><strong>Not promoted</strong> (test accuracy 0.9701" in page
+    assert '<td>champion before</td><td><code>cccccccccccccccc</code></td><td class="num">0.9782</td>' in page
+    assert page.count(html.escape(EVIL)) == 3 and "<script" not in page.lower()
+    assert rejected_report.meta["promoted"] is False
+
+
+def test_report_without_a_decision_has_no_promotion_section(report):
+    assert "Model promotion" not in report.path(REPORT_MD).read_text()
+    assert "Model promotion" not in report.path(REPORT_HTML).read_text()
+    assert report.meta["promoted"] is None
+
+
+def test_promotion_summary_of_a_first_model():
+    decision = {**rejection("a" * 64), "promoted": True, "champion_before": None,
+                "reason": "first model: no champion yet and test accuracy 0.9701 passes the gate 0.9700"}
+    text = promotion_markdown(decision)
+    assert "**Promoted** (first model: no champion yet and test accuracy 0.9701 passes the gate 0.9700)." in text
+    assert "| this model | `aaaaaaaaaaaaaaaa` | 0.9701 | 0.0912 |" in text
+    assert "champion before |" not in text and "No champion before." in text
+
+
+def test_task_publishes_the_decision_as_a_prefect_artifact(prefect_api_url, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    refs = fabricate(tmp_path / "inputs")
+    decision = {**rejection(refs[2].digest), "reason": "test accuracy 0.9701 is below the gate 0.9750"}
+    ref = report_results(*refs, tmp_path / "artifacts", decision=decision)
+    assert ref.meta["promoted"] is False
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROMOTION_KEY])))
+    assert found and found[-1].type == "markdown"
+    assert any(a.data == promotion_markdown(decision) for a in found)
+    assert any(a.description == "Not promoted: test accuracy 0.9701" for a in found)

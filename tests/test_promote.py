@@ -1,0 +1,292 @@
+"""Model promotion on fabricated model and evaluation artifacts: the rules, the registry files, idempotency, locking."""
+
+import json
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from tasks import promote
+from tasks.core import ArtifactRef, PipelineError, new_workdir, publish, write_json
+from tasks.promote import PromotionConfig, decide_promotion, judge, read_champion, read_history
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = PromotionConfig()  # gate 0.97, tolerance 0.002
+
+
+def candidate(root: Path, tag: str, accuracy: float, loss: float = 0.08) -> tuple[ArtifactRef, ArtifactRef]:
+    """Publish a model and its evaluation as the train and evaluate stages would (the model file is a stand-in)."""
+    work = new_workdir(root / "models")
+    (work / "model.keras").write_bytes(f"weights of {tag}".encode())
+    write_json(work / "history.json", {"loss": [0.2, loss], "accuracy": [0.95, 0.99]})
+    write_json(work / "config.json", {"tag": tag})
+    model = publish("train", work)
+    work = new_workdir(root / "evaluation")
+    write_json(work / "metrics.json", {"schema_version": 1, "test_accuracy": accuracy, "test_loss": loss,
+                                       "model_digest": model.digest})
+    evaluation = publish("evaluate", work, meta={"test_accuracy": accuracy, "test_loss": loss})
+    return model, evaluation
+
+
+@pytest.fixture
+def registry(tmp_path):
+    return tmp_path / "artifacts" / "registry"
+
+
+def decide(registry, model_and_evaluation, config=RULES, run_id="run-1"):
+    return decide_promotion(*model_and_evaluation, registry, config, run_id=run_id)
+
+
+def test_first_model_passing_the_gate_becomes_champion(tmp_path, registry):
+    model, evaluation = candidate(tmp_path, "a", 0.9782, 0.0704)
+    lines = []
+    decision = decide_promotion(model, evaluation, registry, RULES, run_id="run-1", log=lines.append)
+
+    assert decision["promoted"] is True
+    assert decision["reason"] == "first model: no champion yet and test accuracy 0.9782 passes the gate 0.9700"
+    assert decision["champion_before"] is None
+    assert decision["model_digest"] == model.digest and decision["model_path"] == str(model.path("model.keras"))
+    numbers = ("test_accuracy", "test_loss", "gate", "tolerance")
+    assert [decision[key] for key in numbers] == [0.9782, 0.0704, 0.97, 0.002]
+    assert decision["schema_version"] == 1 and decision["run_id"] == "run-1"
+    decided = datetime.fromisoformat(decision["decided_at"])
+    assert decided.utcoffset() == timedelta(0)
+    assert json.loads(json.dumps(decision)) == decision  # plain JSON types only
+
+    champion = json.loads((registry / "champion.json").read_text())
+    assert champion == read_champion(registry)
+    assert {k: champion[k] for k in ("model_digest", "model_path", "test_accuracy", "test_loss", "run_id")} == {
+        "model_digest": model.digest, "model_path": str(model.path("model.keras")), "test_accuracy": 0.9782,
+        "test_loss": 0.0704, "run_id": "run-1"}
+    assert champion["promoted_at"] == decision["decided_at"]
+    assert (registry / "history.jsonl").read_text().count("\n") == 1
+    assert read_history(registry) == [decision]
+    assert lines and "promoted" in lines[0] and model.digest[:16] in lines[0]
+
+
+def test_better_and_slightly_worse_models_are_promoted_a_clearly_worse_one_is_not(tmp_path, registry):
+    scores = (("a", 0.9782), ("b", 0.98), ("c", 0.9701), ("d", 0.9785))
+    a, b, c, d = (candidate(tmp_path, tag, acc) for tag, acc in scores)
+    decisions = [decide(registry, m) for m in (a, b)]
+    assert decisions[1]["promoted"] is True
+    assert decisions[1]["reason"] == "test accuracy 0.9800 beats the champion's 0.9782 by 0.0018"
+    assert decisions[1]["champion_before"] == {"model_digest": a[0].digest, "test_accuracy": 0.9782, "test_loss": 0.08}
+
+    worse = decide(registry, c)
+    assert worse["promoted"] is False
+    assert worse["reason"] == "test accuracy 0.9701 is 0.0099 below the champion's 0.9800, more than the tolerance 0.0020"
+    assert read_champion(registry)["model_digest"] == b[0].digest
+
+    within = decide(registry, d)
+    assert within["promoted"] is True
+    assert within["reason"] == "test accuracy 0.9785 is 0.0015 below the champion's 0.9800, within the tolerance 0.0020"
+    assert within["champion_before"]["model_digest"] == b[0].digest
+    assert read_champion(registry)["model_digest"] == d[0].digest
+
+    history = read_history(registry)
+    assert history == [*decisions, worse, within]
+    assert [h["promoted"] for h in history] == [True, True, False, True]
+
+
+def test_model_below_the_gate_is_not_promoted_with_or_without_a_champion(tmp_path, registry):
+    low = candidate(tmp_path, "low", 0.9612)
+    first = decide(registry, low)
+    assert first["promoted"] is False
+    assert first["reason"] == "no champion yet, but test accuracy 0.9612 is below the gate 0.9700"
+    assert read_champion(registry) is None and not (registry / "champion.json").exists()
+
+    decide(registry, candidate(tmp_path, "good", 0.975))
+    # Within the tolerance of this champion, but the gate comes first.
+    lower = decide(registry, candidate(tmp_path, "lower", 0.9699), PromotionConfig(tolerance=0.01))
+    assert lower["promoted"] is False and lower["reason"] == "test accuracy 0.9699 is below the gate 0.9700"
+    history = read_history(registry)
+    assert len(history) == 3 and history[0] == first and history[2] == lower
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "champion", "promoted"),
+    [
+        (0.9699999690055847, None, True),  # 9700 / 10000 as Keras reports it (float32): exactly at the gate
+        (0.9698999524116516, None, False),
+        (0.978, 0.98, True),  # exactly the tolerance below
+        (0.9779, 0.98, False),
+        (0.98, 0.98, True),
+    ],
+)
+def test_boundaries_are_inclusive(accuracy, champion, promoted):
+    record = None if champion is None else {"test_accuracy": champion}
+    assert judge(accuracy, record, RULES)[0] is promoted
+
+
+def test_same_model_again_returns_the_recorded_decision_and_writes_nothing(tmp_path, registry):
+    good, bad = candidate(tmp_path, "good", 0.98), candidate(tmp_path, "bad", 0.95)
+    first_good, first_bad = decide(registry, good, run_id="run-1"), decide(registry, bad, run_id="run-1")
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in registry.iterdir()}
+
+    assert decide(registry, good, run_id="run-2") == first_good
+    assert decide(registry, bad, run_id="run-2") == first_bad
+    same_rules = PromotionConfig(min_test_accuracy=0.97, tolerance=0.002)
+    assert decide(registry, good, same_rules, run_id="run-3") == first_good
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in registry.iterdir()} == files
+    assert len(read_history(registry)) == 2
+
+
+def test_rejected_model_is_decided_again_when_the_champion_or_the_rules_change(tmp_path, registry):
+    a, c, b = candidate(tmp_path, "a", 0.98), candidate(tmp_path, "c", 0.975), candidate(tmp_path, "b", 0.985)
+    decide(registry, a)
+    rejected = decide(registry, c)
+    assert rejected["promoted"] is False
+
+    decide(registry, b)
+    again = decide(registry, c)
+    assert again != rejected and again["promoted"] is False
+    assert again["champion_before"]["model_digest"] == b[0].digest
+    assert again["reason"] == "test accuracy 0.9750 is 0.0100 below the champion's 0.9850, more than the tolerance 0.0020"
+
+    looser = decide(registry, c, PromotionConfig(tolerance=0.02))
+    assert looser["promoted"] is True and looser["tolerance"] == 0.02
+    assert read_champion(registry)["model_digest"] == c[0].digest
+    assert len(read_history(registry)) == 5
+
+
+def test_former_champion_is_decided_again_against_the_new_one(tmp_path, registry):
+    a, b = candidate(tmp_path, "a", 0.98), candidate(tmp_path, "b", 0.981)
+    first = decide(registry, a)
+    decide(registry, b)
+    back = decide(registry, a)
+    assert back != first and back["promoted"] is True
+    assert back["champion_before"]["model_digest"] == b[0].digest
+    assert read_champion(registry)["model_digest"] == a[0].digest
+    assert decide(registry, a) == back and len(read_history(registry)) == 3
+
+
+def test_champion_without_a_recorded_decision_stays_champion(tmp_path, registry):
+    a = candidate(tmp_path, "a", 0.98)
+    decide(registry, a)
+    champion = (registry / "champion.json").read_bytes()
+    (registry / "history.jsonl").unlink()
+    decision = decide(registry, a)
+    assert decision["promoted"] is True and decision["reason"].startswith("already the champion")
+    assert (registry / "champion.json").read_bytes() == champion
+    assert decide(registry, a) == decision
+
+
+@pytest.mark.parametrize(
+    "content", ['{"model_digest": "abc", "test_accuracy": 0.9', "[1, 2]", '{"model_digest": "abc"}', ""]
+)
+def test_corrupt_champion_record_is_an_error_naming_it(tmp_path, registry, content):
+    registry.mkdir(parents=True)
+    (registry / "champion.json").write_text(content)
+    with pytest.raises(PipelineError, match=r"champion\.json") as error:
+        decide(registry, candidate(tmp_path, "a", 0.98))
+    assert str(registry / "champion.json") in str(error.value) and "\n" not in str(error.value)
+    assert not (registry / "history.jsonl").exists()
+    assert (registry / "champion.json").read_text() == content
+
+
+@pytest.mark.parametrize("damage", ["not json\n", '{"model_digest": "x"}\n', '{"model_digest": "x", "promoted": tr'])
+def test_corrupt_history_line_is_an_error_naming_the_file_and_line(tmp_path, registry, damage):
+    decide(registry, candidate(tmp_path, "a", 0.98))
+    with open(registry / "history.jsonl", "a") as fh:
+        fh.write(damage)
+    before = (registry / "history.jsonl").read_bytes()
+    with pytest.raises(PipelineError, match=rf"{registry / 'history.jsonl'}: line 2: "):
+        decide(registry, candidate(tmp_path, "b", 0.99))
+    assert (registry / "history.jsonl").read_bytes() == before
+
+
+def test_evaluation_of_another_model_is_refused(tmp_path, registry):
+    a, b = candidate(tmp_path, "a", 0.98), candidate(tmp_path, "b", 0.99)
+    with pytest.raises(PipelineError, match="metrics.json: evaluates model"):
+        decide_promotion(a[0], b[1], registry, RULES)
+    assert not registry.exists() or not (registry / "history.jsonl").exists()
+
+
+def test_config_is_strict():
+    with pytest.raises(ValidationError):
+        PromotionConfig(min_test_accuracy=1.5)
+    with pytest.raises(ValidationError):
+        PromotionConfig(tolerance=-0.001)
+    with pytest.raises(ValidationError):
+        PromotionConfig(gate=0.9)
+
+
+def assert_consistent(registry: Path, expected_lines: int) -> None:
+    """Check that the history reads as if the decisions had been made one after another, and matches champion.json."""
+    text = (registry / "history.jsonl").read_text()
+    assert text.endswith("\n") and text.count("\n") == expected_lines
+    champion = None
+    for decision in read_history(registry):
+        before = decision["champion_before"]
+        assert (before and before["model_digest"]) == (champion and champion["model_digest"])
+        assert decision["promoted"] == judge(decision["test_accuracy"], champion, RULES)[0]
+        if decision["promoted"]:
+            champion = decision
+    assert read_champion(registry)["model_digest"] == champion["model_digest"]
+
+
+def test_concurrent_threads_decide_one_after_another(tmp_path, registry, monkeypatch):
+    scores = (0.975, 0.98, 0.99, 0.96, 0.985, 0.972, 0.995, 0.97)
+    models = [candidate(tmp_path, f"m{i}", acc) for i, acc in enumerate(scores)]
+    slow_read = promote.read_history
+
+    def read_slowly(folder):
+        # Widen the read-decide-write window so that an unlocked registry would interleave here.
+        history = slow_read(folder)
+        threading.Event().wait(0.02)
+        return history
+
+    monkeypatch.setattr(promote, "read_history", read_slowly)
+    start, errors = threading.Barrier(len(models)), []
+
+    def run(model):
+        start.wait()
+        try:
+            decide(registry, model)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert_consistent(registry, len(models))
+    assert read_champion(registry)["test_accuracy"] == 0.995
+
+
+def test_concurrent_processes_decide_one_after_another(tmp_path, registry):
+    models = [candidate(tmp_path, f"p{i}", acc) for i, acc in enumerate((0.975, 0.99, 0.98, 0.97))]
+    go = tmp_path / "go"
+    code = (
+        "import sys, time; from pathlib import Path\n"
+        "from tasks import promote; from tasks.core import ArtifactRef\n"
+        "from tasks.promote import PromotionConfig, decide_promotion\n"
+        # As in the threads test: a slow read widens the window an unlocked registry would interleave in.
+        "read = promote.read_history; promote.read_history = lambda folder: (read(folder), time.sleep(0.05))[0]\n"
+        "model, evaluation = (ArtifactRef.model_validate_json(Path(p).read_text()) for p in sys.argv[1:3])\n"
+        "while not Path(sys.argv[4]).exists(): time.sleep(0.005)\n"
+        "decide_promotion(model, evaluation, Path(sys.argv[3]), PromotionConfig(), run_id='proc')\n"
+    )
+    procs = []
+    for i, (model, evaluation) in enumerate(models):
+        (tmp_path / f"model{i}.json").write_text(model.model_dump_json())
+        (tmp_path / f"evaluation{i}.json").write_text(evaluation.model_dump_json())
+        procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"model{i}.json"),
+                                       str(tmp_path / f"evaluation{i}.json"), str(registry), str(go)], cwd=REPO))
+    go.touch()
+    assert [p.wait(timeout=60) for p in procs] == [0] * len(models)
+    assert_consistent(registry, len(models))
+    assert read_champion(registry)["test_accuracy"] == 0.99
+
+
+def test_importing_the_module_loads_neither_tensorflow_nor_prefect():
+    modules = ("tensorflow", "keras", "prefect")
+    code = f"import sys, tasks.promote; print(sorted(m for m in {modules!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
