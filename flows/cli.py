@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.config import STAGES
+from flows.config import PROJECT_ROOT, STAGES
 
 # Machines without internet should not even try to send telemetry; users may still opt in.
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -41,23 +41,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rerun", choices=STAGES, action="append", default=[], metavar="STAGE",
                      help="run STAGE even if cached (repeatable); one of: " + ", ".join(STAGES))
     run.add_argument("--no-cache", action="store_true", help="run every stage, as if each were given to --rerun")
-    run.add_argument("--source", help="auto (mirrors, then the shipped copy), an http(s):// or file:// URL, or a folder")
-    run.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
-    run.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
-    training = run.add_argument_group("training (defaults: the reference model, 5 epochs at batch 128)")
+    run.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
+    _add_config_arguments(run)
+    cron, timezone = weekly_schedule()
+    serve = commands.add_parser(
+        "serve",
+        help="serve the flow on a retraining schedule from this process (needs a Prefect server)",
+        description="Create a scheduled deployment of the flow and run its flow runs in this process until stopped. "
+        "An alternative to prefect.yaml + a work pool + a worker for one-process setups.",
+    )
+    serve.add_argument("--cron", default=cron, help="cron schedule (default: %(default)r, as in prefect.yaml)")
+    serve.add_argument("--timezone", default=timezone, help="IANA timezone of the schedule (default: %(default)s)")
+    serve.add_argument("--name", default="served-retrain", help="deployment name (default: %(default)s)")
+    _add_config_arguments(serve)
+    return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", help="auto (mirrors, then the shipped copy), an http(s):// or file:// URL, or a folder")
+    parser.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
+    parser.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
+    training = parser.add_argument_group("training (defaults: the reference model, 5 epochs at batch 128)")
     for flag, kind, what in TRAIN_FLAGS:
         training.add_argument(flag, type=kind, help=what)
-    run.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
-    return parser
+
+
+def weekly_schedule() -> tuple[str, str]:
+    """Return the cron string and timezone of the weekly-retrain deployment in prefect.yaml (one place for both)."""
+    import yaml
+
+    document = yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())
+    deployment = next(d for d in document["deployments"] if d["name"] == "weekly-retrain")
+    schedule = deployment["schedules"][0]
+    return schedule["cron"], schedule["timezone"]
 
 
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Return the config fields that the command line sets."""
     overrides: dict[str, Any] = {}
+    # Relative to where the command was typed, made absolute now (served runs start later, possibly elsewhere).
     if args.data_dir:
-        overrides["data_dir"] = args.data_dir
+        overrides["data_dir"] = str(Path(args.data_dir).expanduser().absolute())
     if args.artifacts_dir:
-        overrides["artifacts_dir"] = args.artifacts_dir
+        overrides["artifacts_dir"] = str(Path(args.artifacts_dir).expanduser().absolute())
     if args.source:
         overrides["download"] = {"source": args.source}
     training = {
@@ -110,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_expected_errors()
     from flows.pipeline import mnist_pipeline
 
+    if args.command == "serve":
+        return serve(mnist_pipeline, args)
     rerun = list(STAGES) if args.no_cache else args.rerun
     state = mnist_pipeline(config=config, until=args.until, rerun=rerun, only=args.only, return_state=True)
     if not state.is_completed():
@@ -120,6 +148,24 @@ def main(argv: list[str] | None = None) -> int:
         raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
     summary = state.result()
     print(json.dumps(summary, indent=2) if args.json else human_summary(summary))
+    return 0
+
+
+def serve(pipeline: Any, args: argparse.Namespace) -> int:
+    """Serve the flow with a cron schedule until interrupted; the config overrides become the runs' parameters."""
+    from prefect.schedules import Cron
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        print(
+            "mnist-pipeline: error: serve needs a Prefect server: start one (`prefect server start`) and set "
+            "PREFECT_API_URL (for example `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)",
+            file=sys.stderr,
+        )
+        return 2
+    overrides = config_overrides(args)
+    parameters = {"config": overrides} if overrides else {}
+    pipeline.serve(name=args.name, schedule=Cron(args.cron, timezone=args.timezone), parameters=parameters)
     return 0
 
 

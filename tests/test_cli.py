@@ -140,3 +140,43 @@ def test_help_lists_the_options():
     assert result.returncode == 0
     for option in ("--until", "--rerun", "--source", "--data-dir", "--artifacts-dir", "--json"):
         assert option in result.stdout
+
+
+def test_serve_creates_a_scheduled_deployment_and_stops_by_pid(prefect_api_url, tmp_path):
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    args = ["serve", "--name", "served-test", "--cron", "15 4 * * 2", "--timezone", "UTC", "--data-dir", str(tmp_path / "d")]
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=Path(__file__).resolve().parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deployment = None
+        deadline = time.monotonic() + 120
+        while deployment is None and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
+            with get_client(sync_client=True) as client:
+                try:
+                    deployment = client.read_deployment_by_name("mnist-pipeline/served-test")
+                except Exception:  # not created yet
+                    deployment = None
+        assert deployment is not None, f"no deployment (serve exited with {process.poll()})"
+        (schedule,) = deployment.schedules
+        assert schedule.schedule.cron == "15 4 * * 2" and schedule.schedule.timezone == "UTC"
+        assert deployment.parameters == {"config": {"data_dir": str(tmp_path / "d")}}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_serve_without_a_server_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 2
+    assert "serve needs a Prefect server" in result.stderr and "Traceback" not in result.stderr
