@@ -1,0 +1,415 @@
+"""prefect.yaml end to end: a real `prefect server start`, `prefect deploy --all`, the weekly schedule, an adhoc run on a
+process worker, and the run seen in the UI by headless Chromium.
+
+Every process started here (server, worker, Chromium) is stopped by its PID when the module's tests are done, whether
+they passed or not. Screenshots are copied to SCREENSHOT_DIR and the paths printed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+import yaml
+from synthetic import write_source
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))  # the venv's CLI, next to the interpreter running the tests
+FLOW = "mnist-pipeline"
+TASKS = ["download_mnist", "validate_mnist", "preprocess_mnist", "train_model", "evaluate_model", "report_results"]
+REPORT_KEYS = ["mnist-report", "mnist-metrics", "mnist-confusion-matrix"]
+SCREENSHOT_DIR = Path(tempfile.gettempdir()) / "mnist-pipeline-ui"
+PROJECT = yaml.safe_load((REPO / "prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in PROJECT["deployments"]}
+POOL = DEPLOYMENTS["adhoc"]["work_pool"]["name"]
+SERVER_STARTUP_S = 180  # 10-20 s when idle; far more on 2 busy cores
+WORKER_RUN_S = 300  # the tiny run takes 20-40 s
+
+
+# --- processes ------------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], log: Path, **kwargs: Any) -> subprocess.Popen:
+    """Start a process in its own session (so its children can be found again), output to `log`."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, **kwargs)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Stop a process started by `_start`: SIGTERM, wait, SIGKILL on timeout; then whatever it left in its session."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    try:  # flow-run or renderer processes it started and did not stop; the session id is its PID
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return f"--- last lines of {log} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def _cli(server: SimpleNamespace, *args: str, cwd: Path = REPO, timeout: float = 300) -> str:
+    """Run `prefect ARGS` against the test server; return its output, failing the test if it fails."""
+    result = subprocess.run([PREFECT, *args], cwd=cwd, env=server.env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"prefect {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def _prefect_env(home: Path, api_url: str) -> dict[str, str]:
+    """The environment of every Prefect process of these tests: a private PREFECT_HOME, no telemetry, no prompts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and not k.startswith("MNIST_PIPELINE_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        PREFECT_CLI_PROMPT="false",
+        PREFECT_CLI_COLORS="false",
+        PREFECT_CLI_WRAP_LINES="false",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A `prefect server start` on a free port of 127.0.0.1 (SQLite in a temp PREFECT_HOME), started in the checkout."""
+    base = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = _prefect_env(base / "home", api)
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    server_env.update(
+        # The UI asks this URL for its API; the default assumes port 4200.
+        PREFECT_UI_API_URL=api,
+        # The scheduler's main loop (default 60 s); new deployments are also picked up by a 5 s loop.
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+    )
+    log = base / "server.log"
+    started = time.monotonic()
+    proc = _start([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], log, cwd=REPO, env=server_env)
+    try:
+        with httpx.Client(base_url=api, timeout=10) as client:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"prefect server start exited {proc.returncode}\n{_tail(log)}")
+                if time.monotonic() - started > SERVER_STARTUP_S:
+                    pytest.fail(f"the server did not answer /api/health within {SERVER_STARTUP_S} s\n{_tail(log)}")
+                try:
+                    if client.get("/health").json() is True:
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                time.sleep(0.5)
+            print(f"server up after {time.monotonic() - started:.1f} s at {api}")
+            yield SimpleNamespace(api=api, ui=f"http://127.0.0.1:{port}", env=env, base=base, log=log, client=client)
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def deployed(server):
+    """The process work pool of prefect.yaml and its deployments, created with the commands of the README."""
+    _cli(server, "work-pool", "create", POOL, "--type", "process")
+    output = _cli(server, "--no-prompt", "deploy", "--all")
+    ids = {}
+    for name in DEPLOYMENTS:
+        response = server.client.get(f"/deployments/name/{FLOW}/{name}")
+        assert response.status_code == 200, f"{FLOW}/{name} not deployed:\n{output}"
+        ids[name] = response.json()
+    return ids
+
+
+def _config(base: Path) -> dict[str, Any]:
+    """A run over small synthetic IDX files with roots under `base`, as the `config` parameter of the flow."""
+    digests = write_source(base / "source")
+    return {
+        "data_dir": str(base / "data"),
+        "artifacts_dir": str(base / "artifacts"),
+        "download": {"source": str(base / "source"), "mirrors": [], "sha256": digests, "retries": 0},
+        "validation": {"train_count": 200, "test_count": 50},
+        "train": {"epochs": 2, "hidden_units": 32, "batch_size": 32, "jit_compile": False, "steps_per_execution": 1},
+    }
+
+
+@pytest.fixture(scope="module")
+def adhoc_run(server, deployed):
+    """Trigger the adhoc deployment with a tiny config, let a process worker run it, and return the flow run."""
+    base = server.base / "adhoc"
+    base.mkdir()
+    params = json.dumps({"config": _config(base)})
+    _cli(server, "deployment", "run", f"{FLOW}/adhoc", "--params", params)
+    runs = _filter(server, "flow_runs", {"deployments": {"id": {"any_": [deployed["adhoc"]["id"]]}}})
+    assert len(runs) == 1, runs
+    run_id = runs[0]["id"]
+
+    # Started outside the checkout on purpose: the deployment's pull step, not the worker's folder, locates the code.
+    log = server.base / "worker.log"
+    started = time.monotonic()
+    worker = _start([PREFECT, "worker", "start", "--pool", POOL, "--name", "test-worker", "--run-once", "--limit", "1"],
+                    log, cwd=base, env=server.env)
+    try:
+        worker.wait(timeout=WORKER_RUN_S)  # --run-once with a limit: one poll, then wait for the run it took
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not finish the run within {WORKER_RUN_S} s\n{_tail(log)}")
+    finally:
+        _stop(worker)
+    print(f"worker ran the flow in {time.monotonic() - started:.1f} s")
+    deadline = time.monotonic() + 30
+    while True:
+        run = server.client.get(f"/flow_runs/{run_id}").json()
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert run["state_type"] == "COMPLETED", f"flow run {run['state_name']}: {run['state']}\n{_tail(log, 80)}"
+    return run
+
+
+def _filter(server: SimpleNamespace, kind: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    response = server.client.post(f"/{kind}/filter", json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+# --- settings, deployments, schedule --------------------------------------------------------------------------------
+
+
+def test_prefect_processes_started_in_the_checkout_send_no_telemetry(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "DO_NOT_TRACK"}
+    env["PREFECT_HOME"] = str(tmp_path / "home")
+    view = subprocess.run([PREFECT, "config", "view", "--show-sources"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert view.returncode == 0, view.stderr
+    assert "PREFECT_SERVER_ANALYTICS_ENABLED='False' (from pyproject.toml)" in view.stdout
+    assert "PREFECT_SERVER_UI_V2_ENABLED='False' (from pyproject.toml)" in view.stdout
+
+
+def test_weekly_deployment_is_scheduled_and_adhoc_is_not(server, deployed):
+    weekly, adhoc = deployed["weekly-retrain"], deployed["adhoc"]
+    [schedule] = weekly["schedules"]
+    spec = DEPLOYMENTS["weekly-retrain"]["schedules"][0]
+    assert schedule["active"] is True
+    assert schedule["schedule"]["cron"] == spec["cron"] == "0 3 * * 1"
+    assert schedule["schedule"]["timezone"] == spec["timezone"] == "Europe/Berlin"
+    assert adhoc["schedules"] == []
+    for deployment in (weekly, adhoc):
+        assert deployment["work_pool_name"] == POOL
+        assert deployment["entrypoint"] == "flows/pipeline.py:mnist_pipeline"
+        # `prefect deploy` recorded the checkout it ran in, as an absolute path.
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ]
+
+    deadline = time.monotonic() + 90
+    while True:
+        scheduled = _filter(server, "flow_runs", {
+            "deployments": {"id": {"any_": [weekly["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+        })
+        if scheduled or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert scheduled, "the server's scheduler created no runs of the weekly deployment within 90 s"
+    berlin = ZoneInfo("Europe/Berlin")
+    for run in scheduled:
+        start = datetime.fromisoformat(run["expected_start_time"])
+        assert start > datetime.now(timezone.utc)
+        local = start.astimezone(berlin)
+        assert (local.isoweekday(), local.hour, local.minute) == (1, 3, 0), local
+        assert run["auto_scheduled"] is True
+    adhoc_runs = _filter(server, "flow_runs", {"deployments": {"id": {"any_": [adhoc["id"]]}}})
+    assert not [run for run in adhoc_runs if run["auto_scheduled"]]
+
+
+# --- the adhoc run --------------------------------------------------------------------------------------------------
+
+
+def test_adhoc_run_completes_all_six_stages_with_report_artifacts_and_epoch_logs(server, adhoc_run):
+    task_runs = _filter(server, "task_runs", {"flow_runs": {"id": {"any_": [adhoc_run["id"]]}}})
+    assert sorted(t["name"].rsplit("-", 1)[0] for t in task_runs) == sorted(TASKS), [t["name"] for t in task_runs]
+    assert {(t["state_type"], t["state_name"]) for t in task_runs} == {("COMPLETED", "Completed")}
+
+    artifacts = _filter(server, "artifacts", {"artifacts": {"flow_run_id": {"any_": [adhoc_run["id"]]}}})
+    keys = {a["key"] for a in artifacts}
+    assert set(REPORT_KEYS) <= keys, keys
+    assert "mnist-training-progress" in keys, keys
+
+    logs = _filter(server, "logs", {"logs": {"flow_run_id": {"any_": [adhoc_run["id"]]}}, "sort": "TIMESTAMP_ASC",
+                                    "limit": 200})
+    messages = [entry["message"] for entry in logs]
+    for epoch in (1, 2):
+        assert any(m.startswith(f"epoch {epoch}/2: loss") for m in messages), messages
+
+
+# --- the UI in headless Chromium ------------------------------------------------------------------------------------
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (with `websockets`, which Prefect depends on)."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-port=0",
+             "--window-size=1400,1000"]
+
+    def __init__(self, executable: str, base: Path):
+        from websockets.sync.client import connect
+
+        profile = base / "profile"
+        self.log = base / "chromium.log"
+        self.proc = _start([executable, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"], self.log)
+        self.requests: list[str] = []
+        self._id = 0
+        try:
+            port_file = profile / "DevToolsActivePort"
+            deadline = time.monotonic() + 60
+            while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"Chromium did not open its DevTools port\n{_tail(self.log)}")
+                time.sleep(0.2)
+            port = port_file.read_text().split()[0]
+            targets = httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+            page = next(t for t in targets if t["type"] == "page")
+            self.ws = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+            self.send("Network.enable")
+            self.send("Page.enable")
+        except BaseException:
+            _stop(self.proc)
+            raise
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.ws.recv(timeout=60))
+            if message.get("method") == "Network.requestWillBeSent":
+                self.requests.append(message["params"]["request"]["url"])
+            if message.get("id") == self._id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def open(self, url: str, height: int = 1000) -> None:
+        self.send("Emulation.setDeviceMetricsOverride", width=1400, height=height, deviceScaleFactor=1, mobile=False)
+        self.send("Page.navigate", url=url)
+
+    def text(self) -> str:
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def wait_until(self, expression: str, what: str, timeout: float = 60) -> Any:
+        deadline = time.monotonic() + timeout
+        while not (value := self.evaluate(expression)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not so after {timeout} s; the page says:\n{self.text()[:3000]}")
+            time.sleep(0.5)
+        return value
+
+    def wait_for_text(self, *needles: str, timeout: float = 60) -> None:
+        check = " && ".join(f"document.body.innerText.includes({json.dumps(n)})" for n in needles)
+        self.wait_until(f"!!document.body && {check}", f"page shows {needles}", timeout)
+
+    def click_tab(self, label: str) -> None:
+        self.wait_until(
+            f"(() => {{ const tab = [...document.querySelectorAll('[role=tablist] > *')]"
+            f".find(e => e.innerText.trim() === {json.dumps(label)}); if (tab) tab.click(); return !!tab; }})()",
+            f"tab {label!r} is there",
+        )
+
+    def screenshot(self, path: Path) -> Path:
+        time.sleep(1)  # let the last layout and images settle
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        finally:
+            _stop(self.proc)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium from the system (Debian package `chromium`, which .ci/run installs)."""
+    executable = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if executable is None:
+        pytest.fail("Chromium is not installed: the UI test needs it (apt-get install chromium; .ci/run does this)")
+    chromium = Chromium(executable, tmp_path_factory.mktemp("chromium"))
+    try:
+        yield chromium
+    finally:
+        chromium.close()
+
+
+def _keep(shot: Path, capsys) -> None:
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    kept = shutil.copy2(shot, SCREENSHOT_DIR / shot.name)
+    with capsys.disabled():
+        print(f"\nscreenshot: {kept}")
+
+
+def test_ui_shows_the_run_its_tasks_and_the_report_with_its_figures(server, adhoc_run, browser, tmp_path, capsys):
+    run_page = f"{server.ui}/runs/flow-run/{adhoc_run['id']}"
+    browser.open(run_page)
+    browser.wait_for_text(adhoc_run["name"], "Completed", "mnist-pipeline", "adhoc")
+    browser.click_tab("Task Runs")
+    browser.wait_for_text("6 Task runs", *TASKS)
+    _keep(browser.screenshot(tmp_path / "flow-run.png"), capsys)
+    browser.click_tab("Artifacts")
+    browser.wait_for_text(*REPORT_KEYS)
+    _keep(browser.screenshot(tmp_path / "flow-run-artifacts.png"), capsys)
+
+    [report] = _filter(server, "artifacts", {"artifacts": {"key": {"any_": ["mnist-report"]},
+                                                           "flow_run_id": {"any_": [adhoc_run["id"]]}}})
+    assert "](data:image/png;base64," in report["data"]
+    browser.open(f"{server.ui}/artifacts/artifact/{report['id']}", height=3200)
+    browser.wait_for_text("mnist-report", adhoc_run["name"])
+    # The report embeds its figures as data: URIs; the UI's markdown renderer shows them as images.
+    figures = report["data"].count("](data:image/png;base64,")
+    browser.wait_until(
+        "[...document.images].filter(i => i.src.startsWith('data:image/png;base64,') && i.complete && i.naturalWidth > 0)"
+        f".length === {figures}",
+        f"the report's {figures} figures are shown as images",
+    )
+    _keep(browser.screenshot(tmp_path / "report-artifact.png"), capsys)
+
+    # The UI's front page (V1 by default, see pyproject.toml) fetches nothing from outside hosts either.
+    browser.open(server.ui + "/")
+    browser.wait_for_text("Dashboard")
+    time.sleep(2)
+    assert not browser.evaluate("location.pathname").startswith("/v2")
+    outside = [u for u in browser.requests if not u.startswith((server.ui + "/", "data:", "about:", "blob:"))]
+    assert not outside, outside
