@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 _CHUNK = 1 << 20
+# Scratch folders carry the id of the process that made them, so a later run can tell abandoned ones.
+_SCRATCH = re.compile(r"\.(?:tmp|trash)-(\d+)-[0-9a-f]+")
 
 
 class PipelineError(Exception):
@@ -77,9 +81,36 @@ def sha256_json(value: Any) -> str:
 def new_workdir(parent: Path) -> Path:
     """Create a private temporary folder inside `parent`, so that publishing it is one rename."""
     parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_workdirs(parent)
     work = parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     work.mkdir()
     return work
+
+
+def remove_stale_workdirs(parent: Path) -> list[Path]:
+    """Remove the `.tmp-<pid>-*` and `.trash-<pid>-*` folders in `parent` whose process is gone; return them.
+
+    A process killed mid-stage (SIGKILL, power loss) cannot clean up after itself; folders of live processes,
+    such as a concurrent run on the same roots, are left alone.
+    """
+    removed = []
+    for entry in parent.iterdir():
+        match = _SCRATCH.fullmatch(entry.name)
+        if match and not pid_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """Return whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 @contextmanager
@@ -88,6 +119,14 @@ def workdir(parent: Path) -> Iterator[Path]:
     work = new_workdir(parent)
     try:
         yield work
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Expected on an unattended machine: one line naming where, not a traceback (writers such as pyarrow
+            # do not say which file they were writing).
+            raise PipelineError(f"{parent}: disk space: expected room for the new artifact, found the disk full "
+                                f"({exc.strerror or exc})") from None
+        raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -118,7 +157,7 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
         if existing.problem() is None and set(p.name for p in final.iterdir()) == set(files):
             shutil.rmtree(workdir)
             return existing
-        trash = workdir.parent / f".trash-{uuid.uuid4().hex[:8]}"
+        trash = workdir.parent / f".trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final.rename(trash)
         shutil.rmtree(trash)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.core import ArtifactRef, PipelineError, publish, sha256_bytes, sha256_json, workdir
+from tasks.core import ArtifactRef, PipelineError, publish, sha256_bytes, sha256_file, sha256_json, workdir
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_split, decode_payload
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -124,7 +124,7 @@ def source_fingerprint(source: str) -> str:
     for name in (*[f + s for f in FILES for s in (".gz", "")], SUMS_FILE):
         path = folder / name
         if path.is_file():
-            found[name] = sha256_bytes(path.read_bytes())
+            found[name] = sha256_file(path)  # in chunks: the folder is not trusted to hold small files
     return sha256_json({"source": str(folder), "files": found})
 
 
@@ -143,7 +143,7 @@ def _fetch_all(
     if folder is not None:
         if not folder.is_dir():
             raise PipelineError(f"source {source}: expected a folder holding the four MNIST files, found no such folder")
-        get = lambda name: _read_local(folder / name)  # noqa: E731
+        get = lambda name: _read_local(folder / name, folder)  # noqa: E731
     elif parsed.scheme in ("http", "https"):
         base = source if source.endswith("/") else source + "/"
         get = lambda name: _http_get(base + name, retries, backoff_s, timeout_s, log, give_up_on_dns)  # noqa: E731
@@ -170,9 +170,13 @@ def _fetch_all(
     return payloads, source
 
 
-def _read_local(path: Path) -> bytes | None:
+def _read_local(path: Path, folder: Path) -> bytes | None:
     if not path.is_file():
         return None
+    # A link out of the source folder could make the pipeline read (and store) any file the job can read.
+    target = path.resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise PipelineError(f"{path}: location: expected a file inside the source folder {folder}, found a link to {target}")
     if path.stat().st_size > MAX_FILE_BYTES:
         raise PipelineError(f"{path.name}: size: expected at most {MAX_FILE_BYTES} bytes, found {path.stat().st_size}")
     return path.read_bytes()
