@@ -1,0 +1,331 @@
+"""Benchmark the pipeline against the tutorial's program, side by side in one run, and write a markdown table.
+
+Candidates alternate within each repetition (reference, pipeline cold, no-op rerun, `--rerun report`, then the same
+against a running `prefect server start`); the table shows medians over `--repeat` repetitions. Wall times are of
+whole child processes (interpreter start-up included); peak RSS is the child's `ru_maxrss` from `os.wait4` (the
+largest resident set among the child and the descendants it waited for, not their sum). `--smoke`: one repetition
+on tiny data (a synthetic source for the pipeline, 1 epoch, `--limit` rows for the reference), the candidates
+run concurrently: it checks the command, its times mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SNAPSHOT = REPO / "data" / "snapshot" / "mnist"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+ROWS = [
+    ("reference", "reference script, end to end"),
+    ("cold", "pipeline cold run, temporary server"),
+    ("noop", "pipeline no-op rerun, temporary server"),
+    ("report", "pipeline `--rerun report`, temporary server"),
+    ("cold_server", "pipeline cold run, running server"),
+    ("noop_server", "pipeline no-op rerun, running server"),
+    ("report_server", "pipeline `--rerun report`, running server"),
+    ("fit_reference", "fit: reference `model.fit`"),
+    ("fit_pipeline", "fit: pipeline train stage (`fit_seconds`)"),
+    ("np_load", "load train split: `np.load` (.npy)"),
+    ("parquet_load", "load train split: `load_split` (parquet)"),
+]
+
+
+def base_env() -> dict[str, str]:
+    """The environment of every child: ours without Prefect API or pipeline overrides, telemetry off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MNIST_PIPELINE_", "PREFECT_"))}
+    return {**env, **QUIET}
+
+
+def run_child(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> tuple[float, float, str]:
+    """Run a command; return (wall seconds, peak RSS in MB, stdout). Raise with its stderr if it fails."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
+        deadline = started + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.01)
+        wall = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode()
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{err.read().decode()[-3000:]}")
+    return wall, usage.ru_maxrss / 1024, stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`prefect server start` on a free port with a temporary PREFECT_HOME; stopped by its process group id."""
+
+    def __init__(self, home: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        env = {**base_env(), "PREFECT_HOME": str(home), "PREFECT_UI_API_URL": self.url}
+        self.log = open(home.parent / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True,
+        )
+        self.started = time.perf_counter()
+        self.startup_s: float | None = None
+
+    def wait(self) -> None:
+        """Wait until the server answers /health (start-up time measured from launch)."""
+        if self.startup_s is not None:
+            return
+        started = self.started
+        while time.perf_counter() - started < 180:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited {self.proc.returncode}; see {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        self.startup_s = time.perf_counter() - started
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("prefect server did not answer within 180 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)  # the group of the server we started (start_new_session)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.log.close()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.samples: dict[str, list[float]] = {key: [] for key, _ in ROWS}
+        self.rss: dict[str, list[float]] = {key: [] for key, _ in ROWS}
+        self.accuracy: dict[str, list[float]] = {"reference": [], "pipeline": []}
+        self.parquet: Path | None = None
+        self.pipeline_env = base_env()
+        self.pipeline_args: list[str] = []
+        if args.smoke:
+            from synthetic import write_source
+
+            source = tmp / "synthetic"
+            digests = write_source(source)
+            self.pipeline_env.update({
+                "MNIST_PIPELINE_DOWNLOAD__SHA256": json.dumps(digests),
+                "MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]",
+                "MNIST_PIPELINE_DOWNLOAD__RETRIES": "0",
+                "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
+                "MNIST_PIPELINE_VALIDATION__TEST_COUNT": "50",
+            })
+            self.pipeline_args = ["--source", str(source), "--epochs", "1", "--hidden-units", "32"]
+        else:
+            self.pipeline_args = ["--source", str(args.data)]
+        self.previous: Path | None = None
+
+    def record(self, key: str, wall: float, rss: float) -> None:
+        self.samples[key].append(wall)
+        self.rss[key].append(rss)
+
+    def reference(self) -> None:
+        cmd = [sys.executable, str(REPO / "benchmarks" / "reference.py"), "--data", str(self.args.data)]
+        if self.args.smoke:
+            cmd += ["--epochs", "1", "--limit", "2000"]
+        wall, rss, out = run_child(cmd, {**base_env()})
+        result = json.loads(out.strip().splitlines()[-1])
+        self.record("reference", wall, rss)
+        self.samples["fit_reference"].append(result["fit_s"])
+        self.accuracy["reference"].append(result["test_accuracy"])
+
+    def pipeline(self, api_url: str | None) -> None:
+        """A cold run on fresh roots and a fresh PREFECT_HOME, then the no-op rerun, then `--rerun report`."""
+        root = self.tmp / f"pipeline-{'server' if api_url else 'temporary'}-{len(self.samples['cold_server' if api_url else 'cold'])}"
+        (root / "prefect-home").mkdir(parents=True)
+        env = {**self.pipeline_env, "PREFECT_HOME": str(root / "prefect-home")}
+        if api_url:
+            env["PREFECT_API_URL"] = api_url
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--json", "--data-dir", str(root / "data"),
+               "--artifacts-dir", str(root / "artifacts"), *self.pipeline_args]
+        suffix = "_server" if api_url else ""
+        wall, rss, out = run_child(cmd, env)
+        summary = json.loads(out)
+        assert {i["state"] for i in summary["stages"].values()} == {"completed"}, summary["stages"]
+        self.record("cold" + suffix, wall, rss)
+        history = next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == "history.json")
+        self.samples["fit_pipeline"].append(json.loads(history.read_text())["fit_seconds"])
+        self.accuracy["pipeline"].append(summary["metrics"]["test_accuracy"])
+        self.parquet = next(Path(p) for p in summary["stages"]["preprocess"]["artifacts"] if Path(p).name == "train.parquet")
+
+        wall, rss, out = run_child(cmd, env)
+        states = {i["state"] for i in json.loads(out)["stages"].values()}
+        assert states == {"cached"}, states
+        self.record("noop" + suffix, wall, rss)
+
+        wall, rss, out = run_child([*cmd, "--rerun", "report"], env)
+        self.record("report" + suffix, wall, rss)
+        if self.previous and not self.args.keep and not self.args.smoke:
+            shutil.rmtree(self.previous / "data", ignore_errors=True)  # disk: keep only the last run's splits
+        self.previous = root
+
+    def loads(self, repeat: int) -> None:
+        """Time np.load of a .npy copy against load_split of the pipeline's train.parquet, alternating, in-process."""
+        import resource
+
+        from tasks.preprocess import load_split
+
+        pixels, _ = load_split(self.parquet)
+        npy = self.tmp / "train.npy"
+        np.save(npy, np.ascontiguousarray(pixels))
+        del pixels
+        readers = {"np_load": lambda: np.load(npy), "parquet_load": lambda: load_split(self.parquet)}
+        for _ in range(repeat):
+            for key, read in readers.items():
+                started = time.perf_counter()
+                read()
+                self.samples[key].append(time.perf_counter() - started)
+        self.load_note = f"{self.parquet.stat().st_size / 1e6:.0f} MB parquet, {npy.stat().st_size / 1e6:.0f} MB .npy"
+        self.self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def table(bench: Bench, args: argparse.Namespace, server_startup: float | None, elapsed: float) -> str:
+    s, r = bench.samples, bench.rss
+    ref = median(s["reference"])
+    fit_ref = median(s["fit_reference"])
+    np_load = median(s["np_load"])
+    ratio_base = {
+        "reference": ref, "cold": ref, "cold_server": ref, "noop": ref, "noop_server": ref, "report": ref,
+        "report_server": ref, "fit_reference": fit_ref, "fit_pipeline": fit_ref, "np_load": np_load, "parquet_load": np_load,
+    }
+    acc_ref, acc_pipe = median(bench.accuracy["reference"]), median(bench.accuracy["pipeline"])
+    notes = {
+        "reference": f"test accuracy {acc_ref:.4f}" if acc_ref is not None else "",
+        "cold": "fresh roots and PREFECT_HOME, no PREFECT_API_URL",
+        "noop": "same roots: every stage cached",
+        "report": "same roots: report forced, the rest cached",
+        "cold_server": f"PREFECT_API_URL set (server start-up {server_startup:.1f} s, not counted)" if server_startup else "PREFECT_API_URL set",
+        "noop_server": "same roots: every stage cached",
+        "report_server": "same roots: report forced, the rest cached",
+        "fit_reference": f"test accuracy {acc_ref:.4f}" if acc_ref is not None else "",
+        "fit_pipeline": f"test accuracy {acc_pipe:.4f}; ratio > 1: slower than the reference" if acc_pipe is not None else "",
+        "np_load": "in-process, " + getattr(bench, "load_note", ""),
+        "parquet_load": "in-process, the pipeline's reader",
+    }
+    lines = ["| what | median wall (s) | ratio to the reference | peak RSS (MB) | notes |", "|---|---|---|---|---|"]
+    for key, what in ROWS:
+        value = median(s[key])
+        if value is None:
+            lines.append(f"| {what} | not run | | | {notes[key]} |")
+            continue
+        base = ratio_base[key]
+        ratio = f"{value / base:.2f}x" if base else ""
+        rss = f"{max(r[key]):.0f}" if r[key] else ""
+        lines.append(f"| {what} | {value:.4f} | {ratio} | {rss} | {notes[key]} |")
+    mode = "smoke (synthetic pipeline data, 1 epoch; reference on 2000 rows; candidates run concurrently, so the times mean nothing)" if args.smoke else "real MNIST"
+    head = [
+        "# Benchmarks",
+        "",
+        f"`python benchmarks/run.py{' --smoke' if args.smoke else ''} --repeat {args.repeat}`: {mode}, {args.repeat} "
+        f"repetition(s), medians; {os.cpu_count()} CPUs; took {elapsed:.0f} s; "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        "Wall times are whole processes (interpreter and imports included) except the fit and load rows. Ratios: "
+        "process rows against the reference end to end, fit rows against the reference's fit, load rows against "
+        "np.load. Peak RSS is the largest `ru_maxrss` of the child over the repetitions (from `os.wait4`: the largest "
+        "single process among the child and the descendants it waited for, not a sum; the temporary API server of a "
+        "run without PREFECT_API_URL runs in-process or as a descendant, the running server is not counted).",
+        "",
+    ]
+    return "\n".join(head + lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("--data", type=Path, default=SNAPSHOT, help="folder with the four MNIST IDX files")
+    parser.add_argument("--smoke", action="store_true", help="one repetition on tiny data: checks the command, not speed")
+    parser.add_argument("--no-server", action="store_true", help="skip the rows against a running prefect server")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary roots (printed)")
+    args = parser.parse_args()
+    if args.smoke:
+        args.repeat = 1
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="mnist-bench-"))
+    server = None
+    try:
+        bench = Bench(args, tmp)
+        if not args.no_server:
+            (tmp / "server-home").mkdir()
+            server = Server(tmp / "server-home")
+            if not args.smoke:
+                server.wait()  # real runs: nothing else runs meanwhile; smoke runs overlap its start-up
+        for i in range(args.repeat):
+            # Alternate the order each repetition so no candidate always runs on a warmer machine.
+            steps = [bench.reference, lambda: bench.pipeline(None)]
+            if server:
+                steps.append(lambda: (server.wait(), bench.pipeline(server.url)))
+            if i % 2:
+                steps.reverse()
+            if args.smoke:
+                # Smoke runs check the command, not speed: run the candidates concurrently to finish sooner.
+                from concurrent.futures import ThreadPoolExecutor
+
+                with ThreadPoolExecutor(len(steps)) as pool:
+                    for future in [pool.submit(step) for step in steps]:
+                        future.result()
+            else:
+                for step in steps:
+                    step()
+            print(f"repetition {i + 1}/{args.repeat} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        bench.loads(max(3, 5 * args.repeat))
+        text = table(bench, args, server.startup_s if server else None, time.perf_counter() - started)
+    finally:
+        if server:
+            server.stop()
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

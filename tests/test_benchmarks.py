@@ -1,0 +1,37 @@
+"""`benchmarks/run.py --smoke` end to end: it finishes and its table has a number in every row (no timing checks)."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBER = re.compile(r"^\d+(\.\d+)?$")
+
+
+def _rows():
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ROWS
+
+
+def test_smoke_benchmark_writes_a_full_table(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(out)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    cells = {line.split(" | ")[0][2:]: [c.strip() for c in line.strip("|").split("|")] for line in lines}
+    for _, what in _rows():
+        assert what in cells, f"missing row {what!r}"
+        row = cells[what]
+        assert NUMBER.match(row[1]), f"{what}: median wall {row[1]!r}"
+        assert re.match(r"^\d+\.\d+x$", row[2]), f"{what}: ratio {row[2]!r}"
+        if not what.startswith(("fit:", "load ")):
+            assert NUMBER.match(row[3]), f"{what}: peak RSS {row[3]!r}"
