@@ -11,7 +11,7 @@ from prefect.states import State
 from prefect.tasks import Task
 
 from flows.config import STAGES, PipelineConfig, Stage
-from tasks import download, evaluate, preprocess, promote, report, train, validate
+from tasks import download, evaluate, keras_runtime, preprocess, promote, report, train, validate
 from tasks.caching import cached, lookup
 from tasks.core import ArtifactRef, PipelineError
 
@@ -26,8 +26,8 @@ def _discard_failure_record(state: State, cache_dir: Path) -> None:
 class _Stages:
     """Run or look up stages in order, recording what happened to each for the run summary."""
 
-    def __init__(self, config: PipelineConfig, rerun: set[str], only: str | None):
-        self.config, self.rerun, self.only = config, rerun, only
+    def __init__(self, config: PipelineConfig, rerun: set[str], only: str | None, last: int):
+        self.config, self.rerun, self.only, self.last = config, rerun, only, last
         self.summary: dict[str, Any] = {"run_id": str(flow_run.get_id()), "stages": {}}
 
     def __call__(self, stage: str, stage_task: Task, modules: tuple[str, ...], **inputs: Any) -> ArtifactRef:
@@ -46,6 +46,9 @@ class _Stages:
         if state.is_failed():
             _discard_failure_record(state, cache_dir)
         ref = state.result()  # re-raises the stage's error
+        if state.name != "Cached" and STAGES.index(stage) < STAGES.index("train") <= self.last:
+            # New data upstream of training: the model will be trained, so load TensorFlow while the data stages run.
+            keras_runtime.warm_up()
         self.summary["stages"][stage] = {
             "state": "cached" if state.name == "Cached" else "completed",
             "artifacts": [f.path for f in ref.files.values()],
@@ -63,7 +66,7 @@ def mnist_pipeline(
     """Run the stages up to `until` (or just `only`), reusing every cached stage except those named in `rerun`."""
     config = config or PipelineConfig()
     last = STAGES.index(only or until)
-    run = _Stages(config, set(rerun or ()), only)
+    run = _Stages(config, set(rerun or ()), only, last)
     summary = run.summary
     data_dir, artifacts_dir = config.data_dir, config.artifacts_dir
 

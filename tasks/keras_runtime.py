@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 
+_warming: threading.Thread | None = None
+
+
+def warm_up() -> None:
+    """Start importing TensorFlow in a background thread (once), so that a stage needing it later finds it loaded.
+
+    The import takes seconds of mostly single-threaded work; a flow calls this when it knows the model will be
+    trained, and the import overlaps the data stages on the other core.
+    """
+    global _warming
+    if _warming is None and "tensorflow" not in sys.modules:
+        _warming = threading.Thread(target=_import, name="import-tensorflow", daemon=True)
+        _warming.start()
+
+
 def import_tensorflow() -> tuple[Any, Any]:
     """Import and return (tensorflow, keras); modules call this instead of importing TensorFlow at import time."""
+    if _warming is not None:
+        _warming.join()  # one thread imports; a failed background import is retried (and raises) here
+    return _import()
+
+
+def _import() -> tuple[Any, Any]:
     # Only TensorFlow's C++ INFO and WARNING lines (CUDA probing, CPU features) are silenced; a user's setting wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras

@@ -49,7 +49,7 @@ def synthetic_config(tmp_path):
         download={"source": str(source), "mirrors": [], "sha256": digests, "retries": 0},
         validation={"train_count": 200, "test_count": 50},
         # Small and without XLA compilation: seconds per run; the real-data tests use the defaults.
-        train={"epochs": 2, "hidden_units": 32, "batch_size": 32, "jit_compile": False, "steps_per_execution": 1},
+        train={"epochs": 2, "hidden_units": 32, "batch_size": 32, "jit_compile": False},
     )
 
 

@@ -157,7 +157,7 @@ def _config(base: Path) -> dict[str, Any]:
         "artifacts_dir": str(base / "artifacts"),
         "download": {"source": str(base / "source"), "mirrors": [], "sha256": digests, "retries": 0},
         "validation": {"train_count": 200, "test_count": 50},
-        "train": {"epochs": 2, "hidden_units": 32, "batch_size": 32, "jit_compile": False, "steps_per_execution": 1},
+        "train": {"epochs": 2, "hidden_units": 32, "batch_size": 32, "jit_compile": False},
     }
 
 

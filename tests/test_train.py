@@ -49,7 +49,7 @@ def test_writes_model_history_and_config(trained, processed):
     assert ref.problem() is None
     config = json.loads(ref.path(CONFIG).read_text())
     assert {k: config[k] for k in SMALL} == SMALL
-    assert config["jit_compile"] is True and config["steps_per_execution"] == TrainConfig().steps_per_execution
+    assert config["jit_compile"] is True and "steps_per_execution" not in config
     assert config["processed_digest"] == processed.digest and config["train_rows"] == 200
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", config["tensorflow_version"])
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", config["keras_version"])
@@ -117,7 +117,7 @@ def test_validation_split_adds_val_metrics_to_history_and_log(processed, tmp_pat
 
 
 def test_without_xla_training_is_repeatable_too_and_a_rerun_replaces_the_folder(processed, tmp_path):
-    config = TrainConfig(**{**SMALL, "epochs": 2, "jit_compile": False, "steps_per_execution": 1})
+    config = TrainConfig(**{**SMALL, "epochs": 2, "jit_compile": False})
     first = fit_model(processed, tmp_path, config)
     first_history = json.loads(first.path(HISTORY).read_text())
     again = fit_model(processed, tmp_path, config)
@@ -144,7 +144,6 @@ def test_defaults_are_the_reference_hyperparameters():
         {"seed": -1},
         {"validation_split": 1.0},
         {"validation_split": -0.1},
-        {"steps_per_execution": 0},
         {"epoch": 3},  # a typo must not be silently ignored
     ],
 )
