@@ -30,8 +30,11 @@ SCHEMA = pa.schema(
 
 def to_table(images: np.ndarray, labels: np.ndarray, metadata: dict) -> pa.Table:
     """Return the parquet table of one split: pixels scaled to [0, 1] as float32 (x / 255) and uint8 labels."""
-    pixels = images.reshape(len(images), PIXELS).astype(np.float32) / np.float32(255)
-    columns = [pa.array(np.ascontiguousarray(pixels[:, i])) for i in range(PIXELS)] + [pa.array(labels, pa.uint8())]
+    # Pixel-major order (the uint8 bytes transposed, then converted), so that every column is a contiguous row that
+    # pyarrow takes without copying; copying 784 strided float columns out took about 10x longer.
+    pixels = np.ascontiguousarray(images.reshape(len(images), PIXELS).T).astype(np.float32)
+    pixels /= np.float32(255)
+    columns = [pa.array(pixels[i]) for i in range(PIXELS)] + [pa.array(labels, pa.uint8())]
     schema = SCHEMA.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
     return pa.Table.from_arrays(columns, schema=schema)
 
