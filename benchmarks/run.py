@@ -4,8 +4,8 @@ Candidates alternate within each repetition (reference, pipeline cold, no-op rer
 against a running `prefect server start`); the table shows medians over `--repeat` repetitions. Wall times are of
 whole child processes (interpreter start-up included); peak RSS is the child's `ru_maxrss` from `os.wait4` (the
 largest resident set among the child and the descendants it waited for, not their sum). `--smoke`: one repetition
-on tiny data (a synthetic source for the pipeline, 1 epoch, `--limit` rows for the reference), the candidates
-run concurrently: it checks the command, its times mean nothing.
+on tiny data (a synthetic source for the pipeline, 1 epoch, `--limit` rows for the reference): it checks the
+command, its times mean nothing.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def table(bench: Bench, args: argparse.Namespace, server_startup: float | None, 
         ratio = f"{value / base:.2f}x" if base else ""
         rss = f"{max(r[key]):.0f}" if r[key] else ""
         lines.append(f"| {what} | {value:.4f} | {ratio} | {rss} | {notes[key]} |")
-    mode = "smoke (synthetic pipeline data, 1 epoch; reference on 2000 rows; candidates run concurrently, so the times mean nothing)" if args.smoke else "real MNIST"
+    mode = "smoke (synthetic pipeline data, 1 epoch; reference on 2000 rows: the times mean nothing)" if args.smoke else "real MNIST"
     head = [
         "# Benchmarks",
         "",
@@ -292,8 +292,7 @@ def main() -> int:
         if not args.no_server:
             (tmp / "server-home").mkdir()
             server = Server(tmp / "server-home")
-            if not args.smoke:
-                server.wait()  # real runs: nothing else runs meanwhile; smoke runs overlap its start-up
+            server.wait()
         for i in range(args.repeat):
             # Alternate the order each repetition so no candidate always runs on a warmer machine.
             steps = [bench.reference, lambda: bench.pipeline(None)]
@@ -301,16 +300,8 @@ def main() -> int:
                 steps.append(lambda: (server.wait(), bench.pipeline(server.url)))
             if i % 2:
                 steps.reverse()
-            if args.smoke:
-                # Smoke runs check the command, not speed: run the candidates concurrently to finish sooner.
-                from concurrent.futures import ThreadPoolExecutor
-
-                with ThreadPoolExecutor(len(steps)) as pool:
-                    for future in [pool.submit(step) for step in steps]:
-                        future.result()
-            else:
-                for step in steps:
-                    step()
+            for step in steps:
+                step()
             print(f"repetition {i + 1}/{args.repeat} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
         bench.loads(max(3, 5 * args.repeat))
         text = table(bench, args, server.startup_s if server else None, time.perf_counter() - started)

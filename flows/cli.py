@@ -12,12 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.config import PROJECT_ROOT, STAGES
-
 # Machines without internet should not even try to send telemetry; users may still opt in.
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 # The temporary API server of a serverless run needs more than the default 20 s on a busy 2-core machine.
 STARTUP_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+# Set before Prefect is imported (flows.config imports it): Prefect reads its settings and telemetry switches then.
+for _key, _value in {**QUIET_ENV, **STARTUP_ENV}.items():
+    os.environ.setdefault(_key, _value)
+
+from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
 
 
 TRAIN_FLAGS = (
@@ -120,8 +123,6 @@ def _quiet_expected_errors() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
-    for key, value in {**QUIET_ENV, **STARTUP_ENV}.items():
-        os.environ.setdefault(key, value)
 
     from pydantic import ValidationError
 

@@ -180,3 +180,14 @@ def test_serve_without_a_server_says_what_to_do(tmp_path):
                             cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert result.returncode == 2
     assert "serve needs a Prefect server" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prefect_sees_the_cli_defaults_set_before_it_is_imported():
+    # Prefect reads its settings when imported: defaults set later (in main) would silently not apply.
+    code = (
+        "import os, flows.cli; from prefect.settings import get_current_settings as s; "
+        "print(s().server.ephemeral.startup_timeout_seconds, os.environ['DO_NOT_TRACK'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["120", "1"]
