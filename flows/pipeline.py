@@ -47,7 +47,8 @@ class _Stages:
             _discard_failure_record(state, cache_dir)
         ref = state.result()  # re-raises the stage's error
         if state.name != "Cached" and STAGES.index(stage) < STAGES.index("train") <= self.last:
-            # New data upstream of training: the model will be trained, so load TensorFlow while the data stages run.
+            # A stage before training was computed, so training will most likely follow (unless that stage's output is
+            # unchanged): load TensorFlow in the background while the data stages run.
             keras_runtime.warm_up()
         self.summary["stages"][stage] = {
             "state": "cached" if state.name == "Cached" else "completed",

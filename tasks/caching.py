@@ -17,9 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import CachePolicy
-from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_run_logger
-from prefect.results import ResultStore
 from prefect.serializers import JSONSerializer
 from prefect.tasks import Task
 from pydantic import BaseModel
@@ -234,11 +232,6 @@ def _names_code(value: Any) -> bool:
     if isinstance(value, list):
         return any(_names_code(v) for v in value)
     return False
-
-
-def result_store(cache_dir: str | Path) -> ResultStore:
-    """Return the store that holds the stage results (JSON records, no pickles) under `cache_dir`."""
-    return ResultStore(result_storage=LocalFileSystem(basepath=str(cache_dir)), serializer=JSONSerializer())
 
 
 def cached(stage_task: Task, cache_dir: Path, modules: tuple[str, ...], refresh: bool = False) -> Task:

@@ -15,12 +15,20 @@ import pytest
 from conftest import tree_state
 from synthetic import make_split, write_source
 
-from tasks.caching import result_store
 from tasks.core import PipelineError, pid_alive, remove_stale_workdirs
 from tasks.download import FILES, download_files
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_images, decode_payload
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def result_store(cache_dir: Path):
+    """Prefect's own reader of the stage results under `cache_dir` (JSON records): what several cases here attack."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+    from prefect.serializers import JSONSerializer
+
+    return ResultStore(result_storage=LocalFileSystem(basepath=str(cache_dir)), serializer=JSONSerializer())
 
 
 def scratch(*roots: Path) -> list[Path]:
@@ -349,7 +357,6 @@ def cli_env(tmp_path, prefect_api_url):
         "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
         "MNIST_PIPELINE_VALIDATION__TEST_COUNT": "50",
         "MNIST_PIPELINE_TRAIN__JIT_COMPILE": "false",
-        "MNIST_PIPELINE_TRAIN__STEPS_PER_EXECUTION": "1",
     }
     args = ["run", "--json", "--source", str(tmp_path / "source"), "--data-dir", str(tmp_path / "data"),
             "--artifacts-dir", str(tmp_path / "artifacts"), "--epochs", "2", "--hidden-units", "32", "--batch-size", "32"]
