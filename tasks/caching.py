@@ -178,7 +178,8 @@ class StageCache(CachePolicy):
         if not record_path.exists():
             return
         try:
-            problem = read_record(record_path).problem()
+            # Files untouched since they were published (same inode, size, mtime and ctime) are not re-hashed.
+            problem = read_record(record_path).problem(trust_unchanged=True)
         except Exception as exc:  # an unreadable record is as good as none
             # Name the record: it is the file to look at (or delete) when this repeats.
             problem = f"unreadable cache record {record_path} ({exc})"
@@ -205,7 +206,7 @@ def lookup(stage: str, cache_dir: Path, modules: tuple[str, ...], inputs: dict[s
         ref = read_record(Path(cache_dir) / key)
     except Exception:  # an unreadable record is as good as none
         return None
-    return ref if ref.problem() is None else None
+    return ref if ref.problem(trust_unchanged=True) is None else None
 
 
 def read_record(path: Path) -> ArtifactRef:

@@ -31,6 +31,9 @@ class FileRef(BaseModel):
     path: str
     sha256: str
     size: int
+    # Inode, size, modification and change times (ns) when the file was published. While they are unchanged the file
+    # is trusted without re-hashing (ctime cannot be set back from user space: any write, chmod or utime moves it).
+    stat: list[int] | None = None
 
 
 class ArtifactRef(BaseModel):
@@ -45,17 +48,28 @@ class ArtifactRef(BaseModel):
         """Return the path of one named file of this artifact."""
         return Path(self.files[name].path)
 
-    def problem(self) -> str | None:
-        """Return why the files on disk no longer match this reference, or None if they do."""
+    def problem(self, trust_unchanged: bool = False) -> str | None:
+        """Return why the files on disk no longer match this reference, or None if they do.
+
+        `trust_unchanged`: a file whose stat signature is still the one recorded at publishing is not re-hashed.
+        """
         for name, ref in self.files.items():
             path = Path(ref.path)
             if not path.is_file():
                 return f"{path}: missing"
             if path.stat().st_size != ref.size:
                 return f"{path}: size {path.stat().st_size}, expected {ref.size}"
+            if trust_unchanged and ref.stat is not None and stat_signature(path) == ref.stat:
+                continue
             if sha256_file(path) != ref.sha256:
                 return f"{path}: content digest differs from the recorded one"
         return None
+
+
+def stat_signature(path: Path) -> list[int]:
+    """Return [inode, size, mtime_ns, ctime_ns] of a file: what changes when anything rewrites or replaces it."""
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -156,7 +170,7 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
     if final.exists():
         if existing.problem() is None and set(p.name for p in final.iterdir()) == set(files):
             shutil.rmtree(workdir)
-            return existing
+            return _signed(existing)
         trash = workdir.parent / f".trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         final.rename(trash)
         shutil.rmtree(trash)
@@ -168,7 +182,13 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
             raise
         shutil.rmtree(workdir)
     fsync_path(final.parent)
-    return existing
+    return _signed(existing)
+
+
+def _signed(ref: ArtifactRef) -> ArtifactRef:
+    """Return `ref` with the stat signature of each of its files as they are now."""
+    files = {name: f.model_copy(update={"stat": stat_signature(Path(f.path))}) for name, f in ref.files.items()}
+    return ref.model_copy(update={"files": files})
 
 
 def _relocate(stage: str, digest: str, files: dict[str, FileRef], folder: Path, meta: dict[str, Any] | None) -> ArtifactRef:

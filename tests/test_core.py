@@ -95,7 +95,8 @@ def test_second_publish_of_identical_content_rewrites_nothing(tmp_path):
     work = make_work(tmp_path, FILES)
     second = publish("s", work)
 
-    assert second == first
+    assert second.digest == first.digest
+    assert {n: (f.path, f.sha256, f.size) for n, f in second.files.items()} == {n: (f.path, f.sha256, f.size) for n, f in first.files.items()}
     assert file_state(final) == before
     assert not work.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
@@ -163,3 +164,27 @@ def test_reference_survives_a_json_round_trip(tmp_path):
     again = ArtifactRef.model_validate_json(ref.model_dump_json())
     assert again == ref and again.problem() is None
 
+
+
+def test_unchanged_files_are_trusted_without_hashing_and_any_change_is_hashed(tmp_path, monkeypatch):
+    import tasks.core
+
+    ref = publish("s", make_work(tmp_path, FILES))
+    assert all(f.stat == tasks.core.stat_signature(Path(f.path)) for f in ref.files.values())
+    hashed = []
+    real = tasks.core.sha256_file
+    monkeypatch.setattr(tasks.core, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+
+    assert ref.problem(trust_unchanged=True) is None and hashed == []
+    assert ref.problem() is None and sorted(hashed) == ["a.bin", "b.txt"]
+
+    # A same-size rewrite with its mtime set back: the change time still moved, so the file is hashed and caught.
+    path = ref.path("a.bin")
+    before = path.stat()
+    data = bytearray(FILES["a.bin"])
+    data[0] ^= 0x01
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    hashed.clear()
+    problem = ref.problem(trust_unchanged=True)
+    assert problem is not None and "digest differs" in problem and hashed == ["a.bin"]
