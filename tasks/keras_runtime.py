@@ -16,8 +16,8 @@ _warming: threading.Thread | None = None
 def warm_up() -> None:
     """Start importing TensorFlow in a background thread (once), so that a stage needing it later finds it loaded.
 
-    The import takes seconds of mostly single-threaded work; a flow calls this when it knows the model will be
-    trained, and the import overlaps the data stages on the other core.
+    The import takes seconds of mostly single-threaded work; the flow calls this when the model is about to be
+    trained, so that the import overlaps the data stages on the other core.
     """
     global _warming
     if _warming is None and "tensorflow" not in sys.modules:
