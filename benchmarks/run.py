@@ -42,6 +42,8 @@ ROWS = [
     ("report_server", "pipeline `--rerun report`, running server"),
     ("fit_reference", "fit: reference `model.fit`"),
     ("fit_pipeline", "fit: pipeline train stage (`fit_seconds`)"),
+    ("prep_reference", "preprocess: reference's IDX read and scaling (`load_s`)"),
+    ("prep_pipeline", "preprocess: pipeline stage (`preprocess_files`)"),
     ("np_load", "load train split: `np.load` (.npy)"),
     ("parquet_load", "load train split: `load_split` (parquet)"),
 ]
@@ -170,6 +172,7 @@ class Bench:
         result = json.loads(out.strip().splitlines()[-1])
         self.record("reference", wall, rss)
         self.samples["fit_reference"].append(result["fit_s"])
+        self.samples["prep_reference"].append(result["load_s"])
         self.accuracy["reference"].append(result["test_accuracy"])
 
     def pipeline(self, api_url: str | None) -> None:
@@ -219,8 +222,6 @@ class Bench:
 
     def loads(self, repeat: int) -> None:
         """Time np.load of a .npy copy against load_split of the pipeline's train.parquet, alternating, in-process."""
-        import resource
-
         from tasks.preprocess import load_split
 
         pixels, _ = load_split(self.parquet)
@@ -234,7 +235,20 @@ class Bench:
                 read()
                 self.samples[key].append(time.perf_counter() - started)
         self.load_note = f"{self.parquet.stat().st_size / 1e6:.0f} MB parquet, {npy.stat().st_size / 1e6:.0f} MB .npy"
-        self.self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def preprocess(self, repeat: int) -> None:
+        """Time the preprocess stage's function in-process on the last run's raw and validation artifacts."""
+        from tasks.caching import read_record
+        from tasks.preprocess import preprocess_files
+
+        cache = Path(self.last_run[0][self.last_run[0].index("--artifacts-dir") + 1]) / "cache"
+        raw, validation = (read_record(next(cache.glob(f"{stage}_mnist-*"))) for stage in ("download", "validate"))
+        for i in range(repeat):
+            out = self.tmp / f"preprocess-{i}"
+            started = time.perf_counter()
+            preprocess_files(raw, validation, out)
+            self.samples["prep_pipeline"].append(time.perf_counter() - started)
+            shutil.rmtree(out)
 
 
 def matmul_gflops() -> float:
@@ -262,6 +276,7 @@ def table(bench: Bench, args: argparse.Namespace, server_startup: float | None, 
     ratio_base = {
         "reference": ref, "cold": ref, "cold_server": ref, "noop": ref, "noop_server": ref, "report": ref,
         "report_server": ref, "fit_reference": fit_ref, "fit_pipeline": fit_ref, "np_load": np_load, "parquet_load": np_load,
+        "prep_reference": median(s["prep_reference"]), "prep_pipeline": median(s["prep_reference"]),
     }
     acc_ref, acc_pipe = median(bench.accuracy["reference"]), median(bench.accuracy["pipeline"])
     notes = {
@@ -274,6 +289,8 @@ def table(bench: Bench, args: argparse.Namespace, server_startup: float | None, 
         "report_server": "same roots: report forced, the rest cached",
         "fit_reference": f"test accuracy {acc_ref:.4f}" if acc_ref is not None else "",
         "fit_pipeline": f"test accuracy {acc_pipe:.4f} (seed 42); ratio < 1: faster than the reference" if acc_pipe is not None else "",
+        "prep_reference": "gunzip, parse and x / 255 in memory, inside the reference script",
+        "prep_pipeline": "in-process: gunzip, scaling, both parquet splits written, synced and hashed",
         "np_load": "in-process, " + getattr(bench, "load_note", ""),
         "parquet_load": "in-process, the pipeline's reader",
     }
@@ -295,11 +312,12 @@ def table(bench: Bench, args: argparse.Namespace, server_startup: float | None, 
         f"repetition(s), medians; {os.cpu_count()} CPUs; took {elapsed:.0f} s; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "Wall times are whole processes (interpreter and imports included) except the fit and load rows. Ratios: "
-        "process rows against the reference end to end, fit rows against the reference's fit, load rows against "
-        "np.load. Peak RSS is the largest `ru_maxrss` of the child over the repetitions (from `os.wait4`: the largest "
-        "single process among the child and the descendants it waited for, not a sum; the temporary API server of a "
-        "run without PREFECT_API_URL runs in-process or as a descendant, the running server is not counted).",
+        "Wall times are whole processes (interpreter and imports included) except the fit, preprocess and load rows. "
+        "Ratios: process rows against the reference end to end, fit rows against the reference's fit, preprocess rows "
+        "against the reference's loading, load rows against np.load. Peak RSS is the largest `ru_maxrss` of the child "
+        "over the repetitions (from `os.wait4`: the largest single process among the child and the descendants it "
+        "waited for, not a sum; the temporary API server of a run without PREFECT_API_URL runs in-process or as a "
+        "descendant, the running server is not counted).",
         "",
     ]
     return "\n".join(head + lines + [""] + details(bench, args)) + "\n"
@@ -418,6 +436,7 @@ def main() -> int:
                 step()
             print(f"repetition {i + 1}/{args.repeat} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
         bench.seeds(list(range(1, args.seeds + 1)))
+        bench.preprocess(3)
         bench.loads(3 if args.smoke else 21)
         bench.gflops = matmul_gflops()
         text = table(bench, args, server.startup_s if server else None, time.perf_counter() - started)
