@@ -40,8 +40,8 @@ ROWS = [
     ("cold_server", "pipeline cold run, running server"),
     ("noop_server", "pipeline no-op rerun, running server"),
     ("report_server", "pipeline `--rerun report`, running server"),
-    ("fit_reference", "fit: reference `model.fit`"),
-    ("fit_pipeline", "fit: pipeline train stage (`fit_seconds`)"),
+    ("fit_reference", "fit: reference `model.fit` (timed and accuracy runs)"),
+    ("fit_pipeline", "fit: pipeline train stage, `fit_seconds` (timed and accuracy runs)"),
     ("prep_reference", "preprocess: reference's IDX read and scaling (`load_s`)"),
     ("prep_pipeline", "preprocess: pipeline stage (`preprocess_files`)"),
     ("np_load", "load train split: `np.load` (.npy)"),
@@ -210,15 +210,20 @@ class Bench:
         self.previous = root
 
     def seeds(self, seeds: list[int]) -> None:
-        """Accuracy spread: retrain with other seeds on the last run's roots (data stages cached), and run the reference
-        (unseeded) until it has as many accuracies; these runs are not timed."""
+        """Accuracy spread, and more fit samples: retrain with other seeds on the last run's roots (data stages cached),
+        alternating with runs of the (unseeded) reference until it has as many accuracies. Wall times not recorded."""
         cmd, env = self.last_run
         for seed in seeds:
             _, _, out = run_child([*cmd, "--until", "evaluate", "--seed", str(seed)], env)
-            self.seed_accuracy[seed] = json.loads(out)["metrics"]["test_accuracy"]
-        while len(self.accuracy["reference"]) < len(seeds) + 1:
-            _, _, out = run_child(self.reference_cmd(), base_env())
-            self.accuracy["reference"].append(json.loads(out.strip().splitlines()[-1])["test_accuracy"])
+            summary = json.loads(out)
+            self.seed_accuracy[seed] = summary["metrics"]["test_accuracy"]
+            history = next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == "history.json")
+            self.samples["fit_pipeline"].append(json.loads(history.read_text())["fit_seconds"])
+            if len(self.accuracy["reference"]) < len(seeds) + 1:
+                _, _, out = run_child(self.reference_cmd(), base_env())
+                result = json.loads(out.strip().splitlines()[-1])
+                self.accuracy["reference"].append(result["test_accuracy"])
+                self.samples["fit_reference"].append(result["fit_s"])
 
     def loads(self, repeat: int) -> None:
         """Time np.load of a .npy copy against load_split of the pipeline's train.parquet, alternating, in-process."""
