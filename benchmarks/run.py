@@ -342,9 +342,10 @@ NOTES = """
   function, XLA-compiled: a while loop over the batches that gathers each batch from the in-memory train split in a
   seeded shuffled order, runs the same forward pass, loss (sparse categorical cross-entropy, mean over the batch; the
   short last batch is padded and its padding weighted 0, so its loss is the mean over its real rows as in Keras) and
-  Adam update. The first epoch includes about 1 to 1.5 s of XLA compilation and tracing. What remains to the floor
-  is the matrix products themselves: at the batch's shapes (128 x 784 by 784 x 512) float32 matrix multiplies here
-  run at about 130 GFLOP/s in XLA and numpy alike, not at the rate of large square ones.
+  Adam update. The first epoch includes about 1 to 1.5 s of XLA compilation and tracing. What remains to the floor:
+  at the batch's shapes (128 x 784 by 784 x 512) float32 matrix multiplies here reach 130 to 170 GFLOP/s on both
+  cores, in XLA and numpy alike, and the rest of each step (the Adam update of 407,000 weights, softmax, the batch
+  gather) adds about a third to the two large products.
 - Cold run. TensorFlow takes about 3 s to import; the flow starts importing it in a background thread as soon as a
   stage before training has to be computed, so the import overlaps download, validate and preprocess on the second
   core (a run whose stages are all cached never imports it). Evaluate uses plain forward passes (Keras's evaluate
@@ -355,6 +356,10 @@ NOTES = """
   pass at exit (0.3 s).
 - Peak memory. The train split goes from parquet to one row-major copy that TensorFlow shares through DLPack;
   `tf.constant` would have made two more.
+- Parquet load. Reading decodes every column into Arrow buffers (one copy of the 188 MB, by itself about
+  np.load's time), then `load_split` assembles the (n, 784) array (a second copy): about twice np.load's memory
+  traffic. Runs on this machine measured 1.45x to 2.06x, so the 2x target sits inside the run-to-run noise.
+  Compressed or list-typed layouts read 1.3x to 5x slower (`benchmarks/bench_load.py`).
 - Temporary server. Without PREFECT_API_URL, Prefect starts its own API server in a subprocess for each run,
   7 to 20 s on this machine: the rows with a running server are the ones the targets are stated for.
 """
