@@ -98,3 +98,36 @@ def test_failed_validation_stops_before_preprocess_and_keeps_earlier_artifacts(s
         mnist_pipeline(config=wrong, until="preprocess")
 
     assert tree_state(synthetic_config.data_dir, synthetic_config.artifacts_dir) == before
+
+
+def test_tensorflow_import_starts_early_only_when_training_will_follow(synthetic_config, monkeypatch):
+    from tasks import keras_runtime
+
+    calls = []
+    monkeypatch.setattr(keras_runtime, "warm_up", lambda: calls.append("warm_up"))
+
+    mnist_pipeline(config=synthetic_config, until="preprocess")
+    assert calls == []  # no training in this run: nothing to warm up
+
+    mnist_pipeline(config=synthetic_config, until="train", rerun=["preprocess"])
+    # The recomputed stage before training started the import; cached stages did not.
+    assert calls == ["warm_up"]
+
+    calls.clear()
+    mnist_pipeline(config=synthetic_config, until="train")
+    assert calls == []  # all cached
+
+
+def test_warm_up_imports_tensorflow_in_the_background():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading; from tasks import keras_runtime as k; k.warm_up(); "
+        "assert any(t.name == 'import-tensorflow' for t in threading.enumerate()); "
+        "k._warming.join(); assert 'tensorflow' in sys.modules and 'keras' in sys.modules; "
+        "tf, keras = k.import_tensorflow(); print(tf.__name__, keras.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.split() == ["tensorflow", "keras"]
