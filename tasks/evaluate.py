@@ -27,7 +27,6 @@ PREDICTIONS = "predictions.parquet"
 FIRST = 20
 MAX_MISCLASSIFIED = 25
 BATCH_SIZE = 1024
-EPSILON = 1e-7  # keras.backend.epsilon()
 # A judgment call: the tutorial calls its gap of about 1 point overfitting; under half a point we do not. The train
 # accuracy Keras reports is a mean over the last epoch while the weights still move, so small gaps mean little.
 OVERFITTING_GAP = 0.005
@@ -61,9 +60,9 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: 
     probabilities = np.concatenate([np.asarray(net(x[i : i + BATCH_SIZE], training=False)) for i in range(0, len(x), BATCH_SIZE)])
     predicted = probabilities.argmax(axis=1).astype(np.uint8)
     confidence = probabilities.max(axis=1).astype(np.float32)
-    # Keras's sparse categorical cross-entropy on probabilities: clipped to [1e-7, 1 - 1e-7], averaged over the images.
-    true_class = probabilities[np.arange(len(y)), y.astype(np.int64)].astype(np.float64)
-    scores = {"loss": float(np.mean(-np.log(np.clip(true_class, EPSILON, 1 - EPSILON)))), "accuracy": float(np.mean(predicted == y))}
+    # The loss the model was trained with (Keras's own function), averaged over the images.
+    losses = keras.losses.sparse_categorical_crossentropy(y.astype(np.int32), probabilities)
+    scores = {"loss": float(np.mean(np.asarray(losses), dtype=np.float64)), "accuracy": float(np.mean(predicted == y))}
     num_classes = int(probabilities.shape[1])
 
     metrics = build_metrics(

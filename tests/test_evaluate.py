@@ -153,3 +153,18 @@ def test_overfitting_remark_depends_on_the_gap():
 def test_importing_the_stage_does_not_import_tensorflow():
     code = "import sys, tasks.evaluate; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_test_loss_and_accuracy_agree_with_keras_evaluate(evaluated):
+    import keras
+
+    from tasks.preprocess import load_split
+
+    model, processed, _, metrics, _, _ = evaluated
+    x, y = load_split(processed.path("test.parquet"))
+    net = keras.saving.load_model(model.path("model.keras"), compile=False, safe_mode=True)
+    net.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    expected = net.evaluate(x, y, verbose=0, return_dict=True)
+    # Keras averages float32 batch means; this is one float64 mean of the same per-image losses.
+    assert metrics["test_loss"] == pytest.approx(expected["loss"], rel=1e-3)
+    assert metrics["test_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-7)
