@@ -155,3 +155,26 @@ def test_config_rejects_out_of_range_values(bad):
 def test_importing_the_stage_does_not_import_tensorflow():
     code = "import sys, tasks.train; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_one_epoch_matches_keras_train_on_batch_including_the_short_last_batch(processed, tmp_path):
+    import keras
+
+    from tasks.preprocess import load_split
+    from tasks.train import build_model
+
+    # 200 rows in batches of 64: three full batches and a short one of 8, whose padding must not count.
+    config = TrainConfig(epochs=1, batch_size=64, hidden_units=16, learning_rate=0.01, seed=7, jit_compile=False)
+    ours = weights(fit_model(processed, tmp_path, config))
+
+    x, y = load_split(processed.path("train.parquet"))
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(config.seed)
+    model = build_model(config.hidden_units)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate), loss="sparse_categorical_crossentropy")
+    order = np.random.default_rng(config.seed).permutation(len(x))
+    for start in range(0, len(x), config.batch_size):
+        batch = order[start : start + config.batch_size]
+        model.train_on_batch(x[batch], y[batch])
+    for a, b in zip(ours, model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
