@@ -189,8 +189,7 @@ class Bench:
         summary = json.loads(out)
         assert {i["state"] for i in summary["stages"].values()} == {"completed"}, summary["stages"]
         self.record("cold" + suffix, wall, rss)
-        history = next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == "history.json")
-        fitted = json.loads(history.read_text())
+        fitted = train_history(summary)
         self.samples["fit_pipeline"].append(fitted["fit_seconds"])
         if len(fitted["epoch_seconds"]) > 1:
             self.steady_epoch.append(statistics.median(fitted["epoch_seconds"][1:]))  # after the compiling first epoch
@@ -217,8 +216,7 @@ class Bench:
             _, _, out = run_child([*cmd, "--until", "evaluate", "--seed", str(seed)], env)
             summary = json.loads(out)
             self.seed_accuracy[seed] = summary["metrics"]["test_accuracy"]
-            history = next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == "history.json")
-            self.samples["fit_pipeline"].append(json.loads(history.read_text())["fit_seconds"])
+            self.samples["fit_pipeline"].append(train_history(summary)["fit_seconds"])
             if len(self.accuracy["reference"]) < len(seeds) + 1:
                 _, _, out = run_child(self.reference_cmd(), base_env())
                 result = json.loads(out.strip().splitlines()[-1])
@@ -246,7 +244,7 @@ class Bench:
         from tasks.caching import read_record
         from tasks.preprocess import preprocess_files
 
-        cache = Path(self.last_run[0][self.last_run[0].index("--artifacts-dir") + 1]) / "cache"
+        cache = self.previous / "artifacts" / "cache"  # the last pipeline run's roots
         raw, validation = (read_record(next(cache.glob(f"{stage}_mnist-*"))) for stage in ("download", "validate"))
         for i in range(repeat):
             out = self.tmp / f"preprocess-{i}"
@@ -254,6 +252,11 @@ class Bench:
             preprocess_files(raw, validation, out)
             self.samples["prep_pipeline"].append(time.perf_counter() - started)
             shutil.rmtree(out)
+
+
+def train_history(summary: dict) -> dict:
+    """Return the train stage's history.json of a run, from its `--json` summary."""
+    return json.loads(next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == "history.json").read_text())
 
 
 def matmul_gflops() -> float:
