@@ -14,7 +14,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.download import SNAPSHOT_DIR, download_files  # noqa: E402
-from tasks.preprocess import load_split, preprocess_files  # noqa: E402
+from tasks.preprocess import SPLIT_FILES, load_split, preprocess_files  # noqa: E402
 from tasks.validate import validate_files  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def main() -> None:
         started = time.perf_counter()
         processed = preprocess_files(raw, validation, root / "processed")
         preprocess_s = time.perf_counter() - started
-        parquet = processed.path("train.parquet")
+        parquet = processed.path(SPLIT_FILES["train"])
         pixels, _ = load_split(parquet)
         npy = root / "train.npy"
         np.save(npy, np.ascontiguousarray(pixels))

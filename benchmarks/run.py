@@ -31,6 +31,9 @@ SNAPSHOT = REPO / "data" / "snapshot" / "mnist"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from tasks.preprocess import SPLIT_FILES  # noqa: E402
+from tasks.train import HISTORY_FILE  # noqa: E402
+
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 ROWS = [
     ("reference", "reference script, end to end"),
@@ -194,7 +197,7 @@ class Bench:
         if len(fitted["epoch_seconds"]) > 1:
             self.steady_epoch.append(statistics.median(fitted["epoch_seconds"][1:]))  # after the compiling first epoch
         self.accuracy["pipeline"].append(summary["metrics"]["test_accuracy"])
-        self.parquet = next(Path(p) for p in summary["stages"]["preprocess"]["artifacts"] if Path(p).name == "train.parquet")
+        self.parquet = next(Path(p) for p in summary["stages"]["preprocess"]["artifacts"] if Path(p).name == SPLIT_FILES["train"])
 
         wall, rss, out = run_child(cmd, env)
         states = {i["state"] for i in json.loads(out)["stages"].values()}
@@ -256,7 +259,7 @@ class Bench:
 
 def train_history(summary: dict) -> dict:
     """Return the train stage's history.json of a run, from its `--json` summary."""
-    return json.loads(next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == "history.json").read_text())
+    return json.loads(next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == HISTORY_FILE).read_text())
 
 
 def matmul_gflops() -> float:

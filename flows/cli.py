@@ -21,16 +21,7 @@ for _key, _value in {**QUIET_ENV, **STARTUP_ENV}.items():
     os.environ.setdefault(_key, _value)
 
 from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
-
-
-TRAIN_FLAGS = (
-    ("--epochs", int, "training epochs"),
-    ("--batch-size", int, "training batch size"),
-    ("--learning-rate", float, "Adam learning rate"),
-    ("--hidden-units", int, "units of the hidden dense layer"),
-    ("--seed", int, "random seed (same seed and data: same model)"),
-    ("--validation-split", float, "fraction of the training rows held out for validation (default 0)"),
-)
+from tasks.train import TrainConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,9 +57,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="auto (mirrors, then the shipped copy), an http(s):// or file:// URL, or a folder")
     parser.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
     parser.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
-    training = parser.add_argument_group("training (defaults: the reference model, 5 epochs at batch 128)")
-    for flag, kind, what in TRAIN_FLAGS:
-        training.add_argument(flag, type=kind, help=what)
+    training = parser.add_argument_group("training (defaults: the reference model)")
+    for name, field in TrainConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} (default: {field.default})"
+        if field.annotation is bool:
+            training.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            training.add_argument(flag, dest=name, type=field.annotation, help=help_text)
 
 
 def weekly_schedule() -> tuple[str, str]:
@@ -91,11 +87,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["artifacts_dir"] = str(Path(args.artifacts_dir).expanduser().absolute())
     if args.source:
         overrides["download"] = {"source": args.source}
-    training = {
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_"))
-        for flag, _, _ in TRAIN_FLAGS
-        if getattr(args, flag[2:].replace("-", "_")) is not None
-    }
+    training = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name) is not None}
     if training:
         overrides["train"] = training
     return overrides
@@ -127,13 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from flows.config import PipelineConfig
-    from tasks.core import PipelineError
+    from tasks.core import PipelineError, validation_problems
 
     try:
         config = PipelineConfig(**config_overrides(args))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (found {e['input']!r})" for e in exc.errors())
-        print(f"mnist-pipeline: error: invalid configuration: {problems}", file=sys.stderr)
+        print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
         return 2
 
     _quiet_expected_errors()
@@ -207,7 +198,7 @@ def human_summary(summary: dict[str, Any]) -> str:
 def run() -> None:
     """Console-script entry point."""
     # At exit Python's cyclic garbage collector walks every object of Prefect, pydantic and pandas (and TensorFlow),
-    # about 0.3 s of a cached run, to free memory the OS takes back anyway. Registered first, this runs after
+    # a noticeable part of a cached run, to free memory the OS takes back anyway. Registered first, this runs after
     # Prefect has sent its last logs and events; freezing the objects skips that walk.
     atexit.register(gc.freeze)
     sys.exit(main())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,8 +14,8 @@ from tasks.train import TrainConfig
 from tasks.validate import ValidateConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("download", "validate", "preprocess", "train", "evaluate", "report")
 Stage = Literal["download", "validate", "preprocess", "train", "evaluate", "report"]
+STAGES: tuple[Stage, ...] = get_args(Stage)
 
 
 class PipelineConfig(BaseSettings):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,49 +14,34 @@ from prefect.tasks import Task
 
 from flows.config import STAGES, PipelineConfig, Stage
 from tasks import download, evaluate, keras_runtime, preprocess, promote, report, train, validate
-from tasks.caching import cached, lookup
+from tasks.caching import cached, stage_key, trusted_result
 from tasks.core import ArtifactRef, PipelineError
 
 
-def _discard_failure_record(state: State, cache_dir: Path) -> None:
-    """Delete the exception record Prefect persists for a failed task, so a failed stage leaves no file behind."""
-    key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
-    if key and Path(key).parent == cache_dir:
-        Path(key).unlink(missing_ok=True)
+@dataclass(frozen=True)
+class Step:
+    """A stage of the flow: its task and how its inputs are built from the config and the results before it."""
+
+    task: Task
+    inputs: Callable[[PipelineConfig, dict[str, Any]], dict[str, Any]]
 
 
-class _Stages:
-    """Run or look up stages in order, recording what happened to each for the run summary."""
-
-    def __init__(self, config: PipelineConfig, rerun: set[str], only: str | None, last: int):
-        self.config, self.rerun, self.only, self.last = config, rerun, only, last
-        self.summary: dict[str, Any] = {"run_id": str(flow_run.get_id()), "stages": {}}
-
-    def __call__(self, stage: str, stage_task: Task, modules: tuple[str, ...], **inputs: Any) -> ArtifactRef:
-        cache_dir = self.config.cache_dir
-        if self.only and stage != self.only:
-            # --only: the stages before it are not run, their current artifacts are used as they are.
-            ref = lookup(stage_task.name, cache_dir, modules, inputs)
-            if ref is None:
-                raise PipelineError(
-                    f"--only {self.only}: stage {stage}: expected artifacts of an earlier run with this configuration, "
-                    f"found none; run `mnist-pipeline run --until {stage}` first"
-                )
-            return ref
-        refresh = stage in self.rerun or stage == self.only
-        state = cached(stage_task, cache_dir, modules, refresh=refresh)(**inputs, return_state=True)
-        if state.is_failed():
-            _discard_failure_record(state, cache_dir)
-        ref = state.result()  # re-raises the stage's error
-        if state.name != "Cached" and STAGES.index(stage) < STAGES.index("train") <= self.last:
-            # A stage before training was computed, so training will most likely follow (unless that stage's output is
-            # unchanged): load TensorFlow in the background while the data stages run.
-            keras_runtime.warm_up()
-        self.summary["stages"][stage] = {
-            "state": "cached" if state.name == "Cached" else "completed",
-            "artifacts": [f.path for f in ref.files.values()],
-        }
-        return ref
+STEPS: dict[Stage, Step] = {
+    "download": Step(download.download_mnist, lambda c, r: {
+        "config": c.download, "data_dir": c.data_dir, "fingerprint": download.source_fingerprint(c.download.source)}),
+    "validate": Step(validate.validate_mnist, lambda c, r: {
+        "raw": r["download"], "config": c.validation, "artifacts_dir": c.artifacts_dir}),
+    "preprocess": Step(preprocess.preprocess_mnist, lambda c, r: {
+        "raw": r["download"], "validation": r["validate"], "data_dir": c.data_dir}),
+    "train": Step(train.train_model, lambda c, r: {
+        "processed": r["preprocess"], "config": c.train, "artifacts_dir": c.artifacts_dir}),
+    "evaluate": Step(evaluate.evaluate_model, lambda c, r: {
+        "model": r["train"], "processed": r["preprocess"], "artifacts_dir": c.artifacts_dir}),
+    "report": Step(report.report_results, lambda c, r: {
+        "validation": r["validate"], "processed": r["preprocess"], "model": r["train"], "evaluation": r["evaluate"],
+        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"]}),
+}
+assert tuple(STEPS) == STAGES, "every stage has exactly one step, in order"
 
 
 @flow(name="mnist-pipeline")
@@ -66,46 +53,79 @@ def mnist_pipeline(
 ) -> dict[str, Any]:
     """Run the stages up to `until` (or just `only`), reusing every cached stage except those named in `rerun`."""
     config = config or PipelineConfig()
-    last = STAGES.index(only or until)
-    run = _Stages(config, set(rerun or ()), only, last)
-    summary = run.summary
-    data_dir, artifacts_dir = config.data_dir, config.artifacts_dir
-
-    fingerprint = download.source_fingerprint(config.download.source)
-    raw = run("download", download.download_mnist, download.MODULES, config=config.download, data_dir=data_dir, fingerprint=fingerprint)
-    if last < 1:
-        return summary
-    checked = run("validate", validate.validate_mnist, validate.MODULES, raw=raw, config=config.validation, artifacts_dir=artifacts_dir)
-    if last < 2:
-        return summary
-    processed = run("preprocess", preprocess.preprocess_mnist, preprocess.MODULES, raw=raw, validation=checked, data_dir=data_dir)
-    if last < 3:
-        return summary
-    model = run("train", train.train_model, train.MODULES, processed=processed, config=config.train, artifacts_dir=artifacts_dir)
-    if last < 4:
-        return summary
-    evaluation = run("evaluate", evaluate.evaluate_model, evaluate.MODULES, model=model, processed=processed, artifacts_dir=artifacts_dir)
-    summary["metrics"] = {key: evaluation.meta[key] for key in ("test_accuracy", "test_loss", "first_20_predictions")}
-    # Not a stage: the decision depends on the registry's current champion, so it is made (or looked up) every run.
-    decision = promote.decide_promotion(
-        model, evaluation, config.registry_dir, config.promotion, run_id=summary["run_id"], log=get_run_logger().info
-    )
-    summary["promotion"] = {key: decision[key] for key in ("promoted", "reason")}
-    if last < 5:
-        return summary
-    reported = run(
-        "report",
-        report.report_results,
-        report.MODULES,
-        validation=checked,
-        processed=processed,
-        model=model,
-        evaluation=evaluation,
-        artifacts_dir=artifacts_dir,
-        decision=decision,
-    )
-    if summary["stages"]["report"]["state"] == "cached":
-        # A cached stage publishes nothing; the run's page in the UI should still show the report.
-        report.publish_ui_artifacts(reported, evaluation, decision)
-    summary["report"] = str(reported.path(report.REPORT_HTML))
+    last = only or until
+    stages = STAGES[: STAGES.index(last) + 1]
+    summary: dict[str, Any] = {"run_id": str(flow_run.get_id()), "stages": {}}
+    results: dict[str, Any] = {}
+    for name in stages:
+        step = STEPS[name]
+        inputs = step.inputs(config, results)
+        if only and name != only:
+            results[name] = _existing_artifact(name, step.task, inputs, config.cache_dir, only)
+        else:
+            refresh = name in (rerun or ()) or name == only
+            results[name], computed = _run_stage(step.task, inputs, config.cache_dir, refresh)
+            summary["stages"][name] = {
+                "state": "completed" if computed else "cached",
+                "artifacts": [f.path for f in results[name].files.values()],
+            }
+            if computed and "train" in stages[stages.index(name) + 1 :]:
+                _warm_up_tensorflow()
+            if name == "report" and not computed:
+                _republish_report(results)
+        if name == "evaluate":
+            results["promotion"] = _decide_promotion(config, results, summary)
+    if "report" in results:
+        summary["report"] = str(results["report"].path(report.REPORT_HTML))
     return summary
+
+
+def _run_stage(stage_task: Task, inputs: dict[str, Any], cache_dir: Path, refresh: bool) -> tuple[ArtifactRef, bool]:
+    """Run a stage through its cache; return its artifact and whether it was computed (not found in the cache)."""
+    state = cached(stage_task, cache_dir, refresh=refresh)(**inputs, return_state=True)
+    if state.is_failed():
+        _discard_failure_record(state, cache_dir)
+    return state.result(), state.name != "Cached"  # result() re-raises the stage's error
+
+
+def _existing_artifact(name: str, stage_task: Task, inputs: dict[str, Any], cache_dir: Path, only: str) -> ArtifactRef:
+    """Return the cached artifact of a stage before `--only`'s, which is used as it is, not run."""
+    ref = trusted_result(cache_dir, stage_key(stage_task, inputs))
+    if ref is None:
+        raise PipelineError(
+            f"--only {only}: stage {name}: expected artifacts of an earlier run with this configuration, "
+            f"found none; run `mnist-pipeline run --until {name}` first"
+        )
+    return ref
+
+
+def _warm_up_tensorflow() -> None:
+    """Start importing TensorFlow in the background: a stage before training was computed, so training likely
+    follows (unless that stage's output is unchanged), and the import overlaps the data stages."""
+    keras_runtime.warm_up()
+
+
+def _decide_promotion(config: PipelineConfig, results: dict[str, Any], summary: dict[str, Any]) -> promote.Decision:
+    """Decide (or look up) whether the evaluated model becomes the champion; record the headline in the summary.
+
+    Not a stage: the decision depends on the registry's current champion, so it is made (or looked up) every run.
+    """
+    evaluation = results["evaluate"]
+    summary["metrics"] = {key: evaluation.meta[key] for key in ("test_accuracy", "test_loss", "first_20_predictions")}
+    decision = promote.decide_promotion(results["train"], evaluation, config.registry_dir, config.promotion,
+                                        run_id=summary["run_id"], log=get_run_logger().info)
+    summary["promotion"] = {"promoted": decision.promoted, "reason": decision.reason}
+    return decision
+
+
+def _republish_report(results: dict[str, Any]) -> None:
+    """Publish the UI artifacts of a cached report again: a cached stage publishes nothing, and the run's page in the
+    UI should still show its report."""
+    report.publish_ui_artifacts(results["report"], results["evaluate"], results["promotion"])
+
+
+def _discard_failure_record(state: State, cache_dir: Path) -> None:
+    """Delete the exception record Prefect persists for a failed task, so a failed stage leaves no file behind."""
+    key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
+    if key and Path(key).parent == cache_dir:
+        Path(key).unlink(missing_ok=True)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import fcntl
-import importlib
-import inspect
+import ast
+import importlib.metadata
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,11 @@ from prefect.serializers import JSONSerializer
 from prefect.tasks import Task
 from pydantic import BaseModel
 
-from tasks.core import ArtifactRef, sha256_bytes, sha256_json
+from tasks.core import ArtifactRef, flocked, sha256_bytes, sha256_json, take_flock
 
+# Libraries that orchestrate the stages without shaping their outputs: a new release of them reruns nothing.
+NOT_IN_KEY = {"prefect"}
+_distributions = cache(importlib.metadata.packages_distributions)
 _SERIALIZER = JSONSerializer().model_dump(mode="json")
 _REF_CLASS = f"{ArtifactRef.__module__}.{ArtifactRef.__qualname__}"
 
@@ -43,18 +47,104 @@ def canonical(value: Any) -> Any:
     return value
 
 
-def code_version(module_names: tuple[str, ...]) -> str:
-    """Return a digest of the source files of the modules a stage's result depends on."""
-    sources = {}
-    for name in module_names:
-        path = inspect.getsourcefile(importlib.import_module(name))
-        sources[name] = sha256_bytes(Path(path).read_bytes()) if path else name
-    return sha256_json(sources)
+def code_version(module_name: str) -> str:
+    """Return a digest of the code a stage runs (see `code_components`)."""
+    return sha256_json(code_components(module_name))
 
 
-def stage_key(stage: str, inputs: dict[str, Any], modules: tuple[str, ...]) -> str:
-    """Return the cache key of a stage: its name, its inputs' content and its code version."""
-    return f"{stage}-" + sha256_json({"inputs": canonical(inputs), "code": code_version(modules)})
+@cache
+def code_components(module_name: str) -> dict[str, dict[str, str]]:
+    """Return what a stage's code version covers: the project modules in its import closure and library versions.
+
+    The closure follows every import statement (those inside functions too) of the module and, recursively, of each
+    project module it reaches; a module is the project's when its top-level package belongs to the distribution that
+    holds the stage's own package (mnist-pipeline: `tasks` and `flows`). A package's data files (the report's
+    templates) count with it. Libraries count by their installed version, except orchestration that shapes no output.
+    """
+    modules = project_modules(module_name)
+    sources = {name: sha256_bytes(Path(_source_file(name)).read_bytes()) for name in modules}
+    sources.update({f"{name}:{data}": sha256_bytes(data_path.read_bytes())
+                    for name in modules for data, data_path in _package_data(name).items()})
+    libraries = {name.partition(".")[0] for module in modules for name in _imports(module)}
+    libraries -= _project_packages(module_name) | set(sys.stdlib_module_names) | NOT_IN_KEY
+    return {"sources": sources, "libraries": {top: _library_version(top) for top in sorted(libraries)}}
+
+
+@cache
+def project_modules(module_name: str) -> tuple[str, ...]:
+    """Return the project modules in the import closure of a module (itself included), sorted."""
+    ours = _project_packages(module_name)
+    seen, todo = set(), [module_name]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += [dep for dep in _imports(name) if dep.partition(".")[0] in ours and _is_module(dep)]
+    return tuple(sorted(seen))
+
+
+def _project_packages(module_name: str) -> set[str]:
+    """Return the top-level packages of the distribution that holds the module (just its own package if none)."""
+    top = module_name.partition(".")[0]
+    ours = set(_distributions().get(top, ()))
+    return {top} | {name for name, dists in _distributions().items() if ours & set(dists)}
+
+
+def _package_data(name: str) -> dict[str, Path]:
+    """Return the data files of a package (not its Python files, nor those of its subpackages), by relative path."""
+    init = Path(_source_file(name))
+    if init.name != "__init__.py":
+        return {}
+    found = {}
+    for folder, subfolders, files in os.walk(init.parent):
+        subfolders[:] = sorted(d for d in subfolders if d != "__pycache__" and not Path(folder, d, "__init__.py").exists())
+        for file in sorted(f for f in files if not f.endswith((".py", ".pyc"))):
+            found[str(Path(folder, file).relative_to(init.parent))] = Path(folder, file)
+    return found
+
+
+def _source_file(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError(f"no source for module {name!r}")
+    return spec.origin
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # `tasks.core.ArtifactRef`: a name inside a module
+        return False
+
+
+@cache
+def _imports(name: str) -> tuple[str, ...]:
+    """Return what a module's source imports, as dotted names; `from a import b` gives both `a` and `a.b`."""
+    path = _source_file(name)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(Path(path).read_bytes())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            found.update([base, *(f"{base}.{alias.name}" for alias in node.names)])
+    return tuple(sorted(found))
+
+
+@cache
+def _library_version(top: str) -> str:
+    dist = _distributions().get(top, [top])[0]
+    try:
+        return f"{dist} {importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return f"{dist} (no version)"
+
+
+def stage_key(stage_task: Task, inputs: dict[str, Any]) -> str:
+    """Return the cache key of a stage: its name, its inputs' content and the code it runs."""
+    code = code_version(stage_task.fn.__module__)
+    return f"{stage_task.name}-" + sha256_json({"inputs": canonical(inputs), "code": code})
 
 
 class FlockLockManager:
@@ -73,25 +163,18 @@ class FlockLockManager:
         # Prefect copies cache policies; a copy must still see (and release) the locks this one holds.
         return self
 
-    def _open(self, key: str) -> int:
+    def lock_path(self, key: str) -> Path:
+        """Return the lock file of `key`."""
         self.lock_files_directory.mkdir(parents=True, exist_ok=True)
-        return os.open(self.lock_files_directory / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        return self.lock_files_directory / f"{key}.lock"
 
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
         """Take the lock of `key` for `holder`, waiting up to `acquire_timeout` seconds (None: as long as it takes)."""
         if self.is_lock_holder(key, holder):
             return True
-        fd = self._open(key)
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(0.05)
+        fd = take_flock(self.lock_path(key), acquire_timeout)
+        if fd is None:
+            return False
         with self._guard:
             self._held[key] = (holder, fd)
         return True
@@ -112,14 +195,10 @@ class FlockLockManager:
         """Return whether any process (this one included) holds the lock of `key`."""
         if key in self._held:
             return True
-        fd = self._open(key)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except BlockingIOError:
-            return True
-        finally:
+        fd = take_flock(self.lock_path(key), timeout=0)
+        if fd is not None:
             os.close(fd)
+        return fd is None
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         """Return whether `holder` holds the lock of `key` in this process."""
@@ -138,16 +217,6 @@ class FlockLockManager:
         """Wait until nobody holds the lock of `key` (blocking)."""
         return self.wait_for_lock(key, timeout)
 
-    @contextmanager
-    def locked(self, key: str) -> Iterator[None]:
-        """Hold the lock of `key` for the duration of a block."""
-        holder = f"check-{os.getpid()}-{threading.get_ident()}"
-        self.acquire_lock(key, holder)
-        try:
-            yield
-        finally:
-            self.release_lock(key, holder)
-
 
 @dataclass
 class StageCache(CachePolicy):
@@ -158,7 +227,6 @@ class StageCache(CachePolicy):
     """
 
     cache_dir: str = ""
-    modules: tuple[str, ...] = ()
     isolation_level: Any = "SERIALIZABLE"
     lock_manager: Any = field(default=None)
 
@@ -167,25 +235,11 @@ class StageCache(CachePolicy):
             self.lock_manager = FlockLockManager(lock_dir(self.cache_dir))
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        key = stage_key(task_ctx.task.name, inputs, self.modules)
+        key = stage_key(task_ctx.task, inputs)
         # Under the stage's lock: a record another run is writing right now is not half-read and thrown away.
-        with self.lock_manager.locked(key) if self.lock_manager else nullcontext():
-            self._drop_if_stale(key)
+        with flocked(self.lock_manager.lock_path(key)) if self.lock_manager else nullcontext():
+            trusted_result(Path(self.cache_dir), key)
         return key
-
-    def _drop_if_stale(self, key: str) -> None:
-        record_path = Path(self.cache_dir) / key
-        if not record_path.exists():
-            return
-        try:
-            # Files untouched since they were published (same inode, size, mtime and ctime) are not re-hashed.
-            problem = read_record(record_path).problem(trust_unchanged=True)
-        except Exception as exc:  # an unreadable record is as good as none
-            # Name the record: it is the file to look at (or delete) when this repeats.
-            problem = f"unreadable cache record {record_path} ({exc})"
-        if problem:
-            get_run_logger().warning("Cached result of %s not trusted: %s; recomputing", key.split("-")[0], problem)
-            record_path.unlink(missing_ok=True)
 
 
 def lock_dir(cache_dir: str | Path) -> Path:
@@ -197,16 +251,25 @@ def lock_dir(cache_dir: str | Path) -> Path:
     return Path(tempfile.gettempdir()) / "mnist-pipeline-locks" / sha256_bytes(str(Path(cache_dir).resolve()).encode())[:16]
 
 
-def lookup(stage: str, cache_dir: Path, modules: tuple[str, ...], inputs: dict[str, Any]) -> ArtifactRef | None:
-    """Return the cached artifact of a stage for these inputs if it exists and its files are intact, else None."""
-    key = stage_key(stage, inputs, modules)
-    if not (Path(cache_dir) / key).exists():
+def trusted_result(cache_dir: Path, key: str) -> ArtifactRef | None:
+    """Return the artifact recorded under `key` if its files are intact; otherwise drop the record (with a warning).
+
+    Files untouched since they were published (same inode, size, mtime and ctime) are not re-hashed.
+    """
+    record_path = Path(cache_dir) / key
+    if not record_path.exists():
         return None
     try:
-        ref = read_record(Path(cache_dir) / key)
-    except Exception:  # an unreadable record is as good as none
-        return None
-    return ref if ref.problem(trust_unchanged=True) is None else None
+        ref = read_record(record_path)
+        problem = ref.problem(trust_unchanged=True)
+    except Exception as exc:  # an unreadable record is as good as none
+        # Name the record: it is the file to look at (or delete) when this repeats.
+        problem = f"unreadable cache record {record_path} ({exc})"
+    if problem is None:
+        return ref
+    get_run_logger().warning("Cached result of %s not trusted: %s; recomputing", key.split("-")[0], problem)
+    record_path.unlink(missing_ok=True)
+    return None
 
 
 def read_record(path: Path) -> ArtifactRef:
@@ -235,11 +298,11 @@ def _names_code(value: Any) -> bool:
     return False
 
 
-def cached(stage_task: Task, cache_dir: Path, modules: tuple[str, ...], refresh: bool = False) -> Task:
+def cached(stage_task: Task, cache_dir: Path, refresh: bool = False) -> Task:
     """Return `stage_task` configured to persist its result under `cache_dir` and reuse it by content."""
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return stage_task.with_options(
-        cache_policy=StageCache(cache_dir=str(cache_dir), modules=modules),
+        cache_policy=StageCache(cache_dir=str(cache_dir)),
         persist_result=True,
         result_storage=Path(cache_dir),
         result_serializer=JSONSerializer(),

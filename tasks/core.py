@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 _CHUNK = 1 << 20
+# Inside every published folder: the names, sizes and SHA-256 of its files, written with them.
+MANIFEST = ".manifest.json"
 # Scratch folders carry the id of the process that made them, so a later run can tell abandoned ones.
 _SCRATCH = re.compile(r"\.(?:tmp|trash)-(\d+)-[0-9a-f]+")
+
+
+# Where a stage function sends its progress lines: the Prefect run logger in a task, nothing by default.
+Log = Callable[[str], None]
+
+
+def quiet(_message: str) -> None:
+    """Discard a log line (the default `log` of the stage functions)."""
 
 
 class PipelineError(Exception):
@@ -154,9 +166,11 @@ def write_json(path: Path, value: Any) -> None:
 def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str, Any] | None = None) -> ArtifactRef:
     """Move a finished work folder to its content-addressed name next to it and return its reference.
 
-    The final folder is named by `digest` (default: the digest of the files' names and contents). If a folder
-    with that name already holds the same bytes it is kept untouched and the work folder is dropped, so reruns that
-    produce identical output rewrite nothing. Every file is synced to disk before the rename exposes it.
+    The final folder is named by `digest` (default: the digest of the files' names and contents). A digest is the
+    artifact's identity: if an intact folder of that name exists (its manifest matches its files), it is kept as it is
+    and the work folder is dropped, so a rerun that reproduces an artifact rewrites nothing, even where bytes outside
+    the digest (timings, a save date) differ. A damaged folder of that name is replaced. Every file is synced to disk
+    before the rename exposes it.
     """
     files = {}
     for p in sorted(workdir.iterdir()):
@@ -166,23 +180,44 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
     if digest is None:
         digest = sha256_json({name: ref.sha256 for name, ref in files.items()})
     final = workdir.parent / digest[:16]
-    existing = _relocate(stage, digest, files, final, meta)
-    if final.exists():
-        if existing.problem() is None and set(p.name for p in final.iterdir()) == set(files):
-            shutil.rmtree(workdir)
-            return _signed(existing)
-        trash = workdir.parent / f".trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        final.rename(trash)
-        shutil.rmtree(trash)
-    try:
-        workdir.rename(final)
-    except OSError:
-        # Another process published the same content in the meantime.
-        if existing.problem() is not None:
-            raise
+    kept = intact_files(final)
+    if kept is None:
+        # The manifest travels inside the folder, so it appears with the files in the same rename.
+        write_json(workdir / MANIFEST, {name: ref.model_dump(include={"sha256", "size"}) for name, ref in files.items()})
+        fsync_path(workdir / MANIFEST)
+        if final.exists():
+            trash = workdir.parent / f".trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            final.rename(trash)
+            shutil.rmtree(trash)
+        try:
+            workdir.rename(final)
+            kept = files
+        except OSError:
+            # Another process published the same digest in the meantime.
+            kept = intact_files(final)
+            if kept is None:
+                raise
+    if workdir.exists():
         shutil.rmtree(workdir)
     fsync_path(final.parent)
-    return _signed(existing)
+    return _signed(ArtifactRef(stage=stage, digest=digest, files=_placed(kept, final), meta=meta or {}))
+
+
+def intact_files(folder: Path) -> dict[str, FileRef] | None:
+    """Return the files of a published folder (relative paths) if they match its manifest, else None."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = {name: FileRef(path=name, **entry) for name, entry in manifest.items()}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    present = {p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST}
+    if present != set(files) or ArtifactRef(stage="", digest="", files=_placed(files, folder)).problem() is not None:
+        return None
+    return files
+
+
+def _placed(files: dict[str, FileRef], folder: Path) -> dict[str, FileRef]:
+    return {name: ref.model_copy(update={"path": str(folder / name)}) for name, ref in files.items()}
 
 
 def _signed(ref: ArtifactRef) -> ArtifactRef:
@@ -191,9 +226,55 @@ def _signed(ref: ArtifactRef) -> ArtifactRef:
     return ref.model_copy(update={"files": files})
 
 
-def _relocate(stage: str, digest: str, files: dict[str, FileRef], folder: Path, meta: dict[str, Any] | None) -> ArtifactRef:
-    placed = {name: ref.model_copy(update={"path": str(folder / name)}) for name, ref in files.items()}
-    return ArtifactRef(stage=stage, digest=digest, files=placed, meta=meta or {})
+def atomic_write(path: Path, text: str) -> None:
+    """Replace a file by one rename: write a temporary file beside it, sync it, then move it over `path`."""
+    temp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        temp.write_text(text)
+        fsync_path(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def take_flock(path: Path, timeout: float | None = None) -> int | None:
+    """Take an exclusive flock on `path` (created if missing); return its descriptor, or None if `timeout` passed.
+
+    The lock lasts until the descriptor is closed. flock belongs to the open file, so it excludes other threads (each
+    opens its own) as well as other processes, and the kernel drops it when its holder dies.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+
+
+@contextmanager
+def flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for the duration of a block."""
+    fd = take_flock(path)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def validation_problems(error: ValidationError) -> str:
+    """Return a pydantic validation error as one line: each field, what is wrong, what was found."""
+    def problem(e: Any) -> str:
+        found = "" if e["type"] == "missing" else f" (found {repr(e['input'])[:80]})"
+        return f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}{found}"
+
+    return "; ".join(problem(e) for e in error.errors())
 
 
 def fsync_path(path: Path) -> None:

@@ -7,7 +7,6 @@ cheap.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
-from tasks.core import ArtifactRef, publish, workdir, write_json
+from tasks.core import ArtifactRef, Log, publish, quiet, workdir, write_json
 from tasks.keras_runtime import deterministic_after, import_tensorflow
-from tasks.preprocess import load_split
+from tasks.preprocess import SPLIT_FILES, load_split
+from tasks.train import HISTORY_FILE, LOSS, MODEL_FILE
 
-MODULES = ("tasks.core", "tasks.preprocess", "tasks.keras_runtime", "tasks.evaluate")
 SCHEMA_VERSION = 1
-METRICS = "metrics.json"
-PREDICTIONS = "predictions.parquet"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.parquet"
 FIRST = 20
 MAX_MISCLASSIFIED = 25
 BATCH_SIZE = 1024
@@ -39,29 +38,24 @@ PREDICTIONS_SCHEMA = pa.schema(
     ]
 )
 
-Log = Callable[[str], None]
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
-def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: Log = _quiet) -> ArtifactRef:
+def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: Log = quiet) -> ArtifactRef:
     """Evaluate the model of `model` on `test.parquet` of `processed`; publish metrics and predictions under `out_dir`."""
     tf, keras = import_tensorflow()
-    x, y = load_split(processed.path("test.parquet"))
-    history = json.loads(model.path("history.json").read_text())
+    x, y = load_split(processed.path(SPLIT_FILES["test"]))
+    history = json.loads(model.path(HISTORY_FILE).read_text())
 
     # The same code path whatever ran before in this process (see tasks.keras_runtime.deterministic_after), so the metrics
     # are byte-identical across reruns and downstream stages stay cached.
     with deterministic_after(tf):
-        net = keras.saving.load_model(model.path("model.keras"), safe_mode=True, compile=False)
+        net = keras.saving.load_model(model.path(MODEL_FILE), safe_mode=True, compile=False)
     # Plain forward passes: Keras's evaluate and predict would each compile the model with XLA first (seconds).
     probabilities = np.concatenate([np.asarray(net(x[i : i + BATCH_SIZE], training=False)) for i in range(0, len(x), BATCH_SIZE)])
     predicted = probabilities.argmax(axis=1).astype(np.uint8)
     confidence = probabilities.max(axis=1).astype(np.float32)
     # The loss the model was trained with (Keras's own function), averaged over the images.
-    losses = keras.losses.sparse_categorical_crossentropy(y.astype(np.int32), probabilities)
+    losses = keras.losses.get(LOSS)(y.astype(np.int32), probabilities)
     scores = {"loss": float(np.mean(np.asarray(losses), dtype=np.float64)), "accuracy": float(np.mean(predicted == y))}
     num_classes = int(probabilities.shape[1])
 
@@ -92,8 +86,8 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: 
         "first_20_predictions": metrics["first_20_predictions"],
     }
     with workdir(out_dir) as work:
-        write_json(work / METRICS, metrics)
-        pq.write_table(table, work / PREDICTIONS, compression="none")
+        write_json(work / METRICS_FILE, metrics)
+        pq.write_table(table, work / PREDICTIONS_FILE, compression="none")
         return publish("evaluate", work, meta=meta)
 
 
@@ -171,5 +165,5 @@ def evaluate_model(model: ArtifactRef, processed: ArtifactRef, artifacts_dir: Pa
     """Evaluate the trained model on the test split and write metrics and predictions under `artifacts_dir/evaluation`."""
     logger = get_run_logger()
     ref = score_model(model, processed, Path(artifacts_dir) / "evaluation", log=logger.info)
-    logger.info("metrics %s", ref.path(METRICS))
+    logger.info("metrics %s", ref.path(METRICS_FILE))
     return ref

@@ -14,14 +14,14 @@ from tasks.core import ArtifactRef, publish, workdir
 from tasks.download import SPLITS
 from tasks.idx import read_payload
 
-MODULES = ("tasks.core", "tasks.idx", "tasks.preprocess")
 SCHEMA_VERSION = 1
 PIXELS = 28 * 28
 PIXEL_COLUMNS = [f"pixel_{i:03d}" for i in range(PIXELS)]
 METADATA_KEY = b"mnist_pipeline"
+SPLIT_FILES = {"train": "train.parquet", "test": "test.parquet"}
 # One non-nullable, uncompressed float32 column per pixel in a single row group: any parquet reader sees plain named
-# float columns, and a memory-mapped read straight into one column-major buffer takes about 2x np.load of the same
-# array (benchmarks/bench_load.py). Compression (lz4, snappy) or a list column read 1.3x to 5x slower.
+# float columns, and a memory-mapped read goes straight into one column-major buffer. Chosen by measurement against
+# compression and list columns (benchmarks/bench_load.py, BENCHMARKS.md).
 SCHEMA = pa.schema(
     [pa.field(name, pa.float32(), nullable=False) for name in PIXEL_COLUMNS]
     + [pa.field("label", pa.uint8(), nullable=False)]
@@ -31,7 +31,7 @@ SCHEMA = pa.schema(
 def to_table(images: np.ndarray, labels: np.ndarray, metadata: dict) -> pa.Table:
     """Return the parquet table of one split: pixels scaled to [0, 1] as float32 (x / 255) and uint8 labels."""
     # Pixel-major order (the uint8 bytes transposed, then converted), so that every column is a contiguous row that
-    # pyarrow takes without copying; copying 784 strided float columns out took about 10x longer.
+    # pyarrow takes without copying, instead of 784 strided copies.
     pixels = np.ascontiguousarray(images.reshape(len(images), PIXELS).T).astype(np.float32)
     pixels /= np.float32(255)
     columns = [pa.array(pixels[i]) for i in range(PIXELS)] + [pa.array(labels, pa.uint8())]
@@ -59,7 +59,7 @@ def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path) -
                 "raw_digest": raw.digest,
                 "validation_digest": validation.digest,
             }
-            pq.write_table(to_table(images, labels, metadata), work / f"{split}.parquet", compression="none", use_dictionary=False)
+            pq.write_table(to_table(images, labels, metadata), work / SPLIT_FILES[split], compression="none", use_dictionary=False)
             rows[split] = len(images)
         return publish("preprocess", work, meta={"rows": rows, "schema_version": SCHEMA_VERSION})
 

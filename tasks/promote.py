@@ -7,36 +7,26 @@ writes nothing, so the flow can call it on every run and hand the result to cach
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.core import ArtifactRef, PipelineError, fsync_path
+from tasks.core import ArtifactRef, Log, PipelineError, atomic_write, flocked, fsync_path, quiet, validation_problems
+from tasks.evaluate import METRICS_FILE
+from tasks.train import MODEL_FILE
 
 SCHEMA_VERSION = 1
-CHAMPION = "champion.json"
-HISTORY = "history.jsonl"
-LOCK = ".lock"
-MODEL_FILE = "model.keras"
-METRICS_FILE = "metrics.json"
+CHAMPION_FILE = "champion.json"
+HISTORY_FILE = "history.jsonl"
+LOCK_FILE = ".lock"
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
 # image in ten thousand, so that a model exactly at the gate or exactly at the tolerance passes as the rules say.
 SLACK = 1e-6
-
-DECISION_KEYS = ("model_digest", "model_path", "test_accuracy", "test_loss", "promoted", "reason", "champion_before",
-                 "gate", "tolerance", "decided_at", "run_id")
-CHAMPION_KEYS = ("model_digest", "model_path", "test_accuracy", "test_loss", "promoted_at", "run_id")
-
-Log = Callable[[str], None]
 
 
 class PromotionConfig(BaseModel):
@@ -50,8 +40,46 @@ class PromotionConfig(BaseModel):
     )
 
 
-def _quiet(_: str) -> None:
-    pass
+class Scores(BaseModel):
+    """A model (by digest) and its test scores."""
+
+    # Strict: a registry file with a string or a boolean where a number belongs is damaged, not converted.
+    model_config = ConfigDict(strict=True, frozen=True)
+
+    model_digest: str
+    test_accuracy: float
+    test_loss: float
+
+
+class Champion(Scores):
+    """The record in `champion.json`: the model currently promoted."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_path: str
+    promoted_at: str
+    run_id: str | None
+
+
+class Decision(Scores):
+    """One line of `history.jsonl`: whether a model was promoted, why, and against which champion."""
+
+    schema_version: int = SCHEMA_VERSION
+    model_path: str
+    promoted: bool
+    reason: str
+    champion_before: Scores | None
+    gate: float
+    tolerance: float
+    decided_at: str
+    run_id: str | None
+
+    @property
+    def verdict(self) -> str:
+        """Return the decision in words: promoted or not, and why."""
+        return ("promoted" if self.promoted else "not promoted") + f": {self.reason}"
+
+
+Record = TypeVar("Record", bound=BaseModel)
 
 
 def decide_promotion(
@@ -60,52 +88,49 @@ def decide_promotion(
     registry_dir: Path,
     config: PromotionConfig,
     run_id: str | None = None,
-    log: Log = _quiet,
-) -> dict:
+    log: Log = quiet,
+) -> Decision:
     """Decide whether the evaluated model becomes the champion, record the decision, and return it."""
     registry_dir = Path(registry_dir)
     test_accuracy, test_loss = _scores(model, evaluation)
-    with _locked(registry_dir):
+    registry_dir.mkdir(parents=True, exist_ok=True)
+    with flocked(registry_dir / LOCK_FILE):
         champion = read_champion(registry_dir)
-        history = read_history(registry_dir)
-        recorded = _recorded_decision(model.digest, history, champion, config)
+        recorded = _recorded_decision(model.digest, read_history(registry_dir), champion, config)
         if recorded is not None:
-            log(f"model {model.digest[:16]}: decision of {recorded['decided_at']} still holds: {_verdict(recorded)}")
+            log(f"model {model.digest[:16]}: decision of {recorded.decided_at} still holds: {recorded.verdict}")
             return recorded
 
         promoted, reason = judge(test_accuracy, champion, config)
-        if champion is not None and champion["model_digest"] == model.digest:
+        if champion is not None and champion.model_digest == model.digest:
             # Only when the history has no valid decision for the champion (history deleted, champion.json set by
             # hand): judging a model against itself means nothing, and it stays champion.
             promoted, reason = True, f"already the champion (test accuracy {test_accuracy:.4f}), no decision on record"
-        decision = {
-            "schema_version": SCHEMA_VERSION,
-            "model_digest": model.digest,
-            "model_path": str(model.path(MODEL_FILE)),
-            "test_accuracy": test_accuracy,
-            "test_loss": test_loss,
-            "promoted": promoted,
-            "reason": reason,
-            "champion_before": None if champion is None else {
-                key: champion[key] for key in ("model_digest", "test_accuracy", "test_loss")
-            },
-            "gate": config.min_test_accuracy,
-            "tolerance": config.tolerance,
-            "decided_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_id": run_id,
-        }
-        line = json.dumps(decision, sort_keys=True, separators=(",", ":")) + "\n"
+        decision = Decision(
+            model_digest=model.digest,
+            model_path=str(model.path(MODEL_FILE)),
+            test_accuracy=test_accuracy,
+            test_loss=test_loss,
+            promoted=promoted,
+            reason=reason,
+            champion_before=None if champion is None else Scores(**champion.model_dump(include=set(Scores.model_fields))),
+            gate=config.min_test_accuracy,
+            tolerance=config.tolerance,
+            decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            run_id=run_id,
+        )
         # History first: a crash before the champion is replaced leaves a promotion on record that did not take effect,
         # and the next run decides again against the real champion; the other order would lose the previous champion.
-        _append_line(registry_dir / HISTORY, line)
-        if promoted and (champion is None or champion["model_digest"] != model.digest):
-            _write_champion(registry_dir / CHAMPION, decision)
-    log(f"model {model.digest[:16]}: {_verdict(decision)}")
-    # What a rerun reads back from the history, so the first call and every later one return equal dicts.
-    return json.loads(line)
+        _append_line(registry_dir / HISTORY_FILE, decision.model_dump_json() + "\n")
+        if promoted and (champion is None or champion.model_digest != model.digest):
+            record = Champion(**decision.model_dump(include=set(Scores.model_fields) | {"model_path", "run_id"}),
+                              promoted_at=decision.decided_at)
+            atomic_write(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
+    log(f"model {model.digest[:16]}: {decision.verdict}")
+    return decision
 
 
-def judge(test_accuracy: float, champion: dict | None, config: PromotionConfig) -> tuple[bool, str]:
+def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig) -> tuple[bool, str]:
     """Return whether a model with this test accuracy beats the champion under the config, and why, with numbers."""
     acc, gate, tolerance = test_accuracy, config.min_test_accuracy, config.tolerance
     below_gate = acc < gate - SLACK
@@ -115,7 +140,7 @@ def judge(test_accuracy: float, champion: dict | None, config: PromotionConfig) 
         return True, f"first model: no champion yet and test accuracy {acc:.4f} passes the gate {gate:.4f}"
     if below_gate:
         return False, f"test accuracy {acc:.4f} is below the gate {gate:.4f}"
-    best = float(champion["test_accuracy"])
+    best = champion.test_accuracy
     drop = best - acc
     if drop > tolerance + SLACK:
         return False, (f"test accuracy {acc:.4f} is {drop:.4f} below the champion's {best:.4f}, "
@@ -128,54 +153,36 @@ def judge(test_accuracy: float, champion: dict | None, config: PromotionConfig) 
     return True, f"test accuracy {acc:.4f} beats the champion's {best:.4f} by {-drop:.4f}"
 
 
-def read_champion(registry_dir: Path) -> dict | None:
+def read_champion(registry_dir: Path) -> Champion | None:
     """Return the current champion record, or None if there is none yet."""
-    path = Path(registry_dir) / CHAMPION
+    path = Path(registry_dir) / CHAMPION_FILE
+    text = _read_text(path, "the champion record")
+    return None if text is None else _parse(Champion, text, str(path), "the champion record")
+
+
+def read_history(registry_dir: Path) -> list[Decision]:
+    """Return every recorded decision, oldest first."""
+    path = Path(registry_dir) / HISTORY_FILE
+    text = _read_text(path, "the decision history") or ""
+    if text and not text.endswith("\n"):
+        raise PipelineError(f"{path}: line {text.count(chr(10)) + 1}: incomplete (no line end); the history is damaged")
+    return [_parse(Decision, line, f"{path}: line {n}", "a decision") for n, line in enumerate(text.splitlines(), 1)]
+
+
+def _read_text(path: Path, what: str) -> str | None:
     try:
-        text = path.read_text()
+        return path.read_text()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read the champion record ({exc})") from None
-    return _checked(path, text, CHAMPION_KEYS, "the champion record")
+        raise PipelineError(f"{path}: cannot read {what} ({exc})") from None
 
 
-def read_history(registry_dir: Path) -> list[dict]:
-    """Return every recorded decision, oldest first."""
-    path = Path(registry_dir) / HISTORY
+def _parse(kind: type[Record], text: str, where: str, what: str) -> Record:
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read the decision history ({exc})") from None
-    if text and not text.endswith("\n"):
-        raise PipelineError(f"{path}: line {text.count(chr(10)) + 1}: incomplete (no line end); the history is damaged")
-    lines = enumerate(text.splitlines(), 1)
-    return [_checked(path, line, DECISION_KEYS, "a decision", number) for number, line in lines]
-
-
-def _checked(path: Path, text: str, keys: tuple[str, ...], what: str, line: int | None = None) -> dict:
-    where = f"{path}: line {line}" if line is not None else str(path)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{where}: expected {what} in JSON, found invalid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise PipelineError(f"{where}: expected {what} (a JSON object), found {type(value).__name__}")
-    missing = [key for key in keys if key not in value]
-    if missing:
-        raise PipelineError(f"{where}: expected {what}, missing {', '.join(missing)}")
-    wrong = [key for key in ("test_accuracy", "test_loss") if not _is_number(value[key])]
-    if not isinstance(value["model_digest"], str):
-        wrong.insert(0, "model_digest")
-    if wrong:
-        raise PipelineError(f"{where}: expected {what}, found a wrong type in {', '.join(wrong)}")
-    return value
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return kind.model_validate_json(text)
+    except ValidationError as exc:
+        raise PipelineError(f"{where}: expected {what}, found {validation_problems(exc)}") from None
 
 
 def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float]:
@@ -194,35 +201,18 @@ def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float]:
     return scores
 
 
-def _recorded_decision(digest: str, history: list[dict], champion: dict | None, config: PromotionConfig) -> dict | None:
+def _recorded_decision(digest: str, history: list[Decision], champion: Champion | None,
+                       config: PromotionConfig) -> Decision | None:
     # Only the latest decision on this model counts; an earlier one was overtaken by events.
-    latest = next((d for d in reversed(history) if d["model_digest"] == digest), None)
+    latest = next((d for d in reversed(history) if d.model_digest == digest), None)
     if latest is None:
         return None
-    champion_digest = None if champion is None else champion["model_digest"]
-    if latest["promoted"]:
+    champion_digest = None if champion is None else champion.model_digest
+    if latest.promoted:
         return latest if champion_digest == digest else None
-    before = latest["champion_before"]
-    before_digest = before.get("model_digest") if isinstance(before, dict) else None
-    same_rules = latest["gate"] == config.min_test_accuracy and latest["tolerance"] == config.tolerance
+    before_digest = None if latest.champion_before is None else latest.champion_before.model_digest
+    same_rules = latest.gate == config.min_test_accuracy and latest.tolerance == config.tolerance
     return latest if before_digest == champion_digest and same_rules else None
-
-
-def _verdict(decision: dict) -> str:
-    return ("promoted" if decision["promoted"] else "not promoted") + f": {decision['reason']}"
-
-
-@contextmanager
-def _locked(registry_dir: Path) -> Iterator[None]:
-    registry_dir.mkdir(parents=True, exist_ok=True)
-    # flock belongs to the open file, so it excludes other threads (each opens its own) as well as other processes,
-    # and the kernel drops it if the holder dies.
-    fd = os.open(registry_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -236,27 +226,3 @@ def _append_line(path: Path, line: str) -> None:
     finally:
         os.close(fd)
     fsync_path(path.parent)
-
-
-def _write_champion(path: Path, decision: dict) -> None:
-    record = {
-        "schema_version": SCHEMA_VERSION,
-        "model_digest": decision["model_digest"],
-        "model_path": decision["model_path"],
-        "test_accuracy": decision["test_accuracy"],
-        "test_loss": decision["test_loss"],
-        "promoted_at": decision["decided_at"],
-        "run_id": decision["run_id"],
-    }
-    temp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(temp, "w") as fh:
-            fh.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
-

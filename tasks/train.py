@@ -16,18 +16,18 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.core import ArtifactRef, publish, sha256_bytes, sha256_json, workdir, write_json
+from tasks.core import ArtifactRef, Log, publish, quiet, sha256_bytes, sha256_json, workdir, write_json
+from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
-from tasks.preprocess import PIXELS, load_split
+from tasks.preprocess import PIXELS, SPLIT_FILES, load_split
 
-MODULES = ("tasks.core", "tasks.preprocess", "tasks.keras_runtime", "tasks.train")
-NUM_CLASSES = 10
-MODEL = "model.keras"
-HISTORY = "history.json"
-CONFIG = "config.json"
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.json"
+CONFIG_FILE = "config.json"
+# The loss the model is trained with; evaluate scores with the same function.
+LOSS = "sparse_categorical_crossentropy"
 PROGRESS_KEY = "mnist-training-progress"
 
-Log = Callable[[str], None]
 Progress = Callable[[int, int, dict[str, float]], None]
 
 
@@ -36,20 +36,17 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
-    learning_rate: float = Field(0.001, gt=0)
-    hidden_units: int = Field(512, ge=1)
+    epochs: int = Field(5, ge=1, description="training epochs")
+    batch_size: int = Field(128, ge=1, description="training batch size")
+    learning_rate: float = Field(0.001, gt=0, description="Adam learning rate")
+    hidden_units: int = Field(512, ge=1, description="units of the hidden dense layer")
     # NumPy's seed range; keras.utils.set_random_seed seeds Python, NumPy and TensorFlow from it.
-    seed: int = Field(42, ge=0, lt=2**32)
-    validation_split: float = Field(0.0, ge=0, lt=1, description="Fraction of the train split held out (the last rows).")
-    # Speed only: XLA-compile the epoch loop (on 2 CPU cores, full MNIST: about 1.0 s per epoch against 1.5 s without,
-    # plus about 2 s of compilation in the first). Both are repeatable; they differ in the last bits of the weights.
-    jit_compile: bool = True
-
-
-def _quiet(_: str) -> None:
-    pass
+    seed: int = Field(42, ge=0, lt=2**32, description="random seed (same seed and data: same model)")
+    validation_split: float = Field(
+        0.0, ge=0, lt=1, description="fraction of the training rows held out for validation (the last rows)"
+    )
+    # Speed only: both are repeatable; they differ in the last bits of the weights (BENCHMARKS.md has the timings).
+    jit_compile: bool = Field(True, description="XLA-compile the epoch loop (faster on CPU)")
 
 
 def _no_progress(_done: int, _total: int, _logs: dict[str, float]) -> None:
@@ -60,7 +57,7 @@ def fit_model(
     processed: ArtifactRef,
     out_dir: Path,
     config: TrainConfig = TrainConfig(),
-    log: Log = _quiet,
+    log: Log = quiet,
     progress: Progress = _no_progress,
 ) -> ArtifactRef:
     """Fit the reference model on `train.parquet` of `processed` and publish the model, history and config under `out_dir`.
@@ -70,7 +67,7 @@ def fit_model(
     timings or the save date inside `model.keras`, so a repeatable rerun keeps downstream stages cached.
     """
     tf, keras = import_tensorflow()
-    x, y = load_split(processed.path("train.parquet"))
+    x, y = load_split(processed.path(SPLIT_FILES["train"]))
     train_rows = len(x)
     # Keras's validation_split: the last rows, before any shuffling.
     split = int(np.ceil(train_rows * (1.0 - config.validation_split)))
@@ -82,7 +79,7 @@ def fit_model(
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
     with deterministic_after(tf):
         # Compiled for the saved model's training config only: the epochs run in `_epoch_runner` below.
-        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"])
     optimizer.build(model.trainable_variables)
     shuffle = np.random.default_rng(config.seed)
 
@@ -117,7 +114,7 @@ def fit_model(
         **config.model_dump(mode="json"),
         # What compile() was given besides the config, so config.json alone describes the run.
         "optimizer": "adam",
-        "loss": "sparse_categorical_crossentropy",
+        "loss": LOSS,
         "metrics": ["accuracy"],
         "processed_digest": processed.digest,
         "train_rows": train_rows,
@@ -132,9 +129,9 @@ def fit_model(
     meta.update(epochs=config.epochs, fit_seconds=round(fit_seconds, 3))
 
     with workdir(out_dir) as work:
-        model.save(work / MODEL)
-        write_json(work / HISTORY, history)
-        write_json(work / CONFIG, resolved)
+        model.save(work / MODEL_FILE)
+        write_json(work / HISTORY_FILE, history)
+        write_json(work / CONFIG_FILE, resolved)
         return publish("train", work, digest=digest, meta=meta)
 
 
@@ -180,7 +177,7 @@ def _epoch_runner(tf: Any, model: Any, optimizer: Any, x: Any, y: Any, batch_siz
             real = tf.cast(tf.range(batch_size) < rows - i * batch_size, tf.float32)
             with tf.GradientTape() as tape:
                 probabilities = model(xb, training=True)
-                losses = keras.losses.sparse_categorical_crossentropy(yb, probabilities) * real
+                losses = keras.losses.get(LOSS)(yb, probabilities) * real
                 loss = tf.reduce_sum(losses) / tf.reduce_sum(real)
             optimizer.apply(tape.gradient(loss, variables), variables)
             correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), yb), tf.float32) * real
@@ -199,7 +196,7 @@ def _scorer(tf: Any, model: Any, jit_compile: bool) -> Callable[[Any, Any], Any]
     @tf.function(jit_compile=jit_compile)
     def score(x: Any, y: Any) -> Any:
         probabilities = model(x, training=False)
-        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, probabilities))
+        loss = tf.reduce_mean(keras.losses.get(LOSS)(y, probabilities))
         correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), y), tf.float32)
         return loss, tf.reduce_mean(correct)
 
@@ -252,6 +249,6 @@ def train_model(processed: ArtifactRef, config: TrainConfig, artifacts_dir: Path
         ref.meta["fit_seconds"],
         ref.meta["train_loss"],
         ref.meta["train_accuracy"],
-        ref.path(MODEL),
+        ref.path(MODEL_FILE),
     )
     return ref

@@ -12,8 +12,7 @@ from tasks.core import ArtifactRef, publish, workdir, write_json
 from tasks.download import SPLITS
 from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
 
-MODULES = ("tasks.core", "tasks.idx", "tasks.validate")
-REPORT = "validation.json"
+VALIDATION_FILE = "validation.json"
 
 
 class ValidateConfig(BaseModel):
@@ -43,7 +42,7 @@ def validate_files(raw: ArtifactRef, out_dir: Path, config: ValidateConfig = Val
     checks.raise_first()
     report = {"schema_version": 1, "raw_digest": raw.digest, "passed": True, "checks": checks.items, "splits": splits}
     with workdir(out_dir) as work:
-        write_json(work / REPORT, report)
+        write_json(work / VALIDATION_FILE, report)
         return publish("validate", work, meta={"splits": splits, "checks": len(checks.items)})
 
 
@@ -71,5 +70,5 @@ def summarize(images: np.ndarray, labels: np.ndarray) -> dict:
 def validate_mnist(raw: ArtifactRef, config: ValidateConfig, artifacts_dir: Path) -> ArtifactRef:
     """Validate the raw files and write `validation.json` under `artifacts_dir/validation`."""
     ref = validate_files(raw, Path(artifacts_dir) / "validation", config)
-    get_run_logger().info("all %d checks passed; report %s", ref.meta["checks"], ref.path(REPORT))
+    get_run_logger().info("all %d checks passed; report %s", ref.meta["checks"], ref.path(VALIDATION_FILE))
     return ref

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import ArtifactRef, new_workdir, publish, sha256_bytes, sha256_file, sha256_json, write_json
+from tasks.core import MANIFEST, ArtifactRef, new_workdir, publish, sha256_bytes, sha256_file, sha256_json, write_json
 
 OLD_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09: an mtime no rewrite could produce by accident
 
@@ -25,6 +25,11 @@ def leftovers(parent: Path) -> list[str]:
 
 def file_state(folder: Path) -> dict[str, tuple[int, int, int]]:
     return {p.name: (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def artifact_files(folder: Path) -> list[str]:
+    """Return the names of an artifact's files (its manifest aside)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
 
 
 FILES = {"a.bin": b"alpha" * 100, "b.txt": b"bravo\n"}
@@ -75,6 +80,8 @@ def test_publish_moves_work_folder_to_its_digest_name(tmp_path):
         assert ref.files[name].size == len(data)
         assert Path(ref.files[name].path).is_absolute()
     assert ref.problem() is None
+    manifest = json.loads((final / MANIFEST).read_text())
+    assert manifest == {name: {"sha256": sha256_bytes(data), "size": len(data)} for name, data in FILES.items()}
 
 
 def test_publish_uses_a_given_digest_for_the_folder_name(tmp_path):
@@ -130,7 +137,7 @@ def test_publish_replaces_a_damaged_folder_of_the_same_name(tmp_path, damage):
 
     assert second.digest == first.digest
     assert second.problem() is None
-    assert sorted(p.name for p in final.iterdir()) == sorted(FILES)
+    assert artifact_files(final) == sorted(FILES)
     assert second.path("a.bin").read_bytes() == FILES["a.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name]
 
@@ -188,3 +195,35 @@ def test_unchanged_files_are_trusted_without_hashing_and_any_change_is_hashed(tm
     hashed.clear()
     problem = ref.problem(trust_unchanged=True)
     assert problem is not None and "digest differs" in problem and hashed == ["a.bin"]
+
+
+def test_an_existing_digest_keeps_its_files_even_where_bytes_outside_the_digest_differ(tmp_path):
+    # A retrain that reproduces a model has the same digest but other timings and zip dates in its files.
+    digest = "ab" * 32
+    first = publish("train", make_work(tmp_path, {"model.keras": b"weights, saved at 10:00", "h.json": b"1.5 s"}), digest)
+    final = first.path("h.json").parent
+    before = file_state(final)
+
+    work = make_work(tmp_path, {"model.keras": b"weights, saved at 11:00", "h.json": b"1.7 s"})
+    second = publish("train", work, digest)
+
+    assert file_state(final) == before and not work.exists()
+    assert second.path("model.keras").read_bytes() == b"weights, saved at 10:00"
+    assert second.files == first.files and second.problem() is None
+
+
+@pytest.mark.parametrize("damage", ["flip", "manifest"])
+def test_a_damaged_folder_with_a_given_digest_is_replaced(tmp_path, damage):
+    digest = "cd" * 32
+    first = publish("train", make_work(tmp_path, {"model.keras": b"old weights"}), digest)
+    final = first.path("model.keras").parent
+    if damage == "flip":
+        first.path("model.keras").write_bytes(b"OLD weights")
+    else:  # a folder published before manifests, or one whose manifest is gone
+        (final / MANIFEST).unlink()
+
+    second = publish("train", make_work(tmp_path, {"model.keras": b"new weights"}), digest)
+
+    assert second.path("model.keras").read_bytes() == b"new weights" and second.problem() is None
+    assert artifact_files(final) == ["model.keras"] and (final / MANIFEST).exists()
+    assert leftovers(tmp_path) == []

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from synthetic import make_split, processed_ref
 
-from tasks.evaluate import METRICS, PREDICTIONS, build_metrics, overfitting_remark, per_class, score_model
-from tasks.train import HISTORY, TrainConfig, fit_model
+from tasks.evaluate import METRICS_FILE, PREDICTIONS_FILE, build_metrics, overfitting_remark, per_class, score_model
+from tasks.train import HISTORY_FILE, TrainConfig, fit_model
 
 N_TEST = 60
 KEYS = {
@@ -38,13 +38,13 @@ def evaluated(tmp_path_factory):
     model = fit_model(processed, root / "models", config)
     lines = []
     ref = score_model(model, processed, root / "evaluation", log=lines.append)
-    metrics = json.loads(ref.path(METRICS).read_text())
+    metrics = json.loads(ref.path(METRICS_FILE).read_text())
     return model, processed, ref, metrics, lines, root
 
 
 def test_writes_metrics_and_predictions(evaluated):
     _, _, ref, metrics, lines, _ = evaluated
-    assert ref.stage == "evaluate" and set(ref.files) == {METRICS, PREDICTIONS} and ref.problem() is None
+    assert ref.stage == "evaluate" and set(ref.files) == {METRICS_FILE, PREDICTIONS_FILE} and ref.problem() is None
     assert set(metrics) == KEYS and metrics["schema_version"] == 1
     assert ref.meta == {k: metrics[k] for k in ("test_accuracy", "test_loss", "first_20_predictions")}
     assert plain(ref.meta)
@@ -67,7 +67,7 @@ def test_learned_model_is_well_above_chance(evaluated):
 
 def test_train_metrics_and_gap_come_from_the_history(evaluated):
     model, _, _, m, _, _ = evaluated
-    history = json.loads(model.path(HISTORY).read_text())
+    history = json.loads(model.path(HISTORY_FILE).read_text())
     assert (m["train_loss"], m["train_accuracy"]) == (history["loss"][-1], history["accuracy"][-1])
     assert m["accuracy_gap"] == pytest.approx(m["train_accuracy"] - m["test_accuracy"])
 
@@ -91,7 +91,7 @@ def test_confusion_matrix_agrees_with_accuracy_and_per_class(evaluated):
 
 def test_predictions_parquet_matches_the_metrics(evaluated):
     _, _, ref, m, _, _ = evaluated
-    table = pq.read_table(ref.path(PREDICTIONS))
+    table = pq.read_table(ref.path(PREDICTIONS_FILE))
     assert table.schema.names == ["index", "label", "predicted", "confidence"]
     assert [f.type for f in table.schema] == [pa.int32(), pa.uint8(), pa.uint8(), pa.float32()]
     p = {name: table.column(name).to_numpy() for name in table.column_names}
@@ -114,7 +114,7 @@ def test_rerun_gives_byte_identical_output_and_the_same_digest(evaluated):
     model, processed, ref, _, _, root = evaluated
     again = score_model(model, processed, root / "evaluation-again")
     assert again.digest == ref.digest
-    for name in (METRICS, PREDICTIONS):
+    for name in (METRICS_FILE, PREDICTIONS_FILE):
         assert again.path(name).read_bytes() == ref.path(name).read_bytes()
 
 

@@ -60,6 +60,20 @@ def test_rerun_of_preprocess_with_identical_output_leaves_dependants_cached(synt
     assert states(summary) == {**dict.fromkeys(ALL, "cached"), "preprocess": "completed"}
 
 
+def test_retrain_that_reproduces_the_model_keeps_its_files_and_its_dependants_cached(synthetic_config, first_run):
+    models = artifact(first_run, "train", "model.keras").parent
+    before = tree_state(models)
+
+    summary = mnist_pipeline(config=synthetic_config, rerun=["train"])
+
+    # Same seed, same model digest: the new run's other timings and zip dates are not written over the artifact.
+    assert states(summary) == {**dict.fromkeys(ALL, "cached"), "train": "completed"}
+    assert artifact(summary, "train", "model.keras").parent == models
+    assert tree_state(models) == before
+    assert json.loads(artifact(summary, "train", "history.json").read_text()) == json.loads(
+        artifact(first_run, "train", "history.json").read_text())
+
+
 def test_deleted_model_is_retrained(synthetic_config, first_run):
     artifact(first_run, "train", "model.keras").unlink()
 

@@ -46,23 +46,23 @@ def test_first_model_passing_the_gate_becomes_champion(tmp_path, registry):
     lines = []
     decision = decide_promotion(model, evaluation, registry, RULES, run_id="run-1", log=lines.append)
 
-    assert decision["promoted"] is True
-    assert decision["reason"] == "first model: no champion yet and test accuracy 0.9782 passes the gate 0.9700"
-    assert decision["champion_before"] is None
-    assert decision["model_digest"] == model.digest and decision["model_path"] == str(model.path("model.keras"))
+    assert decision.promoted is True
+    assert decision.reason == "first model: no champion yet and test accuracy 0.9782 passes the gate 0.9700"
+    assert decision.champion_before is None
+    assert decision.model_digest == model.digest and decision.model_path == str(model.path("model.keras"))
     numbers = ("test_accuracy", "test_loss", "gate", "tolerance")
-    assert [decision[key] for key in numbers] == [0.9782, 0.0704, 0.97, 0.002]
-    assert decision["schema_version"] == 1 and decision["run_id"] == "run-1"
-    decided = datetime.fromisoformat(decision["decided_at"])
+    assert [getattr(decision, key) for key in numbers] == [0.9782, 0.0704, 0.97, 0.002]
+    assert decision.schema_version == 1 and decision.run_id == "run-1"
+    decided = datetime.fromisoformat(decision.decided_at)
     assert decided.utcoffset() == timedelta(0)
-    assert json.loads(json.dumps(decision)) == decision  # plain JSON types only
+    assert promote.Decision.model_validate_json(decision.model_dump_json()) == decision
 
     champion = json.loads((registry / "champion.json").read_text())
-    assert champion == read_champion(registry)
+    assert promote.Champion.model_validate(champion) == read_champion(registry)
     assert {k: champion[k] for k in ("model_digest", "model_path", "test_accuracy", "test_loss", "run_id")} == {
         "model_digest": model.digest, "model_path": str(model.path("model.keras")), "test_accuracy": 0.9782,
         "test_loss": 0.0704, "run_id": "run-1"}
-    assert champion["promoted_at"] == decision["decided_at"]
+    assert champion["promoted_at"] == decision.decided_at
     assert (registry / "history.jsonl").read_text().count("\n") == 1
     assert read_history(registry) == [decision]
     assert lines and "promoted" in lines[0] and model.digest[:16] in lines[0]
@@ -72,37 +72,37 @@ def test_better_and_slightly_worse_models_are_promoted_a_clearly_worse_one_is_no
     scores = (("a", 0.9782), ("b", 0.98), ("c", 0.9701), ("d", 0.9785))
     a, b, c, d = (candidate(tmp_path, tag, acc) for tag, acc in scores)
     decisions = [decide(registry, m) for m in (a, b)]
-    assert decisions[1]["promoted"] is True
-    assert decisions[1]["reason"] == "test accuracy 0.9800 beats the champion's 0.9782 by 0.0018"
-    assert decisions[1]["champion_before"] == {"model_digest": a[0].digest, "test_accuracy": 0.9782, "test_loss": 0.08}
+    assert decisions[1].promoted is True
+    assert decisions[1].reason == "test accuracy 0.9800 beats the champion's 0.9782 by 0.0018"
+    assert decisions[1].champion_before.model_dump() == {"model_digest": a[0].digest, "test_accuracy": 0.9782, "test_loss": 0.08}
 
     worse = decide(registry, c)
-    assert worse["promoted"] is False
-    assert worse["reason"] == "test accuracy 0.9701 is 0.0099 below the champion's 0.9800, more than the tolerance 0.0020"
-    assert read_champion(registry)["model_digest"] == b[0].digest
+    assert worse.promoted is False
+    assert worse.reason == "test accuracy 0.9701 is 0.0099 below the champion's 0.9800, more than the tolerance 0.0020"
+    assert read_champion(registry).model_digest == b[0].digest
 
     within = decide(registry, d)
-    assert within["promoted"] is True
-    assert within["reason"] == "test accuracy 0.9785 is 0.0015 below the champion's 0.9800, within the tolerance 0.0020"
-    assert within["champion_before"]["model_digest"] == b[0].digest
-    assert read_champion(registry)["model_digest"] == d[0].digest
+    assert within.promoted is True
+    assert within.reason == "test accuracy 0.9785 is 0.0015 below the champion's 0.9800, within the tolerance 0.0020"
+    assert within.champion_before.model_digest == b[0].digest
+    assert read_champion(registry).model_digest == d[0].digest
 
     history = read_history(registry)
     assert history == [*decisions, worse, within]
-    assert [h["promoted"] for h in history] == [True, True, False, True]
+    assert [h.promoted for h in history] == [True, True, False, True]
 
 
 def test_model_below_the_gate_is_not_promoted_with_or_without_a_champion(tmp_path, registry):
     low = candidate(tmp_path, "low", 0.9612)
     first = decide(registry, low)
-    assert first["promoted"] is False
-    assert first["reason"] == "no champion yet, but test accuracy 0.9612 is below the gate 0.9700"
+    assert first.promoted is False
+    assert first.reason == "no champion yet, but test accuracy 0.9612 is below the gate 0.9700"
     assert read_champion(registry) is None and not (registry / "champion.json").exists()
 
     decide(registry, candidate(tmp_path, "good", 0.975))
     # Within the tolerance of this champion, but the gate comes first.
     lower = decide(registry, candidate(tmp_path, "lower", 0.9699), PromotionConfig(tolerance=0.01))
-    assert lower["promoted"] is False and lower["reason"] == "test accuracy 0.9699 is below the gate 0.9700"
+    assert lower.promoted is False and lower.reason == "test accuracy 0.9699 is below the gate 0.9700"
     history = read_history(registry)
     assert len(history) == 3 and history[0] == first and history[2] == lower
 
@@ -118,7 +118,7 @@ def test_model_below_the_gate_is_not_promoted_with_or_without_a_champion(tmp_pat
     ],
 )
 def test_boundaries_are_inclusive(accuracy, champion, promoted):
-    record = None if champion is None else {"test_accuracy": champion}
+    record = None if champion is None else promote.Scores(model_digest="c" * 64, test_accuracy=champion, test_loss=0.1)
     assert judge(accuracy, record, RULES)[0] is promoted
 
 
@@ -139,17 +139,17 @@ def test_rejected_model_is_decided_again_when_the_champion_or_the_rules_change(t
     a, c, b = candidate(tmp_path, "a", 0.98), candidate(tmp_path, "c", 0.975), candidate(tmp_path, "b", 0.985)
     decide(registry, a)
     rejected = decide(registry, c)
-    assert rejected["promoted"] is False
+    assert rejected.promoted is False
 
     decide(registry, b)
     again = decide(registry, c)
-    assert again != rejected and again["promoted"] is False
-    assert again["champion_before"]["model_digest"] == b[0].digest
-    assert again["reason"] == "test accuracy 0.9750 is 0.0100 below the champion's 0.9850, more than the tolerance 0.0020"
+    assert again != rejected and again.promoted is False
+    assert again.champion_before.model_digest == b[0].digest
+    assert again.reason == "test accuracy 0.9750 is 0.0100 below the champion's 0.9850, more than the tolerance 0.0020"
 
     looser = decide(registry, c, PromotionConfig(tolerance=0.02))
-    assert looser["promoted"] is True and looser["tolerance"] == 0.02
-    assert read_champion(registry)["model_digest"] == c[0].digest
+    assert looser.promoted is True and looser.tolerance == 0.02
+    assert read_champion(registry).model_digest == c[0].digest
     assert len(read_history(registry)) == 5
 
 
@@ -158,9 +158,9 @@ def test_former_champion_is_decided_again_against_the_new_one(tmp_path, registry
     first = decide(registry, a)
     decide(registry, b)
     back = decide(registry, a)
-    assert back != first and back["promoted"] is True
-    assert back["champion_before"]["model_digest"] == b[0].digest
-    assert read_champion(registry)["model_digest"] == a[0].digest
+    assert back != first and back.promoted is True
+    assert back.champion_before.model_digest == b[0].digest
+    assert read_champion(registry).model_digest == a[0].digest
     assert decide(registry, a) == back and len(read_history(registry)) == 3
 
 
@@ -170,7 +170,7 @@ def test_champion_without_a_recorded_decision_stays_champion(tmp_path, registry)
     champion = (registry / "champion.json").read_bytes()
     (registry / "history.jsonl").unlink()
     decision = decide(registry, a)
-    assert decision["promoted"] is True and decision["reason"].startswith("already the champion")
+    assert decision.promoted is True and decision.reason.startswith("already the champion")
     assert (registry / "champion.json").read_bytes() == champion
     assert decide(registry, a) == decision
 
@@ -221,12 +221,12 @@ def assert_consistent(registry: Path, expected_lines: int) -> None:
     assert text.endswith("\n") and text.count("\n") == expected_lines
     champion = None
     for decision in read_history(registry):
-        before = decision["champion_before"]
-        assert (before and before["model_digest"]) == (champion and champion["model_digest"])
-        assert decision["promoted"] == judge(decision["test_accuracy"], champion, RULES)[0]
-        if decision["promoted"]:
+        before = decision.champion_before
+        assert (before and before.model_digest) == (champion and champion.model_digest)
+        assert decision.promoted == judge(decision.test_accuracy, champion, RULES)[0]
+        if decision.promoted:
             champion = decision
-    assert read_champion(registry)["model_digest"] == champion["model_digest"]
+    assert read_champion(registry).model_digest == champion.model_digest
 
 
 def test_concurrent_threads_decide_one_after_another(tmp_path, registry, monkeypatch):
@@ -257,7 +257,7 @@ def test_concurrent_threads_decide_one_after_another(tmp_path, registry, monkeyp
         t.join()
     assert errors == []
     assert_consistent(registry, len(models))
-    assert read_champion(registry)["test_accuracy"] == 0.995
+    assert read_champion(registry).test_accuracy == 0.995
 
 
 def test_concurrent_processes_decide_one_after_another(tmp_path, registry):
@@ -282,11 +282,11 @@ def test_concurrent_processes_decide_one_after_another(tmp_path, registry):
     go.touch()
     assert [p.wait(timeout=60) for p in procs] == [0] * len(models)
     assert_consistent(registry, len(models))
-    assert read_champion(registry)["test_accuracy"] == 0.99
+    assert read_champion(registry).test_accuracy == 0.99
 
 
-def test_importing_the_module_loads_neither_tensorflow_nor_prefect():
-    modules = ("tensorflow", "keras", "prefect")
+def test_importing_the_module_loads_no_tensorflow():
+    modules = ("tensorflow", "keras")
     code = f"import sys, tasks.promote; print(sorted(m for m in {modules!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

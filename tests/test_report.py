@@ -1,4 +1,4 @@
-"""The report stage on fabricated upstream artifacts: files, figures, escaping, the Prefect UI helpers."""
+"""The report stage on the real upstream stages' artifacts: files, figures, escaping, promotion, the Prefect UI."""
 
 import base64
 import html
@@ -7,114 +7,93 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pandas as pd
 import pytest
+from markdown_it import MarkdownIt
 from matplotlib.image import imread
-from synthetic import make_split
+from synthetic import payloads, write_source
 
-from tasks.core import PipelineError, new_workdir, publish, write_json
-from tasks.preprocess import to_table
-from tasks.report import (
+from tasks.core import MANIFEST, ArtifactRef, PipelineError, new_workdir, publish, write_json
+from tasks.download import download_files
+from tasks.evaluate import METRICS_FILE, PREDICTIONS_FILE, score_model
+from tasks.preprocess import SPLIT_FILES, load_split, preprocess_files
+from tasks.promote import PromotionConfig, decide_promotion
+from tasks.report import REPORT_HTML, REPORT_MD, report_results, write_report
+from tasks.report.context import load_context
+from tasks.report.figures import (
+    CONFUSION_PNG,
+    CURVES_PNG,
     FIGURES,
+    FIRST20_PNG,
     KEY_FIGURES,
-    PROMOTION_KEY,
-    REPORT_HTML,
-    REPORT_MD,
-    confusion_table,
-    metrics_table,
-    promotion_markdown,
-    report_results,
-    summary_markdown,
-    write_report,
+    MISCLASSIFIED_PNG,
+    WRONG,
+    draw_figures,
+    to_png,
 )
+from tasks.report.ui import PROMOTION_KEY, confusion_table, metrics_table, promotion_markdown, summary_markdown
+from tasks.train import CONFIG_FILE, HISTORY_FILE, TrainConfig, fit_model
+from tasks.validate import VALIDATION_FILE, ValidateConfig, validate_files
 
 REPO = Path(__file__).resolve().parents[1]
 N_TEST = 50
 EVIL = '<script>alert("x")</script> & <b>bold</b>'
-HISTORY = {
-    "loss": [0.61, 0.22, 0.11],
-    "accuracy": [0.81, 0.93, 0.97],
-    "val_loss": [0.35, 0.2, 0.16],
-    "val_accuracy": [0.88, 0.94, 0.95],
-    "epoch_seconds": [1.25, 0.75, 0.5],
-    "fit_seconds": 2.5,
-}
-CONFIG = {"epochs": 3, "batch_size": 32, "learning_rate": 0.001, "hidden_units": 512, "seed": 7, "validation_split": 0.1,
-          "optimizer": "adam", "loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"], "train_rows": 120,
-          "versions": {"tensorflow": "2.21.0"}}
+MARKUP = "*em* _u_ [link](http://x.test) | # h `tick`"  # Markdown metacharacters, a pipe and a backtick
+# A model that learns the synthetic data perfectly (validation split on), and one that stays weak (no split).
+GOOD = TrainConfig(epochs=2, hidden_units=32, batch_size=32, jit_compile=False, validation_split=0.1)
+WEAK = TrainConfig(epochs=1, hidden_units=32, batch_size=32, jit_compile=False, learning_rate=0.0003)
 
 
-def split_summary(images, labels):
-    return {
-        "count": len(images), "shape": list(images.shape), "dtype": "uint8", "label_range": [0, 9],
-        "class_counts": {str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=10))},
-        "pixel_mean": round(float(images.mean()), 4), "pixel_std": round(float(images.std()), 4),
-    }
-
-
-def fabricate(root: Path, wrong=(3, 17, 30, 41), overfitting="mild", config=None, history=None, first_labels=None):
-    """Publish validation, processed, model and evaluation artifacts like the upstream stages write them."""
-    train_images, train_labels = make_split(120, seed=0)
-    images, labels = make_split(N_TEST, seed=1)
-    predicted = labels.copy()
-    for i in wrong:
-        predicted[i] = (labels[i] + 1) % 10
-    confidence = np.linspace(0.4, 0.99, N_TEST).astype(np.float32)
-
-    work = new_workdir(root / "validation")
-    write_json(work / "validation.json", {
-        "schema_version": 1, "raw_digest": "f" * 64, "passed": True,
-        "checks": [{"file": "t10k-images-idx3-ubyte.gz", "check": "magic", "passed": True, "expected": 2051, "found": 2051}],
-        "splits": {"train": split_summary(train_images, train_labels), "test": split_summary(images, labels)},
-    })
-    validation = publish("validate", work)
-
-    work = new_workdir(root / "processed")
-    pq.write_table(to_table(images, labels, {"split": "test"}), work / "test.parquet")
-    processed = publish("preprocess", work)
-
-    work = new_workdir(root / "model")
-    (work / "model.keras").write_bytes(b"not a real model")
-    write_json(work / "history.json", HISTORY if history is None else history)
-    write_json(work / "config.json", CONFIG if config is None else config)
-    model = publish("train", work)
-
-    matrix = np.zeros((10, 10), dtype=int)
-    np.add.at(matrix, (labels, predicted), 1)
-    per_class = {}
-    for c in range(10):
-        precision = matrix[c, c] / max(matrix[:, c].sum(), 1)
-        recall = matrix[c, c] / max(matrix[c].sum(), 1)
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[str(c)] = {"precision": precision, "recall": recall, "f1": f1, "support": int(matrix[c].sum())}
-    accuracy = float((predicted == labels).mean())
-    misclassified = np.flatnonzero(predicted != labels)
-    work = new_workdir(root / "evaluation")
-    write_json(work / "metrics.json", {
-        "schema_version": 1, "test_loss": 0.1234, "test_accuracy": accuracy, "train_loss": 0.05, "train_accuracy": 0.99,
-        "accuracy_gap": 0.99 - accuracy, "overfitting": overfitting, "num_test": N_TEST,
-        "first_20_predictions": predicted[:20].tolist(),
-        "first_20_labels": labels[:20].tolist() if first_labels is None else first_labels,
-        "confusion_matrix": matrix.tolist(), "per_class": per_class,
-        "misclassified": {"count": len(misclassified), "first": [
-            {"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]), "confidence": float(confidence[i])}
-            for i in misclassified[:25]]},
-        "model_digest": model.digest, "data_digest": processed.digest,
-    })
-    pq.write_table(pa.table({
-        "index": pa.array(np.arange(N_TEST, dtype=np.int32)), "label": pa.array(labels, pa.uint8()),
-        "predicted": pa.array(predicted, pa.uint8()), "confidence": pa.array(confidence),
-    }), work / "predictions.parquet")
-    evaluation = publish("evaluate", work)
-    return validation, processed, model, evaluation
+def data_chain(root: Path, files=None):
+    """Run download, validate and preprocess on synthetic IDX files; return (validation, processed)."""
+    digests = write_source(root / "source", files)
+    raw = download_files(str(root / "source"), root / "data" / "raw", expected_sha256=digests)
+    validation = validate_files(raw, root / "validation", ValidateConfig(train_count=200, test_count=50))
+    return validation, preprocess_files(raw, validation, root / "processed")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return fabricate(tmp_path_factory.mktemp("inputs"), overfitting=EVIL, config={**CONFIG, "note": EVIL})
+def stages(tmp_path_factory):
+    """The real stages once: two models on the same data, the good one promoted first, the weak one then rejected."""
+    root = tmp_path_factory.mktemp("stages")
+    validation, processed = data_chain(root)
+    runs = {}
+    for name, config in (("good", GOOD), ("weak", WEAK)):
+        model = fit_model(processed, root / "models", config)
+        runs[name] = (model, score_model(model, processed, root / "evaluations"))
+    promoted = decide_promotion(*runs["good"], root / "registry", PromotionConfig(), run_id="run-1")
+    rejected = decide_promotion(*runs["weak"], root / "registry", PromotionConfig(), run_id="run-2")
+    return SimpleNamespace(root=root, validation=validation, processed=processed, good=runs["good"], weak=runs["weak"],
+                           promoted=promoted, rejected=rejected)
+
+
+def republish(ref: ArtifactRef, root: Path, name: str, change) -> ArtifactRef:
+    """Publish a copy of an artifact with one file changed by `change(path)`, as its stage would have written it."""
+    work = new_workdir(root)
+    for file in ref.files:
+        (work / file).write_bytes(ref.path(file).read_bytes())
+    change(work / name)
+    return publish(ref.stage, work, meta=ref.meta)
+
+
+def edit_json(**values):
+    def change(path: Path) -> None:
+        write_json(path, {**json.loads(path.read_text()), **values})
+    return change
+
+
+@pytest.fixture(scope="module")
+def inputs(stages):
+    """The weak run's artifacts with hostile text in the config and in the overfitting remark."""
+    model, evaluation = stages.weak
+    model = republish(model, stages.root / "hostile", CONFIG_FILE, edit_json(note=EVIL, markup=MARKUP))
+    overfitting = json.loads(evaluation.path(METRICS_FILE).read_text())["overfitting"]
+    evaluation = republish(evaluation, stages.root / "hostile", METRICS_FILE,
+                           edit_json(overfitting=f"{overfitting} {EVIL} {MARKUP}"))
+    return stages.validation, stages.processed, model, evaluation
 
 
 @pytest.fixture(scope="module")
@@ -122,24 +101,29 @@ def report(inputs, tmp_path_factory):
     return write_report(*inputs, tmp_path_factory.mktemp("out") / "reports")
 
 
-def rejection(model_digest: str) -> dict:
-    """Return a decision as tasks.promote records it: not promoted against a better champion (reason with markup)."""
-    return {
-        "schema_version": 1, "model_digest": model_digest, "model_path": "/artifacts/models/x/model.keras",
-        "test_accuracy": 0.9701, "test_loss": 0.0912, "promoted": False,
-        "reason": "test accuracy 0.9701 is 0.0081 below the champion's 0.9782, more than the tolerance 0.0020 " + EVIL,
-        "champion_before": {"model_digest": "c" * 64, "test_accuracy": 0.9782, "test_loss": 0.0704},
-        "gate": 0.97, "tolerance": 0.002, "decided_at": "2025-06-01T12:00:00+00:00", "run_id": "run-1",
-    }
+@pytest.fixture(scope="module")
+def hostile_rejection(stages):
+    """The real rejection of the weak model, its reason extended with hostile text."""
+    return stages.rejected.model_copy(update={"reason": f"{stages.rejected.reason} {EVIL}"})
 
 
 @pytest.fixture(scope="module")
-def rejected_report(inputs, tmp_path_factory):
-    return write_report(*inputs, tmp_path_factory.mktemp("rejected") / "reports", decision=rejection(inputs[2].digest))
+def rejected_report(inputs, hostile_rejection, tmp_path_factory):
+    return write_report(*inputs, tmp_path_factory.mktemp("rejected") / "reports", decision=hostile_rejection)
 
 
-def metrics_of(inputs):
-    return json.loads(inputs[3].path("metrics.json").read_text())
+@pytest.fixture(scope="module")
+def good_report(stages, tmp_path_factory):
+    return write_report(stages.validation, stages.processed, *stages.good, tmp_path_factory.mktemp("good") / "reports",
+                        decision=stages.promoted)
+
+
+def metrics_of(evaluation):
+    return json.loads(evaluation.path(METRICS_FILE).read_text())
+
+
+def predictions_of(evaluation):
+    return pd.read_parquet(evaluation.path(PREDICTIONS_FILE))
 
 
 def section(markdown: str, title: str) -> str:
@@ -147,27 +131,50 @@ def section(markdown: str, title: str) -> str:
     return markdown.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
+def permissive_html(markdown: str) -> str:
+    """Render Markdown as a renderer that lets raw HTML through would (GitHub, most editors)."""
+    return MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown)
+
+
+def escaped(text: str) -> str:
+    """Return text as markdown-it writes it into HTML (&, <, > and double quotes as entities)."""
+    return html.escape(text, quote=False).replace('"', "&quot;")
+
+
+def texts(artist) -> list[str]:
+    return [t.get_text() for t in artist.texts]
+
+
+def test_the_fixture_runs_are_what_the_tests_need(stages):
+    assert metrics_of(stages.good[1])["misclassified"]["count"] == 0
+    assert metrics_of(stages.weak[1])["misclassified"]["count"] > 0
+    assert stages.promoted.promoted and stages.promoted.champion_before is None
+    assert not stages.rejected.promoted and stages.rejected.champion_before.model_digest == stages.good[0].digest
+
+
 def test_writes_report_pages_and_valid_figures_in_one_flat_folder(report):
     assert set(report.files) == {REPORT_MD, REPORT_HTML, *FIGURES}
     assert report.problem() is None
-    assert {p.name for p in report.path(REPORT_MD).parent.iterdir()} == set(report.files)
+    assert {p.name for p in report.path(REPORT_MD).parent.iterdir()} == {*report.files, MANIFEST}
     shapes = {name: imread(report.path(name)).shape for name in FIGURES}
     for height, width, _ in shapes.values():
         assert 100 <= height <= 2000 and 300 <= width <= 2500
-    height, width, _ = shapes["first20.png"]
+    height, width, _ = shapes[FIRST20_PNG]
     assert width > 6 * height  # one row of 20 digits
 
 
 def test_meta_holds_headline_numbers_and_final_paths(report, inputs):
-    metrics = metrics_of(inputs)
+    metrics = metrics_of(inputs[3])
     assert report.meta["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
-    assert report.meta["misclassified"] == 4
+    assert report.meta["misclassified"] == metrics["misclassified"]["count"] > 0
+    assert report.meta["overfitting"] == metrics["overfitting"]
     assert Path(report.meta["report_md"]) == report.path(REPORT_MD)
-    assert Path(report.meta["report_html"]).is_file()
+    assert Path(report.meta["report_html"]) == report.path(REPORT_HTML) and report.path(REPORT_HTML).is_file()
 
 
 def test_html_embeds_every_figure_and_loads_nothing_from_outside(report):
     page = report.path(REPORT_HTML).read_text()
+    assert "content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\"" in page
     sources = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
     embedded = [base64.b64decode(s.removeprefix("data:image/png;base64,")) for s in sources]
     assert sorted(embedded) == sorted(report.path(name).read_bytes() for name in FIGURES)
@@ -175,37 +182,65 @@ def test_html_embeds_every_figure_and_loads_nothing_from_outside(report):
     assert not re.search(r"<(?:link|script|iframe)\b|url\(|@import", page, re.IGNORECASE)
 
 
-def test_text_from_the_data_is_escaped_in_html_and_markdown(report):
+def test_text_from_the_data_is_escaped_in_html_and_literal_in_markdown(report):
     page = report.path(REPORT_HTML).read_text()
-    assert "<script" not in page.lower() and "<b>" not in page
-    assert page.count(html.escape(EVIL)) == 2  # the overfitting remark and the config value
+    assert "<script" not in page.lower() and "<b>" not in page and "&lt;script&gt;" in page
+    assert page.count(escaped(EVIL)) == 2  # the overfitting remark and a config value
+    assert page.count(escaped(MARKUP)) == 2  # the same, metacharacters shown as they are
+    assert "<em>em</em>" not in page and "<a " not in page and "<h1>h" not in page
+
     markdown = report.path(REPORT_MD).read_text()
-    assert not re.search(r"(?<!\\)<", markdown)  # every < from the data is backslash-escaped
-    assert r"\<script\>alert" in markdown
+    assert r"\<script\>alert" in markdown  # the overfitting remark, backslash-escaped
+    assert f"| `note` | `{EVIL}` |" in markdown  # a config value, in a code span
+    # Literal even for a renderer that passes raw HTML through.
+    shown = permissive_html(markdown)
+    assert "<script" not in shown.lower() and "<b>" not in shown and "<em>em</em>" not in shown and "<a " not in shown
+    assert shown.count(escaped(EVIL)) == 2 and shown.count(escaped(MARKUP)) == 2
 
 
 def test_markdown_has_headline_predictions_figures_and_tables(report, inputs):
     markdown = report.path(REPORT_MD).read_text()
-    metrics = metrics_of(inputs)
-    assert f"{metrics['test_accuracy']:.4f}" in section(markdown, "Headline")
-    assert "predicted: " + " ".join(map(str, metrics["first_20_predictions"])) in markdown
-    assert "true:      " + " ".join(map(str, metrics["first_20_labels"])) in markdown
+    metrics = metrics_of(inputs[3])
+    assert f"| Test accuracy | **{metrics['test_accuracy']:.4f} (" in section(markdown, "Headline")
+    predicted, labels = metrics["first_20_predictions"], metrics["first_20_labels"]
+    assert "predicted: " + " ".join(map(str, predicted)) in markdown
+    assert "true:      " + " ".join(map(str, labels)) in markdown
+    assert "wrong:     " + " ".join("^" if p != t else " " for p, t in zip(predicted, labels)).rstrip() + "\n" in markdown
+    assert f"{sum(p == t for p, t in zip(predicted, labels))} of 20 correct." in markdown
     for name in FIGURES:
         assert re.search(rf"!\[[^\]]+\]\({re.escape(name)}\)", markdown)
-    assert "| 0 | 1.0000 |" in section(markdown, "Test-set evaluation")
+    evaluation = section(markdown, "Test-set evaluation")
+    for c, v in metrics["per_class"].items():
+        assert f"| {c} | {v['precision']:.4f} | {v['recall']:.4f} | {v['f1']:.4f} | {v['support']} |" in evaluation
+    mean = {k: np.mean([v[k] for v in metrics["per_class"].values()]) for k in ("precision", "recall", "f1")}
+    assert f"| **macro average** | {mean['precision']:.4f} | {mean['recall']:.4f} | {mean['f1']:.4f} | {N_TEST} |" in evaluation
+    count = metrics["misclassified"]["count"]
+    assert f"{count} of {N_TEST} test images are misclassified; the first {min(count, 30)} by test index" in evaluation
     training = section(markdown, "Training")
-    assert "| 3 | 0.1100 | 0.9700 | 0.1600 | 0.9500 | 0.5 |" in training
-    assert "`batch_size` | 32" in training and "`versions.tensorflow` | 2.21.0" in training
-    assert "| `loss` | sparse_categorical_crossentropy |" in training  # intraword underscores need no escape
+    assert "| `batch_size` | `32` |" in training and "| `tensorflow_version` | `2." in training
+    assert "| `loss` | `sparse_categorical_crossentropy` |" in training
+
+
+def test_per_epoch_table_with_validation_columns(good_report, stages):
+    history = json.loads(stages.good[0].path(HISTORY_FILE).read_text())
+    training = section(good_report.path(REPORT_MD).read_text(), "Training")
+    assert "| Epoch | Loss | Accuracy | Val loss | Val accuracy | Seconds |" in training
+    for i in range(2):
+        assert (f"| {i + 1} | {history['loss'][i]:.4f} | {history['accuracy'][i]:.4f} | {history['val_loss'][i]:.4f} "
+                f"| {history['val_accuracy'][i]:.4f} | {history['epoch_seconds'][i]:.1f} |") in training
+    assert f"Fitting took {history['fit_seconds']:.1f} s for 2 epochs of 6 steps each." in training  # ceil(180 / 32)
 
 
 def test_data_section_repeats_the_validation_summary(report, inputs):
     data = section(report.path(REPORT_MD).read_text(), "Data")
-    splits = json.loads(inputs[0].path("validation.json").read_text())["splits"]
-    assert "| train | 120 | 120 x 28 x 28 | `uint8` | 0..9 |" in data
+    validation = json.loads(inputs[0].path(VALIDATION_FILE).read_text())
+    splits = validation["splits"]
+    assert f"{len(validation['checks'])} of {len(validation['checks'])} checks passed (raw data digest " in data
+    assert "| train | 200 | 200 x 28 x 28 | `uint8` | 0..9 |" in data
     assert "| test | 50 | 50 x 28 x 28 |" in data
     for c in map(str, range(10)):
         assert f"| {c} | {splits['train']['class_counts'][c]} | {splits['test']['class_counts'][c]} |" in data
+    assert "| **total** | 200 | 50 |" in data
     assert f"{splits['test']['pixel_mean']:.4f}" in data
 
 
@@ -213,8 +248,9 @@ def test_pipeline_summary_names_each_step_and_the_input_digests(report, inputs):
     summary = section(report.path(REPORT_MD).read_text(), "What the pipeline did")
     for step in ("Load", "Build", "Compile", "Preprocess", "Fit", "Predict", "Evaluate"):
         assert f"**{step}**" in summary
+    assert '`Sequential([Dense(32, activation="relu"), Dense(10, activation="softmax")])`' in summary
     assert "`adam`" in summary and "`sparse_categorical_crossentropy`" in summary and "`accuracy`" in summary
-    assert "4 steps per epoch" in summary  # ceil(ceil(120 * 0.9) / 32)
+    assert "7 steps per epoch" in summary  # ceil(200 / 32), no validation split
     for ref in inputs:
         assert f"`{ref.digest}`" in summary
 
@@ -225,40 +261,96 @@ def test_same_inputs_give_a_byte_identical_report(report, inputs):
     assert again.path(REPORT_HTML) == report.path(REPORT_HTML)
 
 
-def test_no_misclassified_digits_and_no_validation_split(tmp_path):
-    history = {"loss": [0.3], "accuracy": [0.9], "epoch_seconds": [0.4], "fit_seconds": 0.4}
-    refs = fabricate(tmp_path, wrong=(), history=history, config={"epochs": 1, "batch_size": 64})
-    ref = write_report(*refs, tmp_path / "reports")
-    markdown = ref.path(REPORT_MD).read_text()
-    assert f"0 of {N_TEST} test images are misclassified." in markdown
-    assert "wrong:" not in markdown and "Val loss" not in markdown
-    height, width, _ = imread(ref.path("misclassified.png")).shape
+def test_no_misclassified_digits_and_no_validation_split(good_report, report):
+    good = good_report.path(REPORT_MD).read_text()
+    assert f"0 of {N_TEST} test images are misclassified." in good
+    assert "wrong:" not in good and "20 of 20 correct." in good
+    height, width, _ = imread(good_report.path(MISCLASSIFIED_PNG)).shape
     assert height < width
-    assert imread(ref.path("training_curves.png")).shape[1] > 300
+    weak = report.path(REPORT_MD).read_text()
+    assert "Val loss" not in weak and "held out for validation" not in weak
+    assert "10% of the training images held out for validation" in good
+    assert imread(report.path(CURVES_PNG)).shape[1] > 300
 
 
-def test_evaluation_of_other_data_is_refused(tmp_path):
-    refs = fabricate(tmp_path, first_labels=[9] * 20)
-    with pytest.raises(PipelineError, match="first_20_labels"):
-        write_report(*refs, tmp_path / "reports")
+def test_figures_show_the_numbers_of_the_artifacts(report, inputs):
+    metrics, predictions = metrics_of(inputs[3]), predictions_of(inputs[3])
+    figures = draw_figures(load_context(*inputs))
+    # The published PNGs are these figures.
+    for name, fig in figures.items():
+        assert to_png(fig) == report.path(name).read_bytes()
+
+    # Confusion matrix: one count per cell, recounted here from the per-image predictions.
+    counts = np.bincount(predictions["label"].astype(int) * 10 + predictions["predicted"], minlength=100)
+    ax = figures[CONFUSION_PNG].axes[0]
+    assert texts(ax) == [str(n) for n in counts]
+    assert ax.get_title() == f"Confusion matrix ({N_TEST} test images)"
+
+    # First 20: each digit titled with its prediction and true label, wrong ones in red.
+    first = predictions.sort_values("index").head(20)
+    captions = figures[FIRST20_PNG].axes[0].texts
+    assert [t.get_text() for t in captions] == [f"pred {p}\ntrue {t}" for p, t in zip(first["predicted"], first["label"])]
+    assert [t.get_color() == WRONG for t in captions] == list(first["predicted"] != first["label"])
+    _, labels = load_split(inputs[1].path(SPLIT_FILES["test"]))
+    assert list(first["label"]) == labels[:20].tolist()
+
+    # Gallery: the first misclassified digits by test index, with their confidence.
+    wrong = predictions[predictions["label"] != predictions["predicted"]].sort_values("index")
+    shown = wrong.head(30)
+    assert texts(figures[MISCLASSIFIED_PNG].axes[0]) == [
+        f"true {t}, pred {p}\nconf {c:.2f}" for t, p, c in zip(shown["label"], shown["predicted"], shown["confidence"])
+    ]
+    title = f"first {len(shown)} of {len(wrong)}, by test index" if len(wrong) > 30 else f"All {len(wrong)} misclassified"
+    assert title in " ".join(texts(figures[MISCLASSIFIED_PNG]))
+    assert metrics["misclassified"]["count"] == len(wrong)
+
+
+def test_training_curves_plot_the_history(stages):
+    history = json.loads(stages.good[0].path(HISTORY_FILE).read_text())
+    fig = draw_figures(load_context(stages.validation, stages.processed, *stages.good))[CURVES_PNG]
+    for ax, key in zip(fig.axes, ("loss", "accuracy")):
+        train, validation = ax.get_lines()
+        assert list(train.get_ydata()) == history[key] and list(validation.get_ydata()) == history[f"val_{key}"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["train", "validation"]
+
+
+def test_evaluation_of_other_data_is_refused(stages, tmp_path):
+    _, other = data_chain(tmp_path / "other", payloads(seed=7))
+    with pytest.raises(PipelineError, match="first_20_labels .* the evaluation was made on other data"):
+        write_report(stages.validation, other, *stages.weak, tmp_path / "reports")
     assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
 
 
+def test_predictions_of_other_labels_are_refused(stages, tmp_path):
+    def relabel(path: Path) -> None:
+        table = pd.read_parquet(path)
+        table.loc[30, "label"] = (table.loc[30, "label"] + 1) % 10
+        table.to_parquet(path, index=False)
+
+    model, evaluation = stages.weak
+    evaluation = republish(evaluation, tmp_path / "evaluation", PREDICTIONS_FILE, relabel)
+    with pytest.raises(PipelineError, match=f"{PREDICTIONS_FILE}: labels do not match"):
+        write_report(stages.validation, stages.processed, model, evaluation, tmp_path / "reports")
+
+
 def test_summary_markdown_embeds_key_figures_and_escapes_text(report, inputs):
-    metrics = metrics_of(inputs)
+    metrics = metrics_of(inputs[3])
     text = summary_markdown(metrics, {name: report.path(name) for name in KEY_FIGURES}, report.path(REPORT_HTML))
     assert text.count("](data:image/png;base64,") == len(KEY_FIGURES)
-    uri = "data:image/png;base64," + base64.b64encode(report.path("first20.png").read_bytes()).decode()
+    uri = "data:image/png;base64," + base64.b64encode(report.path(FIRST20_PNG).read_bytes()).decode()
     assert uri in text
-    assert f"{metrics['test_accuracy']:.4f}" in text
-    assert not re.search(r"(?<!\\)<", text)
+    assert f"**{metrics['test_accuracy']:.4f} (" in text
+    assert "predicted: " + " ".join(map(str, metrics["first_20_predictions"])) in text
+    assert f"Full report: `{report.path(REPORT_HTML)}`" in text
+    shown = permissive_html(text)
+    assert "<script" not in shown.lower() and escaped(EVIL) in shown
+    assert shown.count('<img src="data:image/png;base64,') == len(KEY_FIGURES)
 
 
-def test_tables_are_plain_json_rows(inputs):
-    metrics = metrics_of(inputs)
+def test_tables_are_plain_json_rows(stages):
+    metrics = metrics_of(stages.weak[1])
     # Values computed upstream may arrive as numpy scalars; the tables must not pass them on.
     metrics["per_class"]["0"] = {k: np.float32(v) for k, v in metrics["per_class"]["0"].items()}
-    metrics["confusion_matrix"] = np.asarray(metrics["confusion_matrix"], dtype=np.int64).tolist()
     metrics["confusion_matrix"][0] = list(np.asarray(metrics["confusion_matrix"][0], dtype=np.int64))
     rows, matrix = metrics_table(metrics), confusion_table(metrics)
     for table in (rows, matrix):
@@ -266,32 +358,34 @@ def test_tables_are_plain_json_rows(inputs):
         assert all(type(v) in (int, float, str) for row in table for v in row.values())
     assert [r["class"] for r in rows] == list(range(10))
     assert [r["total"] for r in matrix] == [r["support"] for r in rows]
-    assert sum(r[f"pred {r['true']}"] for r in matrix) == N_TEST - 4
+    assert sum(r[f"pred {r['true']}"] for r in matrix) == N_TEST - metrics["misclassified"]["count"]
 
 
-def test_importing_the_module_loads_neither_tensorflow_nor_pyplot():
+def test_importing_the_package_loads_neither_tensorflow_nor_matplotlib():
     modules = ("tensorflow", "keras", "matplotlib")
     code = f"import sys, tasks.report; print(sorted(m for m in {modules!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
-def test_promotion_section_states_the_decision_against_the_champion(rejected_report, inputs):
+def test_promotion_section_states_the_decision_against_the_champion(rejected_report, hostile_rejection, stages):
+    d, before = hostile_rejection, hostile_rejection.champion_before
     markdown = rejected_report.path(REPORT_MD).read_text()
     assert markdown.index("\n## Headline\n") < markdown.index("\n## Model promotion\n") < markdown.index("\n## First 20")
     promotion = section(markdown, "Model promotion")
-    assert promotion.startswith("\n**Not promoted** (test accuracy 0.9701 is 0.0081 below the champion's 0.9782, "
-                                "more than the tolerance 0.0020 \\<script\\>")
-    assert f"| this model | `{inputs[2].digest[:16]}` | 0.9701 | 0.0912 |" in promotion
-    assert "| champion before | `cccccccccccccccc` | 0.9782 | 0.0704 |" in promotion
-    assert "| difference |  | -0.0081 | +0.0208 |" in promotion
-    assert "at least 0.9700 and at most 0.0020 below" in promotion
-    assert not re.search(r"(?<!\\)<", markdown)
+    assert promotion.startswith("\n**Not promoted** (test accuracy ")
+    assert f"| this model | `{stages.weak[0].digest[:16]}` | {d.test_accuracy:.4f} | {d.test_loss:.4f} |" in promotion
+    assert f"| champion before | `{stages.good[0].digest[:16]}` | {before.test_accuracy:.4f} |" in promotion
+    assert (f"| difference |  | {d.test_accuracy - before.test_accuracy:+.4f} "
+            f"| {d.test_loss - before.test_loss:+.4f} |") in promotion
+    assert "at least 0.9700 and at most 0.0020 below" in promotion and "No champion before" not in promotion
 
     page = rejected_report.path(REPORT_HTML).read_text()
-    assert "<h2>Model promotion</h2>\n<p><strong>Not promoted</strong> (test accuracy 0.9701" in page
-    assert '<td>champion before</td><td><code>cccccccccccccccc</code></td><td class="num">0.9782</td>' in page
-    assert page.count(html.escape(EVIL)) == 3 and "<script" not in page.lower()
+    assert f"<h2>Model promotion</h2>\n<p><strong>Not promoted</strong> ({escaped(d.reason)}).</p>" in page
+    assert (f'<td>champion before</td>\n<td><code>{stages.good[0].digest[:16]}</code></td>\n'
+            f'<td style="text-align:right">{before.test_accuracy:.4f}</td>') in page
+    assert page.count(escaped(EVIL)) == 3 and "<script" not in page.lower()
+    assert "<script" not in permissive_html(markdown).lower()
     assert rejected_report.meta["promoted"] is False
 
 
@@ -301,25 +395,40 @@ def test_report_without_a_decision_has_no_promotion_section(report):
     assert report.meta["promoted"] is None
 
 
-def test_promotion_summary_of_a_first_model():
-    decision = {**rejection("a" * 64), "promoted": True, "champion_before": None,
-                "reason": "first model: no champion yet and test accuracy 0.9701 passes the gate 0.9700"}
-    text = promotion_markdown(decision)
-    assert "**Promoted** (first model: no champion yet and test accuracy 0.9701 passes the gate 0.9700)." in text
-    assert "| this model | `aaaaaaaaaaaaaaaa` | 0.9701 | 0.0912 |" in text
+def test_promotion_summary_of_a_first_model(stages, good_report):
+    d = stages.promoted
+    assert d.reason.startswith("first model: no champion yet")
+    text = promotion_markdown(d)
+    assert text.startswith("## MNIST model promotion\n")
+    assert f"<p><strong>Promoted</strong> ({escaped(d.reason)}).</p>" in permissive_html(text)
+    assert f"| this model | `{stages.good[0].digest[:16]}` | 1.0000 | {d.test_loss:.4f} |" in text
     assert "champion before |" not in text and "No champion before." in text
+    # The full report shows the same section.
+    assert section(good_report.path(REPORT_MD).read_text(), "Model promotion").strip() in text
+    assert good_report.meta["promoted"] is True
 
 
-def test_task_publishes_the_decision_as_a_prefect_artifact(prefect_api_url, tmp_path):
+def test_task_publishes_the_report_tables_and_decision_as_prefect_artifacts(prefect_api_url, stages, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    refs = fabricate(tmp_path / "inputs")
-    decision = {**rejection(refs[2].digest), "reason": "test accuracy 0.9701 is below the gate 0.9750"}
-    ref = report_results(*refs, tmp_path / "artifacts", decision=decision)
-    assert ref.meta["promoted"] is False
+    model, evaluation = stages.weak
+    ref = report_results(stages.validation, stages.processed, model, evaluation, tmp_path / "artifacts",
+                         decision=stages.rejected)
+    assert ref.meta["promoted"] is False and ref.path(REPORT_HTML).is_relative_to(tmp_path / "artifacts" / "reports")
+    metrics = metrics_of(evaluation)
+    keys = ["mnist-report", "mnist-metrics", "mnist-confusion-matrix", PROMOTION_KEY]
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROMOTION_KEY])))
-    assert found and found[-1].type == "markdown"
-    assert any(a.data == promotion_markdown(decision) for a in found)
-    assert any(a.description == "Not promoted: test accuracy 0.9701" for a in found)
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    by_key = {key: [a for a in found if a.key == key] for key in keys}
+
+    summary = summary_markdown(metrics, {name: ref.path(name) for name in KEY_FIGURES}, ref.path(REPORT_HTML))
+    assert any(a.type == "markdown" and a.data == summary for a in by_key["mnist-report"])
+    assert any(a.description == f"MNIST test accuracy {metrics['test_accuracy']:.4f}" for a in by_key["mnist-report"])
+    table = [a for a in by_key["mnist-metrics"] if a.type == "table"]
+    assert any(json.loads(a.data) == metrics_table(metrics) for a in table)
+    table = [a for a in by_key["mnist-confusion-matrix"] if a.type == "table"]
+    assert any(json.loads(a.data) == confusion_table(metrics) for a in table)
+    promotion = [a for a in by_key[PROMOTION_KEY] if a.data == promotion_markdown(stages.rejected)]
+    assert promotion and promotion[-1].type == "markdown"
+    assert promotion[-1].description == f"Not promoted: test accuracy {stages.rejected.test_accuracy:.4f}"

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 from synthetic import processed_ref
 
-from tasks.train import CONFIG, HISTORY, MODEL, TrainConfig, fit_model
+from tasks.train import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, TrainConfig, fit_model
 
 # Small enough for a few seconds per fit, large enough to learn the synthetic bars well above chance.
 SMALL = {"epochs": 4, "batch_size": 20, "hidden_units": 16, "learning_rate": 0.01, "seed": 7}
@@ -21,7 +21,7 @@ def weights(ref):
     import keras
 
     # Without compiling: Keras would warn that it cannot honour the saved jit_compile under op determinism.
-    return keras.saving.load_model(ref.path(MODEL), compile=False, safe_mode=True).get_weights()
+    return keras.saving.load_model(ref.path(MODEL_FILE), compile=False, safe_mode=True).get_weights()
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def trained(processed, tmp_path_factory):
 
 def test_writes_model_history_and_config(trained, processed):
     ref, _, _ = trained
-    assert ref.stage == "train" and set(ref.files) == {MODEL, HISTORY, CONFIG}
+    assert ref.stage == "train" and set(ref.files) == {MODEL_FILE, HISTORY_FILE, CONFIG_FILE}
     assert ref.problem() is None
-    config = json.loads(ref.path(CONFIG).read_text())
+    config = json.loads(ref.path(CONFIG_FILE).read_text())
     assert {k: config[k] for k in SMALL} == SMALL
     assert config["jit_compile"] is True and "steps_per_execution" not in config
     assert config["processed_digest"] == processed.digest and config["train_rows"] == 200
@@ -57,7 +57,7 @@ def test_writes_model_history_and_config(trained, processed):
 
 def test_history_has_one_entry_per_epoch_and_the_timings(trained):
     ref, _, _ = trained
-    history = json.loads(ref.path(HISTORY).read_text())
+    history = json.loads(ref.path(HISTORY_FILE).read_text())
     for key in ("loss", "accuracy", "epoch_seconds"):
         assert len(history[key]) == SMALL["epochs"] and all(isinstance(v, float) for v in history[key])
     assert "val_loss" not in history
@@ -69,7 +69,7 @@ def test_history_has_one_entry_per_epoch_and_the_timings(trained):
 
 def test_logs_one_line_and_reports_progress_per_epoch(trained):
     ref, lines, calls = trained
-    history = json.loads(ref.path(HISTORY).read_text())
+    history = json.loads(ref.path(HISTORY_FILE).read_text())
     assert len(lines) == SMALL["epochs"]
     for epoch, line in enumerate(lines, 1):
         assert re.fullmatch(rf"epoch {epoch}/4: loss \d+\.\d{{4}}, accuracy \d\.\d{{4}}, \d+\.\d s", line), line
@@ -91,7 +91,7 @@ def test_same_seed_gives_identical_history_and_weights(trained, processed, tmp_p
         again = fit_model(processed, tmp_path, TrainConfig(**SMALL))
     assert not [w for w in caught if "jit_compile" in str(w.message)]
     metrics = ("loss", "accuracy")
-    h1, h2 = (json.loads(r.path(HISTORY).read_text()) for r in (first, again))
+    h1, h2 = (json.loads(r.path(HISTORY_FILE).read_text()) for r in (first, again))
     assert [h1[k] for k in metrics] == [h2[k] for k in metrics]
     assert all(np.array_equal(a, b) for a, b in zip(weights(first), weights(again), strict=True))
     # The digest leaves out timings and the save date, so a repeatable rerun keeps downstream stages cached.
@@ -101,7 +101,7 @@ def test_same_seed_gives_identical_history_and_weights(trained, processed, tmp_p
 def test_another_seed_gives_other_weights(trained, processed, tmp_path):
     first, _, _ = trained
     other = fit_model(processed, tmp_path, TrainConfig(**{**SMALL, "seed": 8}))
-    assert json.loads(other.path(HISTORY).read_text())["loss"] != json.loads(first.path(HISTORY).read_text())["loss"]
+    assert json.loads(other.path(HISTORY_FILE).read_text())["loss"] != json.loads(first.path(HISTORY_FILE).read_text())["loss"]
     assert not np.array_equal(weights(other)[0], weights(first)[0])
     assert other.digest != first.digest
 
@@ -109,23 +109,23 @@ def test_another_seed_gives_other_weights(trained, processed, tmp_path):
 def test_validation_split_adds_val_metrics_to_history_and_log(processed, tmp_path):
     lines = []
     ref = fit_model(processed, tmp_path, TrainConfig(**{**SMALL, "epochs": 2, "validation_split": 0.25}), log=lines.append)
-    history = json.loads(ref.path(HISTORY).read_text())
+    history = json.loads(ref.path(HISTORY_FILE).read_text())
     assert len(history["val_loss"]) == len(history["val_accuracy"]) == 2
     assert re.fullmatch(r"epoch 2/2: loss \S+, accuracy \S+, val_loss \S+, val_accuracy \S+, \S+ s", lines[-1]), lines[-1]
     assert ref.meta["val_accuracy"] == history["val_accuracy"][-1]
-    assert json.loads(ref.path(CONFIG).read_text())["train_rows"] == 200
+    assert json.loads(ref.path(CONFIG_FILE).read_text())["train_rows"] == 200
 
 
 def test_without_xla_training_is_repeatable_too_and_a_rerun_replaces_the_folder(processed, tmp_path):
     config = TrainConfig(**{**SMALL, "epochs": 2, "jit_compile": False})
     first = fit_model(processed, tmp_path, config)
-    first_history = json.loads(first.path(HISTORY).read_text())
+    first_history = json.loads(first.path(HISTORY_FILE).read_text())
     again = fit_model(processed, tmp_path, config)
-    assert again.digest == first.digest and again.path(MODEL) == first.path(MODEL)
+    assert again.digest == first.digest and again.path(MODEL_FILE) == first.path(MODEL_FILE)
     # Same digest, new timings: the folder now holds the rerun's files, and its reference describes them.
     assert again.problem() is None
-    assert json.loads(again.path(HISTORY).read_text())["loss"] == first_history["loss"]
-    assert [p.name for p in tmp_path.iterdir()] == [first.path(MODEL).parent.name]
+    assert json.loads(again.path(HISTORY_FILE).read_text())["loss"] == first_history["loss"]
+    assert [p.name for p in tmp_path.iterdir()] == [first.path(MODEL_FILE).parent.name]
 
 
 def test_defaults_are_the_reference_hyperparameters():

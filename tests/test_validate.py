@@ -10,7 +10,7 @@ from synthetic import idx_bytes, make_split, payloads, write_source
 
 from tasks.core import PipelineError, new_workdir, publish
 from tasks.download import FILES, download_files
-from tasks.validate import REPORT, ValidateConfig, summarize, validate_files
+from tasks.validate import VALIDATION_FILE, ValidateConfig, summarize, validate_files
 
 ANY_SIZE = ValidateConfig(train_count=None, test_count=None)
 SPLITS = {"train": make_split(200, 0), "test": make_split(50, 1)}  # what write_source() writes
@@ -39,7 +39,7 @@ def test_report_of_valid_data(tmp_path, raw):
 
     assert ref.stage == "validate" and ref.problem() is None
     assert entries(tmp_path / "validation") == [ref.digest[:16]]
-    report = json.loads(ref.path(REPORT).read_text())
+    report = json.loads(ref.path(VALIDATION_FILE).read_text())
     assert report["passed"] is True and report["schema_version"] == 1
     assert report["raw_digest"] == raw.digest
     assert report["checks"] and all(c["passed"] for c in report["checks"])
@@ -62,7 +62,7 @@ def test_report_of_valid_data(tmp_path, raw):
 
 def test_expected_counts_that_match_pass(tmp_path, raw):
     ref = validate_files(raw, tmp_path / "validation", ValidateConfig(train_count=200, test_count=50))
-    report = json.loads(ref.path(REPORT).read_text())
+    report = json.loads(ref.path(VALIDATION_FILE).read_text())
     counts = [c for c in report["checks"] if c["check"] == "count"]
     assert len(counts) == 4 and all(c["passed"] for c in counts)
     assert {(c["file"], c["expected"]) for c in counts} >= {("train-images-idx3-ubyte.gz", 200), ("t10k-labels-idx1-ubyte.gz", 50)}
@@ -108,9 +108,9 @@ def test_images_of_28x27_are_caught_by_validate(tmp_path):
 
 def test_validating_twice_rewrites_nothing(tmp_path, raw):
     first = validate_files(raw, tmp_path / "validation", ANY_SIZE)
-    before = os.stat(first.path(REPORT))
+    before = os.stat(first.path(VALIDATION_FILE))
     second = validate_files(raw, tmp_path / "validation", ANY_SIZE)
-    after = os.stat(second.path(REPORT))
+    after = os.stat(second.path(VALIDATION_FILE))
     assert second.digest == first.digest
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert entries(tmp_path / "validation") == [first.digest[:16]]
@@ -123,7 +123,7 @@ def test_other_raw_data_gives_another_report(tmp_path, raw):
     a = validate_files(raw, tmp_path / "validation", ANY_SIZE)
     b = validate_files(other, tmp_path / "validation", ANY_SIZE)
     assert a.digest != b.digest
-    assert json.loads(b.path(REPORT).read_text())["splits"]["test"]["count"] == 20
+    assert json.loads(b.path(VALIDATION_FILE).read_text())["splits"]["test"]["count"] == 20
 
 
 def test_summarize_matches_numpy_on_many_chunks():

@@ -1,0 +1,74 @@
+"""Report stage: turn validation, training and evaluation artifacts into a Markdown and HTML report with figures.
+
+`context` reads the inputs, `figures` draws them, the templates in `templates/` write the Markdown (`render` turns it
+into HTML), and `ui` publishes the summary in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from tasks.core import ArtifactRef, publish, workdir
+from tasks.promote import Decision
+from tasks.report.context import load_context
+from tasks.report.figures import draw_figures, to_png
+from tasks.report.render import REPORT_HTML, REPORT_MD, data_uri, markdown_page, render
+from tasks.report.ui import publish_ui_artifacts
+
+__all__ = ["REPORT_HTML", "REPORT_MD", "publish_ui_artifacts", "report_results", "write_report"]
+
+
+def write_report(
+    validation: ArtifactRef,
+    processed: ArtifactRef,
+    model: ArtifactRef,
+    evaluation: ArtifactRef,
+    out_dir: Path,
+    decision: Decision | None = None,
+) -> ArtifactRef:
+    """Write `report.md`, a self-contained `report.html` and the PNG figures, and publish them under `out_dir`.
+
+    `decision` (from `tasks.promote.decide_promotion`) adds a "Model promotion" section.
+    """
+    ctx = load_context(validation, processed, model, evaluation)
+    pngs = {name: to_png(fig) for name, fig in draw_figures(ctx).items()}
+    m = ctx.metrics
+    headline = {
+        "test_accuracy": float(m["test_accuracy"]),
+        "test_loss": float(m["test_loss"]),
+        "train_accuracy": float(m["train_accuracy"]),
+        "accuracy_gap": float(m["accuracy_gap"]),
+        "overfitting": str(m["overfitting"]),
+        "misclassified": int(m["misclassified"]["count"]),
+        # None: no promotion decision was made for this report.
+        "promoted": None if decision is None else bool(decision.promoted),
+    }
+    with workdir(out_dir) as work:
+        # No timestamp anywhere: the same inputs give byte-identical files.
+        for name, png in pngs.items():
+            (work / name).write_bytes(png)
+        (work / REPORT_MD).write_text(render("report.md.j2", ctx=ctx, decision=decision, src=str))
+        embedded = render("report.md.j2", ctx=ctx, decision=decision, src=lambda name: data_uri(pngs[name]))
+        (work / REPORT_HTML).write_text(markdown_page(embedded))
+        ref = publish("report", work, meta=headline)
+    # The final folder is known only once published; its paths are not part of the content digest.
+    paths = {"report_md": str(ref.path(REPORT_MD)), "report_html": str(ref.path(REPORT_HTML))}
+    return ref.model_copy(update={"meta": {**ref.meta, **paths}})
+
+
+@task(name="report_results")
+def report_results(
+    validation: ArtifactRef,
+    processed: ArtifactRef,
+    model: ArtifactRef,
+    evaluation: ArtifactRef,
+    artifacts_dir: Path,
+    decision: Decision | None = None,
+) -> ArtifactRef:
+    """Write the report under `artifacts_dir/reports`; publish its summary, tables and decision as Prefect artifacts."""
+    ref = write_report(validation, processed, model, evaluation, Path(artifacts_dir) / "reports", decision)
+    publish_ui_artifacts(ref, evaluation, decision)
+    get_run_logger().info("report %s (test accuracy %.4f)", ref.path(REPORT_HTML), ref.meta["test_accuracy"])
+    return ref

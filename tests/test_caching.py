@@ -1,0 +1,115 @@
+"""Code versions follow the import closure: editing a module a stage runs reruns it, editing any other does not."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.caching import code_components, project_modules
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs the flow from whatever copy of the package lies beside this script, and prints each stage's state.
+RUN_FLOW = """
+import json, sys
+from flows.config import PipelineConfig
+from flows.pipeline import mnist_pipeline
+import tasks
+assert tasks.__file__.startswith(sys.argv[3]), tasks.__file__  # the copy, not the checkout
+summary = mnist_pipeline(config=PipelineConfig.model_validate_json(sys.argv[1]), until=sys.argv[2])
+print(json.dumps({stage: info["state"] for stage, info in summary["stages"].items()}))
+"""
+
+
+def test_closure_holds_every_project_module_a_stage_imports_and_no_other():
+    train = set(project_modules("tasks.train"))
+    # train imports preprocess, which imports idx and download: none of them is imported by train directly.
+    assert {"tasks.train", "tasks.preprocess", "tasks.idx", "tasks.download", "tasks.core", "tasks.keras_runtime"} \
+        <= train
+    assert not {"tasks.evaluate", "tasks.report", "tasks.promote", "flows.pipeline", "flows.config"} & train
+    assert "tasks.download" in project_modules("tasks.validate")
+    assert "tasks.train" in project_modules("tasks.evaluate")  # its loss and file names are defined by train
+    assert set(project_modules("tasks.download")) == {"tasks.download", "tasks.core", "tasks.idx"}
+
+
+def test_libraries_that_shape_a_stage_output_are_in_its_code_version():
+    import keras
+    import pyarrow
+    import tensorflow as tf
+
+    train = code_components("tasks.train")["libraries"]
+    assert train["tensorflow"] == f"tensorflow {tf.__version__}" and train["keras"] == f"keras {keras.__version__}"
+    assert code_components("tasks.preprocess")["libraries"]["pyarrow"] == f"pyarrow {pyarrow.__version__}"
+    assert "tensorflow" not in code_components("tasks.preprocess")["libraries"]
+    # Orchestration and the standard library never change an output.
+    assert not {"prefect", "json", "os"} & set(train)
+
+
+@pytest.fixture
+def package_copy(tmp_path, synthetic_config):
+    """Return a copy of the project's code, its flow runner script and a config on small synthetic data."""
+    copy = tmp_path / "copy"
+    for package in ("tasks", "flows"):
+        shutil.copytree(REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "run_flow.py").write_text(RUN_FLOW)
+    return copy, synthetic_config.model_dump_json()
+
+
+def run_copy(copy: Path, config: str, until: str, api_url: str, **env: str) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_API_URL": api_url, **env}
+    out = subprocess.run([sys.executable, str(copy / "run_flow.py"), config, until, str(copy)], cwd=copy, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def edit(module: Path) -> None:
+    """Change a module's source without changing what it does."""
+    module.write_text(module.read_text() + "\n# edited\n")
+
+
+def test_editing_a_module_reruns_exactly_the_stages_whose_closure_holds_it(package_copy, prefect_api_url):
+    copy, config = package_copy
+    run = lambda: run_copy(copy, config, "train", prefect_api_url)  # noqa: E731
+    assert set(run().values()) == {"completed"}
+    assert set(run().values()) == {"cached"}
+
+    edit(copy / "tasks" / "evaluate.py")  # in no closure of these stages
+    assert set(run().values()) == {"cached"}
+
+    edit(copy / "tasks" / "validate.py")  # validate only: its report is byte-identical, so preprocess stays cached
+    assert run() == {"download": "cached", "validate": "completed", "preprocess": "cached", "train": "cached"}
+
+    edit(copy / "tasks" / "preprocess.py")  # train runs code of preprocess (load_split) and reruns despite early cutoff
+    assert run() == {"download": "cached", "validate": "cached", "preprocess": "completed", "train": "completed"}
+
+    edit(copy / "tasks" / "idx.py")  # imported by every one of them, directly or not
+    assert set(run().values()) == {"completed"}
+
+
+def test_a_library_version_is_part_of_the_key(package_copy, prefect_api_url, tmp_path):
+    copy, config = package_copy
+    assert set(run_copy(copy, config, "preprocess", prefect_api_url).values()) == {"completed"}
+    # A stand-in pyarrow distribution record, earlier on the path than the real one, reports another version.
+    fake = tmp_path / "site"
+    (fake / "pyarrow-0.0.1.dist-info").mkdir(parents=True)
+    (fake / "pyarrow-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: pyarrow\nVersion: 0.0.1\n")
+    (fake / "pyarrow-0.0.1.dist-info" / "top_level.txt").write_text("pyarrow\n")
+    states = run_copy(copy, config, "preprocess", prefect_api_url, PYTHONPATH=str(fake))
+    assert states == {"download": "cached", "validate": "cached", "preprocess": "completed"}
+
+
+def test_a_template_is_code_of_the_stage_that_renders_it(package_copy):
+    copy, _ = package_copy
+    versions = ("import json; from tasks.caching import code_version as v; "
+                "print(json.dumps([v('tasks.report'), v('tasks.train')]))")
+    read = lambda: json.loads(subprocess.run([sys.executable, "-c", versions], cwd=copy, capture_output=True,  # noqa: E731
+                                             text=True, check=True).stdout)
+    report, train = read()
+    edit(copy / "tasks" / "report" / "templates" / "report.md.j2")
+    after_report, after_train = read()
+    assert after_report != report and after_train == train
