@@ -20,6 +20,7 @@ STARTUP_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 for _key, _value in {**QUIET_ENV, **STARTUP_ENV}.items():
     os.environ.setdefault(_key, _value)
 
+from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
 from tasks.train import TrainConfig  # noqa: E402
 
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timezone", default=timezone, help="IANA timezone of the schedule (default: %(default)s)")
     serve.add_argument("--name", default="served-retrain", help="deployment name (default: %(default)s)")
     _add_config_arguments(serve)
+    local = commands.add_parser(
+        "server",
+        help="show or stop the local Prefect server that runs without PREFECT_API_URL start and reuse",
+        description="Commands run without PREFECT_API_URL start a local Prefect server on first use (UI included) and "
+        f"reuse it; one per PREFECT_HOME. {server.SWITCH}=false makes each command start a temporary one instead.",
+    )
+    local.add_argument("action", choices=("status", "stop"), help="status: where it runs (exit 1 if none); stop: stop it")
     return parser
 
 
@@ -115,6 +123,10 @@ def _quiet_expected_errors() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "server":
+        return server_command(args.action)
+    # First, so that a server being started comes up while the project's modules are imported.
+    local = _local_server()
 
     from pydantic import ValidationError
 
@@ -129,17 +141,23 @@ def main(argv: list[str] | None = None) -> int:
 
     _quiet_expected_errors()
     from flows.pipeline import mnist_pipeline
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
-    if args.command == "serve":
-        return serve(mnist_pipeline, args)
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
-    rerun = list(STAGES) if args.no_cache else args.rerun
+    if local is not None:
+        try:
+            server.wait_until_ready(local)
+        except PipelineError as exc:
+            print(f"mnist-pipeline: error: {exc}", file=sys.stderr)
+            return 1
+    api = {} if local is None else {PREFECT_API_URL: local.api_url, PREFECT_UI_URL: local.url}
     # No heartbeat events unless configured: they serve zombie detection of deployment runs, and a run in the
     # foreground waits up to 1 s at its end for Prefect's heartbeat thread to stop.
-    with temporary_settings(set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with temporary_settings(updates=api, set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        if args.command == "serve":
+            return serve(mnist_pipeline, args)
+        rerun = list(STAGES) if args.no_cache else args.rerun
         state = mnist_pipeline(config=config, until=args.until, rerun=rerun, only=args.only, return_state=True)
-    _wait_for_events()
+        _wait_for_events()
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         if isinstance(error, PipelineError):
@@ -147,7 +165,43 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
     summary = state.result()
-    print(json.dumps(summary, indent=2) if args.json else human_summary(summary))
+    print(json.dumps(summary, indent=2) if args.json else human_summary(summary), flush=True)
+    if local is not None:
+        print(f"Prefect UI: {local.url}/runs/flow-run/{summary['run_id']} (the local server; "
+              "`mnist-pipeline server stop` stops it)", file=sys.stderr)
+    return 0
+
+
+def _local_server() -> server.LocalServer | None:
+    """Return the local server to run against when no Prefect API is configured (starting it if none runs)."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not server.enabled():
+        return None
+    local, started = server.ensure(Path(settings.home))
+    if started:
+        print(f"mnist-pipeline: starting a local Prefect server for {settings.home} at {local.url}; later commands "
+              "reuse it (`mnist-pipeline server stop` stops it)", file=sys.stderr)
+    return local
+
+
+def server_command(action: str) -> int:
+    """Show or stop the local Prefect server of this PREFECT_HOME; return the exit code."""
+    from prefect.settings import get_current_settings
+
+    home = Path(get_current_settings().home)
+    if action == "status":
+        local = server.find(home)
+        if local is None:
+            print(f"no local Prefect server runs for {home}")
+            return 1
+        health = "answering" if local.healthy() else "starting (not answering yet)"
+        print(f"local Prefect server for {home}: {local.url} (pid {local.pid}), {health}; log {home / server.LOG}")
+        return 0
+    stopped = server.stop(home)
+    print(f"stopped the local Prefect server at {stopped.url} (pid {stopped.pid})" if stopped
+          else f"no local Prefect server runs for {home}")
     return 0
 
 

@@ -15,6 +15,9 @@ os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ.pop("PREFECT_API_URL", None)
 for _name in [n for n in os.environ if n.startswith("MNIST_PIPELINE_")]:
     del os.environ[_name]
+# Commands started by tests use Prefect's temporary server or the test server, never a local server that would
+# outlive them; tests/test_server.py turns it on for its own PREFECT_HOMEs and stops what it starts.
+os.environ["MNIST_PIPELINE_LOCAL_SERVER"] = "false"
 
 import pytest  # noqa: E402
 
