@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(serve)
     local = commands.add_parser(
         "server",
-        help="show or stop the local Prefect server that runs without PREFECT_API_URL start and reuse",
+        help="show or stop the local Prefect server (started by commands run without PREFECT_API_URL)",
         description="Commands run without PREFECT_API_URL start a local Prefect server on first use (UI included) and "
         f"reuse it; one per PREFECT_HOME. {server.SWITCH}=false makes each command start a temporary one instead.",
     )

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # run by CI; `pytest -m 'not slow'` skips it locally
+
 REPO = Path(__file__).resolve().parents[1]
 NUMBER = re.compile(r"^\d+(\.\d+)?$")
 

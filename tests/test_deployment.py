@@ -28,6 +28,8 @@ import pytest
 import yaml
 from synthetic import write_source
 
+pytestmark = pytest.mark.slow  # run by CI; `pytest -m 'not slow'` skips it locally
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))  # the venv's CLI, next to the interpreter running the tests
 FLOW = "mnist-pipeline"

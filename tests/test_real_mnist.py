@@ -15,6 +15,8 @@ from test_cli import cli
 
 from tasks.preprocess import PIXEL_COLUMNS, load_split
 
+pytestmark = pytest.mark.slow  # run by CI; `pytest -m 'not slow'` skips it locally
+
 SNAPSHOT = REPO / "data" / "snapshot" / "mnist"
 REFERENCE_FIRST_20 = [7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 0, 6, 9, 0, 1, 5, 9, 7, 3, 4]
 # Runs the command line in-process and reports whether it imported tensorflow.
