@@ -9,8 +9,9 @@ import json
 import logging
 import os
 import sys
+from types import UnionType
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 # Machines without internet should not even try to send telemetry; users may still opt in.
 QUIET_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
@@ -22,7 +23,17 @@ for _key, _value in {**QUIET_ENV, **STARTUP_ENV}.items():
 
 from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from tasks.dataset import DatasetConfig  # noqa: E402
+from tasks.models import MODEL_DEFAULTS  # noqa: E402
 from tasks.train import TrainConfig  # noqa: E402
+
+# Per setting that each model defaults on its own: {model: default}, for the help text.
+MODEL_DEFAULTS_BY_KNOB = {
+    name: {kind: defaults[name] for kind, defaults in MODEL_DEFAULTS.items() if name in defaults}
+    for name in {name for defaults in MODEL_DEFAULTS.values() for name in defaults}
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,17 +73,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", help="auto (mirrors, then the shipped copy), an http(s):// or file:// URL, or a folder")
+    parser.add_argument("--source", help="auto (MNIST: mirrors, then the shipped copy), an http(s):// or file:// URL, "
+                        "or a folder holding the four files under MNIST's names (.gz or not)")
+    parser.add_argument("--sha256", metavar="FILE", help="pin the source to the digests in FILE (sha256sum format, "
+                        "payloads or .gz files); a source's own SHA256SUMS is always checked")
     parser.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
     parser.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
-    training = parser.add_argument_group("training (defaults: the reference model)")
-    for name, field in TrainConfig.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} (default: {field.default})"
-        if field.annotation is bool:
-            training.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+    dataset = parser.add_argument_group("dataset")
+    _add_fields(dataset, DatasetConfig, "dataset_", flags={"name": "--dataset-name"})
+    training = parser.add_argument_group("training (defaults: the chosen model's; mlp is the reference network)")
+    _add_fields(training, TrainConfig, "")
+
+
+def _add_fields(group: argparse._ArgumentGroup, model: type[BaseModel], prefix: str, flags: dict[str, str] | None = None) -> None:
+    """Add one flag per field of a config model (dest: `prefix` + name): its description, default and type."""
+    for name, field in model.model_fields.items():
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        kind = field.annotation
+        if isinstance(kind, UnionType):  # `int | None`: the flag takes an int
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        if field.default is None and name in MODEL_DEFAULTS_BY_KNOB:
+            default = ", ".join(f"{m} {v}" for m, v in MODEL_DEFAULTS_BY_KNOB[name].items())
         else:
-            training.add_argument(flag, dest=name, type=field.annotation, help=help_text)
+            default = field.default
+        help_text = field.description if default is None else f"{field.description} (default: {default})"
+        dest = prefix + name
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text)
+        elif get_origin(kind) is Literal:
+            group.add_argument(flag, dest=dest, choices=get_args(kind), help=help_text)
+        elif get_origin(kind) is list:
+            group.add_argument(flag, dest=dest, metavar="A,B,...", help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=kind, metavar=name.upper(), help=help_text)
 
 
 def weekly_schedule() -> tuple[str, str]:
@@ -93,11 +126,17 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["data_dir"] = str(Path(args.data_dir).expanduser().absolute())
     if args.artifacts_dir:
         overrides["artifacts_dir"] = str(Path(args.artifacts_dir).expanduser().absolute())
-    if args.source:
-        overrides["download"] = {"source": args.source}
-    training = {name: getattr(args, name) for name in TrainConfig.model_fields if getattr(args, name) is not None}
-    if training:
-        overrides["train"] = training
+    download = {"source": args.source} if args.source else {}
+    if args.sha256:
+        from tasks.download import read_sums
+
+        download["sha256"] = read_sums(Path(args.sha256).expanduser().absolute())
+    if download:
+        overrides["download"] = download
+    for section, model, prefix in (("dataset", DatasetConfig, "dataset_"), ("train", TrainConfig, "")):  # as in _add_config_arguments
+        values = {name: getattr(args, prefix + name) for name in model.model_fields if getattr(args, prefix + name) is not None}
+        if values:
+            overrides[section] = values
     return overrides
 
 
@@ -133,11 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     from flows.config import PipelineConfig
     from tasks.core import PipelineError, validation_problems
 
+    # Bad values are bad input, as a bad source is: exit 1 (2 is left to argparse for malformed command lines).
     try:
         config = PipelineConfig(**config_overrides(args))
     except ValidationError as exc:
         print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
-        return 2
+        return 1
+    except PipelineError as exc:
+        print(f"mnist-pipeline: error: {exc}", file=sys.stderr)
+        return 1
 
     _quiet_expected_errors()
     from flows.pipeline import mnist_pipeline

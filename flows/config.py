@@ -8,6 +8,7 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks.dataset import DatasetConfig
 from tasks.download import DownloadConfig
 from tasks.promote import PromotionConfig
 from tasks.train import TrainConfig
@@ -26,6 +27,7 @@ class PipelineConfig(BaseSettings):
     data_dir: Path = Field(PROJECT_ROOT / "data", description="Root of raw and processed data.")
     artifacts_dir: Path = Field(PROJECT_ROOT / "artifacts", description="Root of reports, models, metrics and the cache.")
     download: DownloadConfig = DownloadConfig()
+    dataset: DatasetConfig = DatasetConfig()
     validation: ValidateConfig = ValidateConfig()
     train: TrainConfig = TrainConfig()
     promotion: PromotionConfig = PromotionConfig()

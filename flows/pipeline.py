@@ -30,16 +30,18 @@ STEPS: dict[Stage, Step] = {
     "download": Step(download.download_mnist, lambda c, r: {
         "config": c.download, "data_dir": c.data_dir, "fingerprint": download.source_fingerprint(c.download.source)}),
     "validate": Step(validate.validate_mnist, lambda c, r: {
-        "raw": r["download"], "config": c.validation, "artifacts_dir": c.artifacts_dir}),
+        "raw": r["download"], "config": c.validation, "num_classes": c.dataset.num_classes, "artifacts_dir": c.artifacts_dir}),
     "preprocess": Step(preprocess.preprocess_mnist, lambda c, r: {
         "raw": r["download"], "validation": r["validate"], "data_dir": c.data_dir}),
     "train": Step(train.train_model, lambda c, r: {
-        "processed": r["preprocess"], "config": c.train, "artifacts_dir": c.artifacts_dir}),
+        # Resolved: the cache key holds the chosen model's settings only, defaults filled in.
+        "processed": r["preprocess"], "config": c.train.resolved(), "num_classes": c.dataset.num_classes,
+        "artifacts_dir": c.artifacts_dir}),
     "evaluate": Step(evaluate.evaluate_model, lambda c, r: {
         "model": r["train"], "processed": r["preprocess"], "artifacts_dir": c.artifacts_dir}),
     "report": Step(report.report_results, lambda c, r: {
         "validation": r["validate"], "processed": r["preprocess"], "model": r["train"], "evaluation": r["evaluate"],
-        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"]}),
+        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": c.dataset}),
 }
 assert tuple(STEPS) == STAGES, "every stage has exactly one step, in order"
 

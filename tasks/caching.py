@@ -111,9 +111,14 @@ def _source_file(name: str) -> str:
 
 
 def _is_module(name: str) -> bool:
+    # `tasks.core.ArtifactRef` is a name inside a module. Asked about it, find_spec would import `tasks.core` (and
+    # whatever that imports: TensorFlow, for some): only ask once the parent is known to be a package.
+    parent = name.rpartition(".")[0]
     try:
+        if parent and getattr(importlib.util.find_spec(parent), "submodule_search_locations", None) is None:
+            return False
         return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:  # `tasks.core.ArtifactRef`: a name inside a module
+    except ModuleNotFoundError:
         return False
 
 

@@ -271,8 +271,9 @@ def flocked(path: Path) -> Iterator[None]:
 def validation_problems(error: ValidationError) -> str:
     """Return a pydantic validation error as one line: each field, what is wrong, what was found."""
     def problem(e: Any) -> str:
-        found = "" if e["type"] == "missing" else f" (found {repr(e['input'])[:80]})"
-        return f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}{found}"
+        # A check across fields (a model validator) gets the whole section as input: its message names what it found.
+        found = "" if e["type"] == "missing" or isinstance(e["input"], dict) else f" (found {repr(e['input'])[:80]})"
+        return f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg'].removeprefix('Value error, ')}{found}"
 
     return "; ".join(problem(e) for e in error.errors())
 

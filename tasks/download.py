@@ -1,8 +1,9 @@
-"""Download stage: fetch the four MNIST IDX files from a source, verify them and store them by content."""
+"""Download stage: fetch the four IDX files (MNIST's layout) from a source, verify them and store them by content."""
 
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import time
 import urllib.error
@@ -15,7 +16,17 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from tasks.core import ArtifactRef, Log, PipelineError, publish, quiet, sha256_bytes, sha256_file, sha256_json, workdir
+from tasks.core import (
+    ArtifactRef,
+    Log,
+    PipelineError,
+    publish,
+    quiet,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+    workdir,
+)
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_split, decode_payload
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -28,6 +39,11 @@ MNIST_SHA256 = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 SUMS_FILE = "SHA256SUMS"
+# What can pin a source's payloads (recorded in the artifact's meta["pinned_by"]), and the check each one names.
+BY_MNIST, BY_SUMS, BY_USER = "MNIST digests", SUMS_FILE, "--sha256"
+PIN_CHECKS = {BY_MNIST: "MNIST SHA-256", BY_SUMS: f"{SUMS_FILE} digest", BY_USER: "--sha256 digest"}
+# A `sha256sum` line: digest, a space, then a space (text mode) or `*` (binary mode), then the name.
+_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]?(\S.*)")
 # A gzip of the largest payload is about 10 MB; a plain file at most the payload limit.
 MAX_FILE_BYTES = MAX_PAYLOAD_BYTES + 4096
 
@@ -39,14 +55,15 @@ PUBLIC_MIRRORS = (
 SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "data" / "snapshot" / "mnist"
 
 
-
 class DownloadConfig(BaseModel):
     """Where the raw files come from and how they are checked."""
 
     source: str = "auto"
     mirrors: list[str] = list(PUBLIC_MIRRORS)
     snapshot_dir: Path | None = SNAPSHOT_DIR
-    sha256: dict[str, str] | None = MNIST_SHA256
+    # Explicit pins (`--sha256 FILE`, see read_sums): payload or served file name -> SHA-256. None: `auto` is pinned
+    # to MNIST's digests, any other source only by a SHA256SUMS file it carries.
+    sha256: dict[str, str] | None = None
     retries: int = 3
     backoff_s: float = 1.0
     timeout_s: float = 30.0
@@ -62,7 +79,7 @@ def download_files(
     *,
     mirrors: Sequence[str] = (),
     snapshot_dir: Path | None = None,
-    expected_sha256: dict[str, str] | None = MNIST_SHA256,
+    expected_sha256: dict[str, str] | None = None,
     retries: int = 3,
     backoff_s: float = 1.0,
     timeout_s: float = 30.0,
@@ -71,9 +88,15 @@ def download_files(
     """Fetch the four IDX files from `source`, verify their payloads and publish them under `raw_dir`.
 
     `source` is `auto` (each mirror in turn, then the shipped snapshot), an http(s):// or file:// URL of a folder,
-    or a local folder. Raises PipelineError for a bad source or bad content; nothing is left under a final name.
+    or a local folder. Payloads are checked against `expected_sha256` when given, else (`auto` only) MNIST's digests,
+    and against a SHA256SUMS file the source carries. Raises PipelineError for a bad source or bad content; nothing
+    is left under a final name.
     """
-    fetch = partial(_download_from, raw_dir=raw_dir, expected_sha256=expected_sha256, retries=retries,
+    pins = {} if expected_sha256 is None else {BY_USER: expected_sha256}
+    if source == "auto":
+        # `auto` means MNIST: a mirror serving anything else is refused (and the next one tried).
+        pins = pins or {BY_MNIST: MNIST_SHA256}
+    fetch = partial(_download_from, raw_dir=raw_dir, pins=pins, retries=retries,
                     backoff_s=backoff_s, timeout_s=timeout_s, log=log)
     if source == "auto":
         candidates = [*mirrors, *([str(snapshot_dir)] if snapshot_dir else [])]
@@ -96,17 +119,57 @@ def _download_from(
     source: str,
     *,
     raw_dir: Path,
-    expected_sha256: dict[str, str] | None,
+    pins: dict[str, dict[str, str]],
     give_up_on_dns: bool,
     retries: int,
     backoff_s: float,
     timeout_s: float,
     log: Log,
 ) -> ArtifactRef:
-    payloads, served = _fetch_all(source, retries, backoff_s, timeout_s, log, give_up_on_dns)
-    _verify(payloads, expected_sha256)
-    log(f"served by {served}")
-    return _store(payloads, raw_dir, served)
+    payloads, as_served, sums = _fetch_all(source, retries, backoff_s, timeout_s, log, give_up_on_dns)
+    # The structure first: a file that is not IDX is named as such, not as a digest mismatch.
+    checks = Checks()
+    for images, labels in SPLITS.values():
+        # The label range depends on the dataset's classes: the validate stage checks it.
+        check_split(payloads[images], payloads[labels], images, labels, checks, num_classes=None)
+    checks.raise_first()
+    if sums is not None:
+        # The source's own list first: a mismatch there is damage on the way, not another dataset.
+        pins = {BY_SUMS: parse_sums(sums.decode(errors="replace"), f"{source.rstrip('/')}/{SUMS_FILE}"), **pins}
+    for by, digests in pins.items():
+        # A pin list may name the payloads or the files as served (`sha256sum *.gz`).
+        _check_sums(digests, {**as_served, **payloads}, source, by)
+    digests = {name: sha256_bytes(payloads[name]) for name in FILES}
+    if not pins:
+        log(f"source {source} is not pinned (no {SUMS_FILE}, no --sha256): accepted on the IDX checks alone; "
+            f"payload SHA-256 recorded: " + ", ".join(f"{name} {digests[name]}" for name in FILES))
+    log(f"served by {source}")
+    return _store(payloads, digests, raw_dir, source, list(pins))
+
+
+def read_sums(path: Path) -> dict[str, str]:
+    """Read a `sha256sum`-format file into {file name: SHA-256}; raise PipelineError naming a bad line."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: read: expected a readable sha256sum file, found {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_sums(text, str(path))
+
+
+def parse_sums(text: str, where: str) -> dict[str, str]:
+    """Parse `sha256sum` output (blank and # lines skipped) into {file name: lower-case SHA-256}."""
+    sums: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = _SUMS_LINE.fullmatch(line.rstrip())
+        if match is None:
+            raise PipelineError(f"{where}: line {number}: expected '<64 hex digits>  <file name>', found {line[:100]!r}")
+        digest, name = match[1].lower(), match[2]
+        # Two different digests for one name cannot both hold; keeping either would hide the other.
+        if sums.setdefault(name, digest) != digest:
+            raise PipelineError(f"{where}: line {number}: expected one digest for {name}, found {sums[name]} and {digest}")
+    return sums
 
 
 def source_fingerprint(source: str) -> str:
@@ -130,17 +193,17 @@ def _local_folder(source: str) -> Path | None:
 
 def _fetch_all(
     source: str, retries: int, backoff_s: float, timeout_s: float, log: Log, give_up_on_dns: bool
-) -> tuple[dict[str, bytes], str]:
-    """Return the four payloads from one source, and a description of it."""
+) -> tuple[dict[str, bytes], dict[str, bytes], bytes | None]:
+    """Return the four payloads from one source, the files as served (by name) and its SHA256SUMS file (or None)."""
     parsed = urllib.parse.urlparse(source)
     folder = _local_folder(source)
     if folder is not None:
         if not folder.is_dir():
             raise PipelineError(f"source {source}: expected a folder holding the four MNIST files, found no such folder")
-        get = lambda name: _read_local(folder / name, folder)  # noqa: E731
+        get = lambda name: _read_local(folder / name, folder)
     elif parsed.scheme in ("http", "https"):
         base = source if source.endswith("/") else source + "/"
-        get = lambda name: _http_get(base + name, retries, backoff_s, timeout_s, log, give_up_on_dns)  # noqa: E731
+        get = lambda name: _http_get(base + name, retries, backoff_s, timeout_s, log, give_up_on_dns)
     else:
         raise PipelineError(
             f"source {source}: expected auto, an http://, https:// or file:// URL, or a folder, found scheme {parsed.scheme!r}"
@@ -157,11 +220,7 @@ def _fetch_all(
                 break
         else:
             raise PipelineError(f"source {source}: missing file: expected {name}.gz (or {name}), found neither")
-    sums = get(SUMS_FILE)
-    if sums is not None:
-        # A SHA256SUMS file may list the payloads or the files as served (`sha256sum *.gz`): check both.
-        _check_sums(sums, {**as_served, **payloads}, source)
-    return payloads, source
+    return payloads, as_served, get(SUMS_FILE)
 
 
 def _read_local(path: Path, folder: Path) -> bytes | None:
@@ -209,51 +268,35 @@ def _http_get(url: str, retries: int, backoff_s: float, timeout_s: float, log: L
         attempt += 1
 
 
-def _check_sums(sums: bytes, files: dict[str, bytes], source: str) -> None:
-    """Verify files (by name) against a SHA256SUMS file; entries for names not fetched are ignored."""
-    for line in sums.decode(errors="replace").splitlines():
-        parts = line.split()
-        if len(parts) != 2:
-            continue
-        digest, name = parts[0].lower(), parts[1].lstrip("*")
-        if name in files:
-            found = sha256_bytes(files[name])
-            if found != digest:
-                raise PipelineError(f"{name}: {SUMS_FILE} digest: expected {digest}, found {found} (source {source})")
+def _check_sums(pins: dict[str, str], files: dict[str, bytes], source: str, by: str) -> None:
+    """Verify files (by name) against the digests of one pin list; it must cover every payload, by any of its names.
 
-
-def _verify(payloads: dict[str, bytes], expected: dict[str, str] | None) -> None:
-    """Check payload digests against the pinned ones; name the structural problem first if there is one.
-
-    Without pinned digests the structural checks are all there is, so they always run then.
+    Entries for names not fetched are ignored (a SHA256SUMS file may list more than the four files).
     """
-    wrong = [name for name in FILES if sha256_bytes(payloads[name]) != expected[name]] if expected else []
-    if expected and not wrong:
-        return
-    checks = Checks()
-    for images, labels in SPLITS.values():
-        check_split(payloads[images], payloads[labels], images, labels, checks)
-    checks.raise_first()
-    if not wrong:
-        return
-    name = wrong[0]
-    raise PipelineError(f"{name}: pinned SHA-256: expected {expected[name]}, found {sha256_bytes(payloads[name])}")
+    for payload in FILES:
+        names = [name for name in (payload, f"{payload}.gz") if name in files]
+        if not any(name in pins for name in names):
+            raise PipelineError(f"{by}: coverage: expected a digest for {' or '.join(names)}, found none (source {source})")
+        for name in names:
+            if name in pins and sha256_bytes(files[name]) != pins[name]:
+                raise PipelineError(f"{name}: {PIN_CHECKS[by]}: expected {pins[name]}, found {sha256_bytes(files[name])} "
+                                    f"(source {source})")
 
 
-def _store(payloads: dict[str, bytes], raw_dir: Path, served: str) -> ArtifactRef:
+def _store(payloads: dict[str, bytes], digests: dict[str, str], raw_dir: Path, served: str, pinned_by: list[str]) -> ArtifactRef:
     """Write the payloads gzipped into a work folder and publish it under the digest of the payloads."""
-    digests = {name: sha256_bytes(payloads[name]) for name in FILES}
+    meta = {"source": served, "payload_sha256": digests, "pinned_by": pinned_by, "mnist": digests == MNIST_SHA256}
     with workdir(raw_dir) as work:
         for name in FILES:
             # mtime=0 keeps the bytes a function of the payload alone; level 1: much faster than the default level
             # for a few percent more bytes.
             (work / f"{name}.gz").write_bytes(gzip.compress(payloads[name], compresslevel=1, mtime=0))
-        return publish("download", work, digest=sha256_json(digests), meta={"source": served, "payload_sha256": digests})
+        return publish("download", work, digest=sha256_json(digests), meta=meta)
 
 
 @task(name="download_mnist")
 def download_mnist(config: DownloadConfig, data_dir: Path, fingerprint: str = "") -> ArtifactRef:
-    """Download and verify the raw MNIST files into `data_dir/raw` (`fingerprint` keys the cache on local sources)."""
+    """Download and verify the raw IDX files into `data_dir/raw` (`fingerprint` keys the cache on local sources)."""
     return download_files(
         config.source,
         Path(data_dir) / "raw",

@@ -66,8 +66,9 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: 
         num_classes=num_classes,
         test_loss=float(scores["loss"]),
         test_accuracy=float(scores["accuracy"]),
-        train_loss=float(history["loss"][-1]),
-        train_accuracy=float(history["accuracy"][-1]),
+        # The epoch whose weights were kept (early stopping keeps the best, not the last).
+        train_loss=float(history["loss"][history["best_epoch"] - 1]),
+        train_accuracy=float(history["accuracy"][history["best_epoch"] - 1]),
     )
     metrics.update(model_digest=model.digest, data_digest=processed.digest)
     log(

@@ -1,4 +1,4 @@
-"""Train stage: fit the reference two-layer dense network on the train split and save it with its history.
+"""Train stage: fit a model (the reference dense network or a small CNN) with Keras's fit; save it with its history.
 
 TensorFlow is imported inside the functions that need it: a run whose stages are all cached never pays its
 import time (several seconds) nor its log noise.
@@ -6,20 +6,22 @@ import time (several seconds) nor its log noise.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.core import ArtifactRef, Log, publish, quiet, sha256_bytes, sha256_json, workdir, write_json
 from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
-from tasks.preprocess import PIXELS, SPLIT_FILES, load_split
+from tasks.models import MODEL_DEFAULTS, MODEL_HELP, build_model, describe_model
+from tasks.preprocess import SPLIT_FILES, load_split
 
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
@@ -29,24 +31,59 @@ LOSS = "sparse_categorical_crossentropy"
 PROGRESS_KEY = "mnist-training-progress"
 
 Progress = Callable[[int, int, dict[str, float]], None]
+# Settings every model has; the other entries of MODEL_DEFAULTS are size knobs of one model or another.
+COMMON = ("epochs", "batch_size", "learning_rate", "jit_compile")
+KNOBS = sorted({name for defaults in MODEL_DEFAULTS.values() for name in defaults} - set(COMMON))
 
 
 class TrainConfig(BaseModel):
-    """Hyperparameters of the reference model and the knobs that only change how fast it trains."""
+    """Which model to train, its hyperparameters, and the knobs that only change how fast it trains.
+
+    Epochs, batch size, learning rate and the size knobs default to the chosen model's (tasks.models.MODEL_DEFAULTS);
+    `resolved()` fills them in, and the train stage is keyed by the resolved config only.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(5, ge=1, description="training epochs")
-    batch_size: int = Field(128, ge=1, description="training batch size")
-    learning_rate: float = Field(0.001, gt=0, description="Adam learning rate")
-    hidden_units: int = Field(512, ge=1, description="units of the hidden dense layer")
+    model: Literal["mlp", "cnn"] = Field("mlp", description="the network: " + "; ".join(f"{k}: {v}" for k, v in MODEL_HELP.items()))
+    epochs: int | None = Field(None, ge=1, description="training epochs")
+    batch_size: int | None = Field(None, ge=1, description="training batch size")
+    learning_rate: float | None = Field(None, gt=0, description="Adam learning rate")
+    hidden_units: int | None = Field(None, ge=1, description="mlp: units of the hidden dense layer")
+    filters: int | None = Field(None, ge=1, description="cnn: filters of the first convolution (the second has twice as many)")
+    dense_units: int | None = Field(None, ge=1, description="cnn: units of the dense head")
+    dropout: float | None = Field(None, ge=0, lt=1, description="cnn: dropout rate before the output layer")
     # NumPy's seed range; keras.utils.set_random_seed seeds Python, NumPy and TensorFlow from it.
     seed: int = Field(42, ge=0, lt=2**32, description="random seed (same seed and data: same model)")
     validation_split: float = Field(
         0.0, ge=0, lt=1, description="fraction of the training rows held out for validation (the last rows)"
     )
+    patience: int | None = Field(
+        None, ge=1, description="stop when the validation loss has not improved for N epochs and keep the best weights "
+        "(needs --validation-split)"
+    )
     # Speed only: both are repeatable; they differ in the last bits of the weights (BENCHMARKS.md has the timings).
-    jit_compile: bool = Field(True, description="XLA-compile the epoch loop (faster on CPU)")
+    jit_compile: bool | None = Field(None, description="XLA-compile the training step")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        foreign = [name for name in KNOBS if getattr(self, name) is not None and name not in MODEL_DEFAULTS[self.model]]
+        if foreign:
+            owners = [kind for kind, defaults in MODEL_DEFAULTS.items() if foreign[0] in defaults]
+            raise ValueError(f"{foreign[0]}: a knob of model {' and '.join(owners)}, not of model {self.model}")
+        if self.patience is not None and self.validation_split == 0:
+            raise ValueError("patience: early stopping watches the validation loss; it needs validation_split > 0")
+        return self
+
+    def resolved(self) -> TrainConfig:
+        """Return this config with the model's defaults filled in (what the train stage runs and is keyed by)."""
+        defaults = MODEL_DEFAULTS[self.model]
+        return self.model_copy(update={name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults})
+
+    def knobs(self) -> dict[str, Any]:
+        """Return the size knobs of the resolved model, by name."""
+        resolved = self.resolved()
+        return {name: getattr(resolved, name) for name in MODEL_DEFAULTS[self.model] if name not in COMMON}
 
 
 def _no_progress(_done: int, _total: int, _logs: dict[str, float]) -> None:
@@ -57,82 +94,106 @@ def fit_model(
     processed: ArtifactRef,
     out_dir: Path,
     config: TrainConfig = TrainConfig(),
+    num_classes: int = NUM_CLASSES,
     log: Log = quiet,
     progress: Progress = _no_progress,
+    state_dir: Path | None = None,
 ) -> ArtifactRef:
-    """Fit the reference model on `train.parquet` of `processed` and publish the model, history and config under `out_dir`.
+    """Fit the configured model on `train.parquet` of `processed` and publish the model, history and config under `out_dir`.
 
-    `log` gets one line per epoch; `progress(epochs_done, epochs, logs)` is called after each epoch.
-    The artifact's digest covers the weights, the architecture, the per-epoch metrics and the config but not the
-    timings or the save date inside `model.keras`, so a repeatable rerun keeps downstream stages cached.
+    Training is Keras's `fit` with callbacks: `log` gets one line per epoch, `progress(epochs_done, epochs, logs)` is
+    called after each epoch, `config.patience` adds early stopping, and with `state_dir` every epoch is backed up
+    there, so a training killed mid-way resumes from its last finished epoch (the folder is removed once the model is
+    published). The artifact's digest covers the weights, the architecture, the per-epoch metrics and the config but
+    not the timings or the save date inside `model.keras`, so a repeatable rerun keeps downstream stages cached.
     """
+    from tasks.callbacks import EpochBackup, EpochRecorder
+
     tf, keras = import_tensorflow()
+    config = config.resolved()
     x, y = load_split(processed.path(SPLIT_FILES["train"]))
     train_rows = len(x)
     # Keras's validation_split: the last rows, before any shuffling.
     split = int(np.ceil(train_rows * (1.0 - config.validation_split)))
+    if config.patience is not None and split == train_rows:
+        raise ValueError(f"patience: needs validation rows; validation_split {config.validation_split} of {train_rows} rows leaves none")
+    steps = -(-split // config.batch_size)
 
     # A fresh session gives the same layer names on every call in one process; then seed everything.
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.hidden_units)
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate)
+    model = build_model(config.model, num_classes, **config.knobs())
     with deterministic_after(tf):
-        # Compiled for the saved model's training config only: the epochs run in `_epoch_runner` below.
-        model.compile(optimizer=optimizer, loss=LOSS, metrics=["accuracy"])
-    optimizer.build(model.trainable_variables)
-    shuffle = np.random.default_rng(config.seed)
+        # One compiled call per epoch: no per-batch Python work between the XLA-compiled steps (BENCHMARKS.md).
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate), loss=LOSS,
+                      metrics=["accuracy"], jit_compile=config.jit_compile, steps_per_execution=steps)
 
-    fit_started = time.perf_counter()
+    recorder = EpochRecorder(config.epochs, log, progress)
+    callbacks: list[Any] = [recorder]
+    stopper = None
+    if config.patience is not None:
+        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience, restore_best_weights=True)
+        callbacks.append(stopper)
+    done = 0
+    if state_dir is not None:
+        backup = EpochBackup(state_dir, recorder)
+        done = backup.restore(model)
+        if done:
+            log(f"resuming from epoch {done}/{config.epochs} of an interrupted training (state in {state_dir})")
+        callbacks.append(backup)
+
     x_train, y_train = _as_tensor(tf, x[:split]), tf.constant(y[:split].astype(np.int32))
     validation = (_as_tensor(tf, x[split:]), tf.constant(y[split:].astype(np.int32))) if split < train_rows else None
     del x  # the tensors hold the only copy of the pixels from here on
-    run_epoch = _epoch_runner(tf, model, optimizer, x_train, y_train, config.batch_size, config.jit_compile)
-    score = _scorer(tf, model, config.jit_compile)
-    metrics: dict[str, list[float]] = {"loss": [], "accuracy": []}
-    epoch_seconds: list[float] = []
-    for epoch in range(config.epochs):
-        started = time.perf_counter()
-        # Shuffled every epoch, as Keras's fit does; the order comes from the seed.
-        loss, accuracy = run_epoch(tf.constant(shuffle.permutation(split).astype(np.int32)))
-        values = {"loss": float(loss), "accuracy": float(accuracy)}
-        if validation is not None:
-            val_loss, val_accuracy = score(*validation)
-            values.update(val_loss=float(val_loss), val_accuracy=float(val_accuracy))
-        seconds = time.perf_counter() - started
-        epoch_seconds.append(seconds)
-        for name, value in values.items():
-            metrics.setdefault(name, []).append(value)
-        log(f"epoch {epoch + 1}/{config.epochs}: {_format_metrics(values)}, {seconds:.1f} s")
-        progress(epoch + 1, config.epochs, values)
+    fit_started = time.perf_counter()
+    model.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.epochs, initial_epoch=done, shuffle=True,
+              validation_data=validation, callbacks=callbacks, verbose=0)
     fit_seconds = time.perf_counter() - fit_started
 
-    metrics = dict(sorted(metrics.items()))
-    history = {"schema_version": 1, "epochs": config.epochs, **metrics, "epoch_seconds": epoch_seconds, "fit_seconds": fit_seconds}
+    metrics = dict(sorted(recorder.metrics.items()))
+    epochs_run = len(recorder.epoch_seconds)
+    # EarlyStopping keeps the weights of the best epoch (0-based); without it, the last epoch's.
+    best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else epochs_run
+    history = {
+        "schema_version": 2,
+        "epochs": config.epochs,
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch,
+        "stopped_early": epochs_run < config.epochs,
+        "resumed_from_epoch": done or None,
+        **metrics,
+        "epoch_seconds": recorder.epoch_seconds,
+        "fit_seconds": fit_seconds,
+    }
     resolved = {
-        "schema_version": 1,
-        **config.model_dump(mode="json"),
+        "schema_version": 2,
+        **config.model_dump(mode="json", exclude={name for name in KNOBS if getattr(config, name) is None}),
         # What compile() was given besides the config, so config.json alone describes the run.
         "optimizer": "adam",
         "loss": LOSS,
         "metrics": ["accuracy"],
+        "num_classes": num_classes,
+        "architecture": describe_model(model),
         "processed_digest": processed.digest,
         "train_rows": train_rows,
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
     }
-    digest = sha256_json(
-        {"weights": weights_digest(model), "architecture": model.get_config(), "metrics": metrics, "config": resolved}
-    )
-    meta = {"train_loss": metrics["loss"][-1], "train_accuracy": metrics["accuracy"][-1]}
-    meta.update({name: values[-1] for name, values in metrics.items() if name.startswith("val_")})
-    meta.update(epochs=config.epochs, fit_seconds=round(fit_seconds, 3))
+    digest = sha256_json({"weights": weights_digest(model), "architecture": model.get_config(),
+                          "metrics": metrics, "config": resolved, "best_epoch": best_epoch})
+    at_best = {name: values[best_epoch - 1] for name, values in metrics.items()}
+    meta = {"model": config.model, "train_loss": at_best["loss"], "train_accuracy": at_best["accuracy"],
+            **{name: value for name, value in at_best.items() if name.startswith("val_")},
+            "epochs": epochs_run, "best_epoch": best_epoch, "fit_seconds": round(fit_seconds, 3)}
 
     with workdir(out_dir) as work:
         model.save(work / MODEL_FILE)
         write_json(work / HISTORY_FILE, history)
         write_json(work / CONFIG_FILE, resolved)
-        return publish("train", work, digest=digest, meta=meta)
+        ref = publish("train", work, digest=digest, meta=meta)
+    if state_dir is not None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return ref
 
 
 def _as_tensor(tf: Any, array: np.ndarray) -> Any:
@@ -151,102 +212,43 @@ def _as_tensor(tf: Any, array: np.ndarray) -> Any:
     return tf.experimental.dlpack.from_dlpack(rows.__dlpack__())
 
 
-def _epoch_runner(tf: Any, model: Any, optimizer: Any, x: Any, y: Any, batch_size: int, jit_compile: bool) -> Callable[[Any], Any]:
-    """Return `run_epoch(order) -> (mean loss, accuracy)`: one pass over `x`, `y` in batches taken in `order`.
-
-    The whole epoch is one compiled TensorFlow function (a while loop over the batches, XLA-compiled when
-    `jit_compile`): no per-batch Python, data pipeline or callback work. Each step is Keras's: the model's forward
-    pass, sparse categorical cross-entropy averaged over the batch, gradients, one Adam update. The last, short
-    batch is padded to the batch size and its padding weighted 0, so its loss is the mean over its real rows (as
-    in Keras) while every step keeps one shape and XLA compiles once.
-    """
-    import keras
-
-    rows = int(x.shape[0])
-    steps = -(-rows // batch_size)
-    padding = steps * batch_size - rows
-    variables = model.trainable_variables
-
-    @tf.function(jit_compile=jit_compile)
-    def run_epoch(order: Any) -> Any:
-        order = tf.concat([order, tf.zeros([padding], tf.int32)], axis=0)
-
-        def step(i: Any, loss_sum: Any, hits: Any) -> Any:
-            batch = tf.slice(order, [i * batch_size], [batch_size])
-            xb, yb = tf.gather(x, batch), tf.gather(y, batch)
-            real = tf.cast(tf.range(batch_size) < rows - i * batch_size, tf.float32)
-            with tf.GradientTape() as tape:
-                probabilities = model(xb, training=True)
-                losses = keras.losses.get(LOSS)(yb, probabilities) * real
-                loss = tf.reduce_sum(losses) / tf.reduce_sum(real)
-            optimizer.apply(tape.gradient(loss, variables), variables)
-            correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), yb), tf.float32) * real
-            return i + 1, loss_sum + tf.reduce_sum(losses), hits + tf.reduce_sum(correct)
-
-        _, loss_sum, hits = tf.while_loop(lambda i, *_: i < steps, step, [tf.constant(0), tf.constant(0.0), tf.constant(0.0)])
-        return loss_sum / rows, hits / rows
-
-    return run_epoch
-
-
-def _scorer(tf: Any, model: Any, jit_compile: bool) -> Callable[[Any, Any], Any]:
-    """Return `score(x, y) -> (mean loss, accuracy)` of the model in inference mode, for the validation rows."""
-    import keras
-
-    @tf.function(jit_compile=jit_compile)
-    def score(x: Any, y: Any) -> Any:
-        probabilities = model(x, training=False)
-        loss = tf.reduce_mean(keras.losses.get(LOSS)(y, probabilities))
-        correct = tf.cast(tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), y), tf.float32)
-        return loss, tf.reduce_mean(correct)
-
-    return score
-
-
-def build_model(hidden_units: int = 512) -> Any:
-    """Return the reference network: 784 inputs, one ReLU layer, a 10-way softmax."""
-    _, keras = import_tensorflow()
-    from keras import layers
-
-    return keras.Sequential(
-        [
-            keras.Input((PIXELS,)),
-            layers.Dense(hidden_units, activation="relu"),
-            layers.Dense(NUM_CLASSES, activation="softmax"),
-        ]
-    )
-
-
 def weights_digest(model: Any) -> str:
     """Return the SHA-256 of a model's weights (shapes, dtypes and bytes, in layer order)."""
     parts = [f"{w.dtype}{w.shape}:{sha256_bytes(np.ascontiguousarray(w).tobytes())}" for w in model.get_weights()]
     return sha256_json(parts)
 
 
-def _format_metrics(values: dict[str, float]) -> str:
-    # Train metrics first, validation metrics after, in a stable order.
-    names = sorted(values, key=lambda name: (name.startswith("val_"), name.removeprefix("val_") != "loss", name))
-    return ", ".join(f"{name} {values[name]:.4f}" for name in names)
+def state_folder(artifacts_dir: Path, processed: ArtifactRef, config: TrainConfig, num_classes: int) -> Path:
+    """Return where the training of `config` on `processed` keeps its resume state: one folder per training."""
+    identity = sha256_json({"data": processed.digest, "config": config.resolved().model_dump(mode="json"), "classes": num_classes})
+    return Path(artifacts_dir) / "train-state" / identity[:32]
 
 
 @task(name="train_model")
-def train_model(processed: ArtifactRef, config: TrainConfig, artifacts_dir: Path) -> ArtifactRef:
+def train_model(processed: ArtifactRef, config: TrainConfig, num_classes: int, artifacts_dir: Path) -> ArtifactRef:
     """Train the model and write it with its history under `artifacts_dir/models`, reporting progress per epoch."""
+    from tasks.callbacks import format_metrics
+
     logger = get_run_logger()
+    config = config.resolved()
     artifact_id = create_progress_artifact(progress=0.0, key=PROGRESS_KEY, description=f"Training: 0/{config.epochs} epochs")
 
     def report(done: int, total: int, logs: dict[str, float]) -> None:
         try:
             update_progress_artifact(
-                artifact_id, progress=100.0 * done / total, description=f"Training: {done}/{total} epochs, {_format_metrics(logs)}"
+                artifact_id, progress=100.0 * done / total, description=f"Training: {done}/{total} epochs, {format_metrics(logs)}"
             )
         except Exception as exc:  # a lost progress update must not abort a long training run
             logger.warning("could not update the progress artifact: %s", exc)
 
-    ref = fit_model(processed, Path(artifacts_dir) / "models", config, log=logger.info, progress=report)
+    ref = fit_model(processed, Path(artifacts_dir) / "models", config, num_classes, log=logger.info, progress=report,
+                    state_dir=state_folder(artifacts_dir, processed, config, num_classes))
+    stopped = f", stopped early after {ref.meta['epochs']} epochs (best: {ref.meta['best_epoch']})" if ref.meta["epochs"] < config.epochs else ""
     logger.info(
-        "trained in %.1f s: loss %.4f, accuracy %.4f; model %s",
+        "trained %s in %.1f s%s: loss %.4f, accuracy %.4f; model %s",
+        config.model,
         ref.meta["fit_seconds"],
+        stopped,
         ref.meta["train_loss"],
         ref.meta["train_accuracy"],
         ref.path(MODEL_FILE),

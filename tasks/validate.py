@@ -13,21 +13,34 @@ from tasks.download import SPLITS
 from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
 
 VALIDATION_FILE = "validation.json"
+# Version 2: the report records num_classes and where the raw files came from (the "source" block).
+SCHEMA_VERSION = 2
+# The size of each MNIST split, checked when the raw files are MNIST's and the config sets no count.
+MNIST_COUNTS = {"train": 60000, "test": 10000}
 
 
 class ValidateConfig(BaseModel):
-    """Expected size of each split (None: any size)."""
+    """Expected size of each split (None: MNIST's for MNIST's files, any size for other data)."""
 
-    train_count: int | None = 60000
-    test_count: int | None = 10000
+    train_count: int | None = None
+    test_count: int | None = None
 
 
-def validate_files(raw: ArtifactRef, out_dir: Path, config: ValidateConfig = ValidateConfig()) -> ArtifactRef:
+def validate_files(
+    raw: ArtifactRef,
+    out_dir: Path,
+    config: ValidateConfig = ValidateConfig(),  # noqa: B008 (never mutated)
+    num_classes: int = NUM_CLASSES,
+) -> ArtifactRef:
     """Check every raw file and publish a JSON report under `out_dir`; raise PipelineError on the first failure."""
     checks = Checks()
     splits = {}
-    expected = {"train": config.train_count, "test": config.test_count}
+    mnist = bool(raw.meta.get("mnist", False))
+    configured = {"train": config.train_count, "test": config.test_count}
     for split, (images_name, labels_name) in SPLITS.items():
+        expected = configured[split]
+        if expected is None and mnist:
+            expected = MNIST_COUNTS[split]
         images_file, labels_file = f"{images_name}.gz", f"{labels_name}.gz"
         arrays = check_split(
             read_payload(raw.path(images_file)),
@@ -35,20 +48,35 @@ def validate_files(raw: ArtifactRef, out_dir: Path, config: ValidateConfig = Val
             images_file,
             labels_file,
             checks,
-            expected[split],
+            expected,
+            num_classes,
         )
         if arrays is not None:
-            splits[split] = summarize(*arrays)
+            splits[split] = summarize(*arrays, num_classes=num_classes)
     checks.raise_first()
-    report = {"schema_version": 1, "raw_digest": raw.digest, "passed": True, "checks": checks.items, "splits": splits}
+    source = {
+        "location": raw.meta.get("source"),
+        "payload_sha256": raw.meta.get("payload_sha256", {}),
+        "pinned_by": list(raw.meta.get("pinned_by", [])),
+        "mnist": mnist,
+    }
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "raw_digest": raw.digest,
+        "passed": True,
+        "num_classes": num_classes,
+        "source": source,
+        "checks": checks.items,
+        "splits": splits,
+    }
     with workdir(out_dir) as work:
         write_json(work / VALIDATION_FILE, report)
         return publish("validate", work, meta={"splits": splits, "checks": len(checks.items)})
 
 
-def summarize(images: np.ndarray, labels: np.ndarray) -> dict:
+def summarize(images: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLASSES) -> dict:
     """Return the data summary of one split: shape, dtype, label range, class counts, pixel mean/std."""
-    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    counts = np.bincount(labels, minlength=num_classes)
     # A histogram of the 256 pixel values gives exact moments without a float copy of the images.
     hist = sum(np.bincount(chunk.ravel(), minlength=256) for chunk in np.array_split(images, max(1, len(images) // 5000)))
     values = np.arange(256)
@@ -56,7 +84,7 @@ def summarize(images: np.ndarray, labels: np.ndarray) -> dict:
     mean = float((hist * values).sum() / pixels)
     std = float(np.sqrt((hist * (values - mean) ** 2).sum() / pixels))
     return {
-        "count": int(len(images)),
+        "count": len(images),
         "shape": list(images.shape),
         "dtype": str(images.dtype),
         "label_range": [int(labels.min()), int(labels.max())] if len(labels) else [],
@@ -67,8 +95,12 @@ def summarize(images: np.ndarray, labels: np.ndarray) -> dict:
 
 
 @task(name="validate_mnist")
-def validate_mnist(raw: ArtifactRef, config: ValidateConfig, artifacts_dir: Path) -> ArtifactRef:
-    """Validate the raw files and write `validation.json` under `artifacts_dir/validation`."""
-    ref = validate_files(raw, Path(artifacts_dir) / "validation", config)
-    get_run_logger().info("all %d checks passed; report %s", ref.meta["checks"], ref.path(VALIDATION_FILE))
+def validate_mnist(raw: ArtifactRef, config: ValidateConfig, num_classes: int, artifacts_dir: Path) -> ArtifactRef:
+    """Validate the raw files for `num_classes` classes and write `validation.json` under `artifacts_dir/validation`."""
+    logger = get_run_logger()
+    if not raw.meta.get("pinned_by"):
+        logger.warning("source %s was not pinned (no SHA256SUMS, no --sha256): its files are trusted on the IDX checks "
+                       "alone", raw.meta.get("source"))
+    ref = validate_files(raw, Path(artifacts_dir) / "validation", config, num_classes)
+    logger.info("all %d checks passed; report %s", ref.meta["checks"], ref.path(VALIDATION_FILE))
     return ref

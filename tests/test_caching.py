@@ -113,3 +113,12 @@ def test_a_template_is_code_of_the_stage_that_renders_it(package_copy):
     edit(copy / "tasks" / "report" / "templates" / "report.md.j2")
     after_report, after_train = read()
     assert after_report != report and after_train == train
+
+
+def test_deriving_a_code_version_imports_none_of_the_stage_code():
+    # `from tasks.callbacks import EpochBackup` inside a function: resolving the name must not import the module
+    # (which imports Keras), or every cached run would pay TensorFlow's import.
+    code = ("import sys; from tasks.caching import code_version; code_version('tasks.train'); "
+            "assert 'tasks.callbacks' in __import__('tasks.caching').caching.project_modules('tasks.train'); "
+            "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

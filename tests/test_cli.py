@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tree_state
-from synthetic import idx_bytes, make_split, payloads, write_source
+from synthetic import idx_bytes, make_split, payloads, write_source, write_sums
 
 
 def cli(*args, env=None, api_url=None):
@@ -26,9 +26,9 @@ def cli(*args, env=None, api_url=None):
 def good(tmp_path_factory, prefect_api_url):
     """A synthetic source, its pins, and roots that already hold one successful run."""
     base = tmp_path_factory.mktemp("cli")
-    digests = write_source(base / "source")
+    # A dataset of the user's own: no pins, as most sources come (the content checks are all there is).
+    write_source(base / "source")
     env = {
-        "MNIST_PIPELINE_DOWNLOAD__SHA256": json.dumps(digests),
         "MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]",
         "MNIST_PIPELINE_DOWNLOAD__RETRIES": "0",
         "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
@@ -103,7 +103,8 @@ MALFORMED = {
     "label of 10": ("train-labels-idx1-ubyte", gzip.compress(_labels(last=10)), "label range: expected 0..9, found 0..10"),
     "fewer labels": ("train-labels-idx1-ubyte", gzip.compress(_labels(n=199)), "count match: expected 200 labels (one per image), found 199"),
     "28x27 images": ("train-images-idx3-ubyte", gzip.compress(_images(shape=(28, 27))), "image size: expected 28x28, found 28x27"),
-    "digest differs": ("t10k-images-idx3-ubyte", gzip.compress(_flip_pixel(GOOD["t10k-images-idx3-ubyte"])), "pinned SHA-256"),
+    # With the good files' SHA256SUMS beside it (written by the test).
+    "digest differs": ("t10k-images-idx3-ubyte", gzip.compress(_flip_pixel(GOOD["t10k-images-idx3-ubyte"])), "SHA256SUMS digest: expected"),
     "html page": ("t10k-labels-idx1-ubyte", b"<!DOCTYPE html><html><body>Moved</body></html>", "found an HTML/XML document"),
 }
 
@@ -113,6 +114,8 @@ def test_malformed_source_fails_with_one_line_and_leaves_artifacts_intact(good, 
     name, data, fragment = MALFORMED[case]
     source = tmp_path / "bad"
     write_source(source)
+    if case == "digest differs":
+        write_sums(source)
     (source / f"{name}.gz").write_bytes(data)
     base = good["base"]
     before = tree_state(base / "data", base / "artifacts")
@@ -125,8 +128,44 @@ def test_malformed_source_fails_with_one_line_and_leaves_artifacts_intact(good, 
     assert message.startswith("mnist-pipeline: error: ")
     assert name in message and fragment in message, message
     assert "Traceback" not in result.stderr
-    assert tree_state(base / "data", base / "artifacts") == before
+    after = tree_state(base / "data", base / "artifacts")
+    assert {path: after.get(path) for path in before} == before
+    # Only labels beyond the classes pass the download (which cannot know the classes) and fail in validate.
+    if case != "label of 10":
+        assert after == before
     assert not list((base / "data").rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--class-names", "a,b,c"], "class_names: expected 10 names (one per class, num_classes 10), found 3"),
+        (["--num-classes", "3", "--class-names", "a,b"], "expected 3 names"),
+        (["--class-names", "a,a,b,c,d,e,f,g,h,i"], "expected distinct names, found 'a' more than once"),
+        (["--model", "cnn", "--hidden-units", "64"], "hidden_units: a knob of model mlp, not of model cnn"),
+        (["--patience", "2"], "patience: early stopping watches the validation loss; it needs validation_split > 0"),
+        (["--sha256", "/no/such/SHA256SUMS"], "/no/such/SHA256SUMS: read: expected a readable sha256sum file"),
+    ],
+)
+def test_bad_settings_fail_with_one_line_before_anything_runs(good, flags, fragment):
+    base = good["base"]
+    before = tree_state(base / "data", base / "artifacts")
+    result = cli("run", "--source", str(base / "source"), *good["roots"], *flags, env=good["env"], api_url=good["api"])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr  # one line
+    assert result.stderr.startswith("mnist-pipeline: error: ") and fragment in result.stderr, result.stderr
+    assert tree_state(base / "data", base / "artifacts") == before
+
+
+def test_sha256_file_pins_the_source(good, tmp_path):
+    from synthetic import sums_text
+
+    sums = tmp_path / "pins.txt"
+    sums.write_text(sums_text({name: "0" * 64 for name in payloads()}))
+    result = cli("run", "--until", "download", "--source", str(good["base"] / "source"), "--sha256", str(sums),
+                 *good["roots"], env=good["env"], api_url=good["api"])
+    assert result.returncode == 1
+    assert "--sha256 digest: expected " + "0" * 64 in result.stderr.strip().splitlines()[-1]
 
 
 def test_unknown_stage_is_a_usage_error():
@@ -191,3 +230,36 @@ def test_prefect_sees_the_cli_defaults_set_before_it_is_imported():
     env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["120", "1"]
+
+
+def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, prefect_api_url):
+    import signal
+    import time
+
+    write_source(tmp_path / "source", n_train=2000, n_test=50)
+    args = ["run", "--source", str(tmp_path / "source"), "--data-dir", str(tmp_path / "data"), "--artifacts-dir",
+            str(tmp_path / "artifacts"), "--epochs", "40", "--hidden-units", "256", "--batch-size", "16", "--json"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=Path(__file__).resolve().parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "artifacts").glob("train-state/*/state.json")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before its first epoch was backed up"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    (state,) = (tmp_path / "artifacts").glob("train-state/*/state.json")
+    done = json.loads(state.read_text())["epoch"]
+    assert 1 <= done < 40
+
+    result = cli(*args, api_url=prefect_api_url)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from epoch {done}/40 of an interrupted training" in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["stages"]["train"]["state"] == "completed"
+    history = json.loads(next(Path(p) for p in summary["stages"]["train"]["artifacts"] if p.endswith("history.json")).read_text())
+    assert history["resumed_from_epoch"] == done and len(history["loss"]) == 40
+    assert summary["metrics"]["test_accuracy"] > 0.9
+    assert not state.parent.exists()

@@ -3,16 +3,33 @@
 import gzip
 import hashlib
 import http.server
+import json
 import socket
 import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from synthetic import idx_bytes, make_split, payloads, write_source
+from synthetic import (
+    idx_bytes,
+    make_split,
+    payloads,
+    sums_text,
+    write_source,
+    write_sums,
+)
 
 from tasks.core import PipelineError, sha256_json
-from tasks.download import FILES, SUMS_FILE, download_files, source_fingerprint
+from tasks.download import (
+    FILES,
+    MNIST_SHA256,
+    SNAPSHOT_DIR,
+    SUMS_FILE,
+    DownloadConfig,
+    download_files,
+    read_sums,
+    source_fingerprint,
+)
 
 GOOD = payloads()
 GOOD_SHA = {name: hashlib.sha256(data).hexdigest() for name, data in GOOD.items()}
@@ -46,7 +63,13 @@ def assert_stored(ref, raw_dir: Path, expected: dict[str, bytes] = GOOD) -> None
         assert data[:2] == b"\x1f\x8b"
         assert hashlib.sha256(gzip.decompress(data)).hexdigest() == digests[name]
     assert ref.meta["payload_sha256"] == digests
+    assert ref.meta["mnist"] is (digests == MNIST_SHA256)
+    assert json.loads(json.dumps(ref.meta)) == ref.meta  # plain JSON: it travels in Prefect's result records
     assert ref.problem() is None
+
+
+def not_pinned_lines(log: list[str]) -> list[str]:
+    return [m for m in log if "is not pinned" in m]
 
 
 # --- local sources ------------------------------------------------------------------------------------------------
@@ -61,7 +84,27 @@ def test_local_gz_folder(tmp_path, pinned):
     assert_stored(ref, tmp_path / "raw")
     assert ref.path(f"{FILES[0]}.gz").parent.name == GOOD_FOLDER
     assert ref.meta["source"] == str(source)
+    assert ref.meta["pinned_by"] == (["--sha256"] if pinned else [])
+    assert len(not_pinned_lines(log)) == (0 if pinned else 1)
     assert f"served by {source}" in log
+
+
+def test_an_unpinned_source_is_accepted_and_its_digests_logged(tmp_path):
+    source = tmp_path / "src"
+    write_source(source, payloads(n_train=90, n_test=30, num_classes=3))
+    log = []
+    ref = download_files(str(source), tmp_path / "raw", log=log.append)
+    digests = ref.meta["payload_sha256"]
+    assert ref.meta["pinned_by"] == [] and ref.meta["mnist"] is False
+    assert sorted(digests) == sorted(FILES)
+    assert not_pinned_lines(log) == [
+        f"source {source} is not pinned (no {SUMS_FILE}, no --sha256): accepted on the IDX checks alone; "
+        "payload SHA-256 recorded: " + ", ".join(f"{name} {digests[name]}" for name in FILES)
+    ]
+
+
+def test_nothing_is_pinned_by_default():
+    assert DownloadConfig().sha256 is None
 
 
 def test_plain_and_gz_folders_give_the_same_artifact(tmp_path):
@@ -151,10 +194,6 @@ MALFORMED = {
         _write_raw("t10k-images-idx3-ubyte.gz", _truncated_gz),
         f"t10k-images-idx3-ubyte.gz: gzip: expected a complete gzip stream, found it truncated after {len(_truncated_gz)} bytes",
     ),
-    "label-10": (
-        _replace("train-labels-idx1-ubyte", idx_bytes(_label_10)),
-        "train-labels-idx1-ubyte: label range: expected 0..9, found 0..10",
-    ),
     "fewer-labels": (
         _replace("t10k-labels-idx1-ubyte", idx_bytes(_test_labels[:-1])),
         "t10k-labels-idx1-ubyte: count match: expected 50 labels (one per image), found 49",
@@ -195,8 +234,19 @@ def test_payload_that_differs_from_the_pinned_digest(tmp_path):
     with pytest.raises(PipelineError) as info:
         download_files(str(tmp_path / "src"), tmp_path / "raw", expected_sha256=GOOD_SHA)
 
-    assert str(info.value) == f"t10k-images-idx3-ubyte: pinned SHA-256: expected {GOOD_SHA['t10k-images-idx3-ubyte']}, found {found}"
+    assert str(info.value) == (
+        f"t10k-images-idx3-ubyte: --sha256 digest: expected {GOOD_SHA['t10k-images-idx3-ubyte']}, found {found} "
+        f"(source {tmp_path / 'src'})"
+    )
     assert published(tmp_path / "raw") == []
+
+
+def test_labels_beyond_9_are_left_to_validate(tmp_path):
+    # Download cannot know the number of classes: a dataset of 11 or more classes is structurally fine.
+    files = {**GOOD, "train-labels-idx1-ubyte": idx_bytes(_label_10)}
+    write_source(tmp_path / "src", files)
+    ref = download_files(str(tmp_path / "src"), tmp_path / "raw")
+    assert_stored(ref, tmp_path / "raw", files)
 
 
 def test_without_pinned_digests_a_structurally_valid_payload_is_accepted(tmp_path):
@@ -212,7 +262,7 @@ def test_a_failed_download_leaves_an_earlier_artifact_untouched(tmp_path):
     good = download_files(str(tmp_path / "good"), tmp_path / "raw", expected_sha256=GOOD_SHA)
     folder = good.path(f"{FILES[0]}.gz").parent
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.iterdir()}
-    MALFORMED["label-10"][0](tmp_path / "bad")
+    MALFORMED["28x27"][0](tmp_path / "bad")
 
     with pytest.raises(PipelineError):
         download_files(str(tmp_path / "bad"), tmp_path / "raw", expected_sha256=GOOD_SHA)
@@ -268,8 +318,11 @@ def test_matching_sha256sums_passes(tmp_path, form):
     else:
         entries = dict(GOOD_SHA)
     (source / SUMS_FILE).write_text("# checksums\n" + _sums(entries, binary=form == "binary-marker"))
-    ref = download_files(str(source), tmp_path / "raw", expected_sha256=None)
+    log = []
+    ref = download_files(str(source), tmp_path / "raw", expected_sha256=None, log=log.append)
     assert_stored(ref, tmp_path / "raw")
+    assert ref.meta["pinned_by"] == ["SHA256SUMS"]
+    assert not_pinned_lines(log) == []
 
 
 @pytest.mark.parametrize("listed", ["train-labels-idx1-ubyte", "train-labels-idx1-ubyte.gz"])
@@ -292,6 +345,134 @@ def test_sha256sums_entries_for_files_not_fetched_are_ignored(tmp_path):
     (source / SUMS_FILE).write_text(_sums({**GOOD_SHA, **{f"{n}.gz": "0" * 64 for n in FILES}, "README": "1" * 64}))
     ref = download_files(str(source), tmp_path / "raw", expected_sha256=GOOD_SHA)
     assert_stored(ref, tmp_path / "raw")
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["gz-digests", "payload-digests"])
+def test_sha256sums_written_by_the_helper_pin_the_source(tmp_path, served):
+    source = tmp_path / "src"
+    write_source(source)
+    entries = write_sums(source, served=served)
+    assert sorted(entries) == sorted(f"{n}.gz" if served else n for n in FILES)
+    ref = download_files(str(source), tmp_path / "raw")
+    assert_stored(ref, tmp_path / "raw")
+    assert ref.meta["pinned_by"] == ["SHA256SUMS"]
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gz-files", "plain-files"])
+def test_sha256sums_missing_a_file_is_refused(tmp_path, gz):
+    source = tmp_path / "src"
+    write_source(source, gz=gz)
+    entries = write_sums(source)
+    del entries["t10k-labels-idx1-ubyte"]
+    write_sums(source, entries)
+    names = "t10k-labels-idx1-ubyte or t10k-labels-idx1-ubyte.gz" if gz else "t10k-labels-idx1-ubyte"
+
+    with pytest.raises(PipelineError) as info:
+        download_files(str(source), tmp_path / "raw")
+
+    assert str(info.value) == f"SHA256SUMS: coverage: expected a digest for {names}, found none (source {source})"
+    assert published(tmp_path / "raw") == []
+
+
+def test_sha256sums_of_gz_names_does_not_cover_plain_files(tmp_path):
+    # The .gz digests say nothing about plain files served in their place.
+    source = tmp_path / "src"
+    write_source(source, gz=False)
+    write_sums(source, {f"{n}.gz": "0" * 64 for n in FILES})
+    with pytest.raises(PipelineError, match=r"^SHA256SUMS: coverage: expected a digest for train-images-idx3-ubyte, found none"):
+        download_files(str(source), tmp_path / "raw")
+    assert published(tmp_path / "raw") == []
+
+
+def test_malformed_sha256sums_in_the_source_names_the_line(tmp_path):
+    source = tmp_path / "src"
+    write_source(source)
+    (source / SUMS_FILE).write_text(sums_text(GOOD_SHA) + "not a checksum line\n")
+    with pytest.raises(PipelineError) as info:
+        download_files(str(source), tmp_path / "raw")
+    assert str(info.value) == (
+        f"{source}/{SUMS_FILE}: line 5: expected '<64 hex digits>  <file name>', found 'not a checksum line'"
+    )
+    assert published(tmp_path / "raw") == []
+
+
+# --- explicit pins (--sha256 FILE) --------------------------------------------------------------------------------
+
+
+def test_read_sums_reads_sha256sum_output(tmp_path):
+    path = tmp_path / "pins.sha256"
+    path.write_text("# pins\n\n" + _sums({FILES[0]: GOOD_SHA[FILES[0]].upper()}) + _sums({"b.gz": "a" * 64}, binary=True))
+    assert read_sums(path) == {FILES[0]: GOOD_SHA[FILES[0]], "b.gz": "a" * 64}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("abc123  train-images-idx3-ubyte\n", "line 1: expected '<64 hex digits>  <file name>', found 'abc123  train-images-idx3-ubyte'"),
+        (f"{'a' * 64}\n", f"line 1: expected '<64 hex digits>  <file name>', found '{'a' * 64}'"),
+        (f"{'a' * 64}  x\n{'b' * 64}  x\n", f"line 2: expected one digest for x, found {'a' * 64} and {'b' * 64}"),
+    ],
+    ids=["short-digest", "no-name", "two-digests"],
+)
+def test_read_sums_names_the_file_and_the_bad_line(tmp_path, text, problem):
+    path = tmp_path / "pins.sha256"
+    path.write_text(text)
+    with pytest.raises(PipelineError) as info:
+        read_sums(path)
+    assert str(info.value) == f"{path}: {problem}"
+
+
+def test_read_sums_of_a_missing_file(tmp_path):
+    with pytest.raises(PipelineError) as info:
+        read_sums(tmp_path / "absent")
+    assert str(info.value) == f"{tmp_path / 'absent'}: read: expected a readable sha256sum file, found No such file or directory"
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["gz-digests", "payload-digests"])
+def test_explicit_pins_from_a_sums_file_pin_a_folder(tmp_path, served):
+    source = tmp_path / "src"
+    write_source(source)
+    pins_file = tmp_path / "pins.sha256"
+    write_sums(source, served=served)
+    (source / SUMS_FILE).rename(pins_file)  # the pins live outside the source
+    log = []
+    ref = download_files(str(source), tmp_path / "raw", expected_sha256=read_sums(pins_file), log=log.append)
+    assert_stored(ref, tmp_path / "raw")
+    assert ref.meta["pinned_by"] == ["--sha256"]
+    assert not_pinned_lines(log) == []
+
+
+def test_explicit_pins_and_sha256sums_both_check(tmp_path, http_source):
+    url, _ = http_source({**gz_files(), SUMS_FILE: sums_text(GOOD_SHA).encode()})
+    ref = download_files(url, tmp_path / "raw", expected_sha256=dict(GOOD_SHA), **FAST)
+    assert_stored(ref, tmp_path / "raw")
+    assert ref.meta["pinned_by"] == ["SHA256SUMS", "--sha256"]
+
+
+def test_a_wrong_explicit_pin_is_refused_even_with_a_matching_sha256sums(tmp_path):
+    source = tmp_path / "src"
+    write_source(source)
+    write_sums(source)
+    pins = {**GOOD_SHA, "train-labels-idx1-ubyte": "e" * 64}
+    with pytest.raises(PipelineError) as info:
+        download_files(str(source), tmp_path / "raw", expected_sha256=pins)
+    assert str(info.value) == (
+        f"train-labels-idx1-ubyte: --sha256 digest: expected {'e' * 64}, found {GOOD_SHA['train-labels-idx1-ubyte']} "
+        f"(source {source})"
+    )
+    assert published(tmp_path / "raw") == []
+
+
+def test_explicit_pins_missing_a_file_are_refused(tmp_path):
+    write_source(tmp_path / "src")
+    pins = {n: d for n, d in GOOD_SHA.items() if n != "train-images-idx3-ubyte"}
+    with pytest.raises(PipelineError) as info:
+        download_files(str(tmp_path / "src"), tmp_path / "raw", expected_sha256=pins)
+    assert str(info.value) == (
+        "--sha256: coverage: expected a digest for train-images-idx3-ubyte or train-images-idx3-ubyte.gz, "
+        f"found none (source {tmp_path / 'src'})"
+    )
+    assert published(tmp_path / "raw") == []
 
 
 # --- source_fingerprint -------------------------------------------------------------------------------------------
@@ -327,7 +508,7 @@ def test_fingerprint_of_a_remote_or_missing_source_is_the_source(tmp_path):
 class _Handler(http.server.BaseHTTPRequestHandler):
     """Serve `server.files` under any folder path; misbehave as `server.fail_first` / `server.always` say."""
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         server = self.server
         name = self.path.rsplit("/", 1)[-1]
         with server.lock:
@@ -522,7 +703,7 @@ def test_auto_retries_a_mirror_that_drops_a_connection(tmp_path, http_source):
 
 
 def test_auto_uses_the_first_mirror_that_answers(tmp_path, http_source, closed_port):
-    url, server = http_source(gz_files())
+    url, _ = http_source(gz_files())
     log = []
     ref = download_files("auto", tmp_path / "raw", mirrors=[f"http://127.0.0.1:{closed_port}/", url],
                          snapshot_dir=tmp_path / "never-read", expected_sha256=GOOD_SHA, log=log.append, **FAST)
@@ -557,3 +738,32 @@ def test_auto_moves_on_from_a_mirror_that_serves_bad_content(tmp_path, http_sour
     assert ref.meta["source"] == str(snapshot)
     assert any(m.startswith(f"source {url} failed (t10k-labels-idx1-ubyte.gz: format:") for m in log)
 
+
+
+def test_auto_without_pins_is_pinned_to_mnist(tmp_path):
+    snapshot = tmp_path / "snapshot"
+    write_source(snapshot)
+    with pytest.raises(PipelineError) as info:
+        download_files("auto", tmp_path / "raw", mirrors=[], snapshot_dir=snapshot)
+    assert str(info.value) == (
+        f"{FILES[0]}: MNIST SHA-256: expected {MNIST_SHA256[FILES[0]]}, found {GOOD_SHA[FILES[0]]} (source {snapshot})"
+    )
+    assert published(tmp_path / "raw") == []
+
+
+def test_auto_moves_on_from_a_non_mnist_mirror_to_the_shipped_snapshot(tmp_path, http_source):
+    # Real MNIST (11 MB): the one test that the shipped snapshot still passes MNIST's pins.
+    url, _ = http_source(gz_files())  # valid IDX, but not MNIST
+    log = []
+    ref = download_files("auto", tmp_path / "raw", mirrors=[url], snapshot_dir=SNAPSHOT_DIR, log=log.append, **FAST)
+    assert ref.meta["source"] == str(SNAPSHOT_DIR)
+    assert ref.meta["payload_sha256"] == MNIST_SHA256
+    assert "MNIST digests" in ref.meta["pinned_by"]
+    assert ref.meta["mnist"] is True
+    assert any(m.startswith(f"source {url} failed ({FILES[0]}: MNIST SHA-256: expected ") for m in log)
+
+
+def test_mnist_is_recognised_whatever_the_source(tmp_path):
+    ref = download_files(str(SNAPSHOT_DIR), tmp_path / "raw")
+    assert ref.meta["pinned_by"] == ["SHA256SUMS"]  # the snapshot carries one
+    assert ref.meta["mnist"] is True

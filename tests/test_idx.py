@@ -7,7 +7,16 @@ import pytest
 from synthetic import idx_bytes, make_split
 
 from tasks.core import PipelineError
-from tasks.idx import Checks, check_idx, check_images, check_labels, check_split, decode_payload, describe, read_payload
+from tasks.idx import (
+    Checks,
+    check_idx,
+    check_images,
+    check_labels,
+    check_split,
+    decode_payload,
+    describe,
+    read_payload,
+)
 
 IMAGES, LABELS = make_split(30, seed=3)
 IMAGES_IDX, LABELS_IDX = idx_bytes(IMAGES), idx_bytes(LABELS)
@@ -162,6 +171,31 @@ def test_a_label_of_10():
     checks = Checks()
     assert check_labels(idx_bytes(labels), "train-labels-idx1-ubyte", checks) is None
     assert fail_message(checks) == f"train-labels-idx1-ubyte: label range: expected 0..9, found {labels.min()}..10"
+
+
+@pytest.mark.parametrize("num_classes", [3, 9])
+def test_labels_beyond_num_classes(num_classes):
+    checks = Checks()
+    assert check_labels(LABELS_IDX, "train-labels-idx1-ubyte", checks, num_classes=num_classes) is None
+    assert fail_message(checks) == (
+        f"train-labels-idx1-ubyte: label range: expected 0..{num_classes - 1}, found {LABELS.min()}..{LABELS.max()}"
+    )
+
+
+def test_labels_within_num_classes_pass():
+    labels = (np.arange(30) % 3).astype(np.uint8)
+    checks = Checks()
+    assert check_split(IMAGES_IDX, idx_bytes(labels), "i", "l", checks, num_classes=3) is not None
+    assert [c["expected"] for c in checks.items if c["check"] == "label range"] == ["0..2"]
+    assert checks.failures() == []
+
+
+def test_num_classes_none_checks_the_structure_only():
+    labels = np.full(30, 255, np.uint8)
+    checks = Checks()
+    assert check_split(IMAGES_IDX, idx_bytes(labels), "i", "l", checks, num_classes=None) is not None
+    assert "label range" not in [c["check"] for c in checks.items]
+    assert checks.failures() == []
 
 
 def test_fewer_labels_than_images():

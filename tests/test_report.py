@@ -14,9 +14,17 @@ import pandas as pd
 import pytest
 from markdown_it import MarkdownIt
 from matplotlib.image import imread
-from synthetic import payloads, write_source
+from synthetic import NAMES, idx_bytes, make_split, payloads, write_source
 
-from tasks.core import MANIFEST, ArtifactRef, PipelineError, new_workdir, publish, write_json
+from tasks.core import (
+    MANIFEST,
+    ArtifactRef,
+    PipelineError,
+    new_workdir,
+    publish,
+    write_json,
+)
+from tasks.dataset import DatasetConfig
 from tasks.download import download_files
 from tasks.evaluate import METRICS_FILE, PREDICTIONS_FILE, score_model
 from tasks.preprocess import SPLIT_FILES, load_split, preprocess_files
@@ -32,26 +40,37 @@ from tasks.report.figures import (
     MISCLASSIFIED_PNG,
     WRONG,
     draw_figures,
+    short,
     to_png,
 )
-from tasks.report.ui import PROMOTION_KEY, confusion_table, metrics_table, promotion_markdown, summary_markdown
-from tasks.train import CONFIG_FILE, HISTORY_FILE, TrainConfig, fit_model
+from tasks.report.ui import (
+    PROMOTION_KEY,
+    confusion_table,
+    metrics_table,
+    promotion_markdown,
+    summary_markdown,
+)
+from tasks.train import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, TrainConfig, fit_model
 from tasks.validate import VALIDATION_FILE, ValidateConfig, validate_files
 
 REPO = Path(__file__).resolve().parents[1]
 N_TEST = 50
 EVIL = '<script>alert("x")</script> & <b>bold</b>'
 MARKUP = "*em* _u_ [link](http://x.test) | # h `tick`"  # Markdown metacharacters, a pipe and a backtick
+BAR_NAMES = [f"bar {c}" for c in range(10)]
 # A model that learns the synthetic data perfectly (validation split on), and one that stays weak (no split).
 GOOD = TrainConfig(epochs=2, hidden_units=32, batch_size=32, jit_compile=False, validation_split=0.1)
 WEAK = TrainConfig(epochs=1, hidden_units=32, batch_size=32, jit_compile=False, learning_rate=0.0003)
 
 
-def data_chain(root: Path, files=None):
-    """Run download, validate and preprocess on synthetic IDX files; return (validation, processed)."""
-    digests = write_source(root / "source", files)
-    raw = download_files(str(root / "source"), root / "data" / "raw", expected_sha256=digests)
-    validation = validate_files(raw, root / "validation", ValidateConfig(train_count=200, test_count=50))
+def data_chain(root: Path, files=None, num_classes: int = 10, pinned: bool = True):
+    """Run download, validate and preprocess on synthetic IDX files; return (validation, processed).
+
+    `pinned`: the payload digests are given to the download (`--sha256`); else the source is not pinned.
+    """
+    digests = write_source(root / "source", files, num_classes=num_classes)
+    raw = download_files(str(root / "source"), root / "data" / "raw", expected_sha256=digests if pinned else None)
+    validation = validate_files(raw, root / "validation", ValidateConfig(train_count=200, test_count=50), num_classes)
     return validation, preprocess_files(raw, validation, root / "processed")
 
 
@@ -225,10 +244,13 @@ def test_per_epoch_table_with_validation_columns(good_report, stages):
     history = json.loads(stages.good[0].path(HISTORY_FILE).read_text())
     training = section(good_report.path(REPORT_MD).read_text(), "Training")
     assert "| Epoch | Loss | Accuracy | Val loss | Val accuracy | Seconds |" in training
-    for i in range(2):
-        assert (f"| {i + 1} | {history['loss'][i]:.4f} | {history['accuracy'][i]:.4f} | {history['val_loss'][i]:.4f} "
+    assert history["best_epoch"] == 2  # the last epoch's weights, marked as kept
+    for i, epoch in enumerate(["1", "**2** (kept)"]):
+        assert (f"| {epoch} | {history['loss'][i]:.4f} | {history['accuracy'][i]:.4f} | {history['val_loss'][i]:.4f} "
                 f"| {history['val_accuracy'][i]:.4f} | {history['epoch_seconds'][i]:.1f} |") in training
     assert f"Fitting took {history['fit_seconds']:.1f} s for 2 epochs of 6 steps each." in training  # ceil(180 / 32)
+    assert "Training ran all 2 planned epochs.\nThe model keeps the weights of the last epoch (2)." in training
+    assert "stopped early" not in good_report.path(REPORT_MD).read_text() and "resumed" not in training
 
 
 def test_data_section_repeats_the_validation_summary(report, inputs):
@@ -248,7 +270,9 @@ def test_pipeline_summary_names_each_step_and_the_input_digests(report, inputs):
     summary = section(report.path(REPORT_MD).read_text(), "What the pipeline did")
     for step in ("Load", "Build", "Compile", "Preprocess", "Fit", "Predict", "Evaluate"):
         assert f"**{step}**" in summary
-    assert '`Sequential([Dense(32, activation="relu"), Dense(10, activation="softmax")])`' in summary
+    # The architecture the train stage recorded: 784 * 32 + 32 and 32 * 10 + 10 parameters.
+    assert "**Build**: a Keras Sequential `mlp` network, Dense (32) → Dense (10); 25,450 parameters." in summary
+    assert "**Fit**: 1 epoch, batch size 32," in summary and "10 classes, labels 0..9" in summary
     assert "`adam`" in summary and "`sparse_categorical_crossentropy`" in summary and "`accuracy`" in summary
     assert "7 steps per epoch" in summary  # ceil(200 / 32), no validation split
     for ref in inputs:
@@ -298,8 +322,11 @@ def test_figures_show_the_numbers_of_the_artifacts(report, inputs):
     wrong = predictions[predictions["label"] != predictions["predicted"]].sort_values("index")
     shown = wrong.head(30)
     assert texts(figures[MISCLASSIFIED_PNG].axes[0]) == [
-        f"true {t}, pred {p}\nconf {c:.2f}" for t, p, c in zip(shown["label"], shown["predicted"], shown["confidence"])
+        f"true {t}\npred {p}\nconf {c:.2f}" for t, p, c in zip(shown["label"], shown["predicted"], shown["confidence"])
     ]
+    # Without class names the classes are called by their labels, on the confusion matrix's axes too.
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(c) for c in range(10)]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in range(10)]
     title = f"first {len(shown)} of {len(wrong)}, by test index" if len(wrong) > 30 else f"All {len(wrong)} misclassified"
     assert title in " ".join(texts(figures[MISCLASSIFIED_PNG]))
     assert metrics["misclassified"]["count"] == len(wrong)
@@ -399,7 +426,7 @@ def test_promotion_summary_of_a_first_model(stages, good_report):
     d = stages.promoted
     assert d.reason.startswith("first model: no champion yet")
     text = promotion_markdown(d)
-    assert text.startswith("## MNIST model promotion\n")
+    assert text.startswith("## Model promotion\n")
     assert f"<p><strong>Promoted</strong> ({escaped(d.reason)}).</p>" in permissive_html(text)
     assert f"| this model | `{stages.good[0].digest[:16]}` | 1.0000 | {d.test_loss:.4f} |" in text
     assert "champion before |" not in text and "No champion before." in text
@@ -413,8 +440,11 @@ def test_task_publishes_the_report_tables_and_decision_as_prefect_artifacts(pref
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     model, evaluation = stages.weak
+    dataset = DatasetConfig(name="Bars", class_names=BAR_NAMES)
     ref = report_results(stages.validation, stages.processed, model, evaluation, tmp_path / "artifacts",
-                         decision=stages.rejected)
+                         decision=stages.rejected, dataset=dataset)
+    # The UI artifacts are built from what the report recorded (a cached report is published again from its meta).
+    assert (ref.meta["dataset"], ref.meta["class_names"]) == ("Bars", BAR_NAMES)
     assert ref.meta["promoted"] is False and ref.path(REPORT_HTML).is_relative_to(tmp_path / "artifacts" / "reports")
     metrics = metrics_of(evaluation)
     keys = ["mnist-report", "mnist-metrics", "mnist-confusion-matrix", PROMOTION_KEY]
@@ -422,13 +452,269 @@ def test_task_publishes_the_report_tables_and_decision_as_prefect_artifacts(pref
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     by_key = {key: [a for a in found if a.key == key] for key in keys}
 
-    summary = summary_markdown(metrics, {name: ref.path(name) for name in KEY_FIGURES}, ref.path(REPORT_HTML))
+    summary = summary_markdown(metrics, {name: ref.path(name) for name in KEY_FIGURES}, ref.path(REPORT_HTML),
+                               title="Bars", class_names=BAR_NAMES)
+    assert "## Test results: Bars\n" in summary and "| bar 7 (7) |" in summary
     assert any(a.type == "markdown" and a.data == summary for a in by_key["mnist-report"])
-    assert any(a.description == f"MNIST test accuracy {metrics['test_accuracy']:.4f}" for a in by_key["mnist-report"])
-    table = [a for a in by_key["mnist-metrics"] if a.type == "table"]
-    assert any(json.loads(a.data) == metrics_table(metrics) for a in table)
-    table = [a for a in by_key["mnist-confusion-matrix"] if a.type == "table"]
-    assert any(json.loads(a.data) == confusion_table(metrics) for a in table)
+    assert any(a.description == f"Bars: test accuracy {metrics['test_accuracy']:.4f}" for a in by_key["mnist-report"])
+    table = [json.loads(a.data) for a in by_key["mnist-metrics"] if a.type == "table"]
+    rows = metrics_table(metrics, BAR_NAMES)
+    assert [r["name"] for r in rows] == BAR_NAMES and rows in table
+    table = [json.loads(a.data) for a in by_key["mnist-confusion-matrix"] if a.type == "table"]
+    rows = confusion_table(metrics, BAR_NAMES)
+    assert [r["true"] for r in rows] == BAR_NAMES and "pred bar 9" in rows[0] and rows in table
     promotion = [a for a in by_key[PROMOTION_KEY] if a.data == promotion_markdown(stages.rejected)]
     assert promotion and promotion[-1].type == "markdown"
     assert promotion[-1].description == f"Not promoted: test accuracy {stages.rejected.test_accuracy:.4f}"
+
+
+# --- What was run: the dataset's title and class names, the model's architecture, how training went, the source. ---
+
+# User text in the names: HTML, a table pipe, Markdown emphasis, and mathtext that matplotlib would fail to parse.
+SHAPES = ["circle", "$\\sq$uare", "<b>tri|angle</b>"]
+SHAPES_TITLE = "Shapes <i>3</i> | *x*"
+# The same as literal Markdown (backslash-escaped), as the report writes them.
+SHAPES_MD = ["circle", "$\\\\sq$uare", r"\<b\>tri\|angle\</b\>"]
+SHAPES_TITLE_MD = r"Shapes \<i\>3\</i\> \| \*x\*"
+TINY_CNN = TrainConfig(model="cnn", epochs=1, batch_size=32, filters=4, dense_units=8)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """Three named classes from a source nobody pinned, a tiny CNN trained on them, and its report."""
+    root = tmp_path_factory.mktemp("shapes")
+    validation, processed = data_chain(root, num_classes=3, pinned=False)
+    model = fit_model(processed, root / "models", TINY_CNN, num_classes=3)
+    evaluation = score_model(model, processed, root / "evaluations")
+    dataset = DatasetConfig(name=SHAPES_TITLE, num_classes=3, class_names=SHAPES)
+    inputs = (validation, processed, model, evaluation)
+    return SimpleNamespace(root=root, inputs=inputs, dataset=dataset, metrics=metrics_of(evaluation),
+                           report=write_report(*inputs, root / "reports", dataset=dataset))
+
+
+def test_named_classes_and_title_in_the_markdown(shapes):
+    markdown = shapes.report.path(REPORT_MD).read_text()
+    m = shapes.metrics
+    assert len(m["confusion_matrix"]) == 3 and m["misclassified"]["count"] > 0  # a weak model: a gallery to draw
+    assert markdown.startswith(f"# Pipeline report: {SHAPES_TITLE_MD}\n")
+    assert f"**Dataset:** {SHAPES_TITLE_MD}, 3 classes ({', '.join(SHAPES_MD)}); 200 training and 50 test images." in markdown
+
+    evaluation = section(markdown, "Test-set evaluation")
+    assert "| Label | Class | Precision | Recall | F1 | Support |" in evaluation
+    for c, v in m["per_class"].items():
+        assert f"| {c} | {SHAPES_MD[int(c)]} | {v['precision']:.4f} | {v['recall']:.4f} |" in evaluation
+    assert f"| True ↓ predicted → | {' | '.join(SHAPES_MD)} | Total |" in evaluation
+    for name, row in zip(SHAPES_MD, m["confusion_matrix"]):
+        assert f"| **{name}** | {' | '.join(map(str, row))} | {sum(row)} |" in evaluation
+
+    first = section(markdown, "First 20 test predictions")
+    for i, (p, t) in enumerate(zip(m["first_20_predictions"], m["first_20_labels"])):
+        correct = "yes" if p == t else "**no**"
+        assert f"| {i} | {SHAPES_MD[p]} ({p}) | {SHAPES_MD[t]} ({t}) | {correct} |" in first
+
+    data = section(markdown, "Data")
+    counts = json.loads(shapes.inputs[0].path(VALIDATION_FILE).read_text())["splits"]
+    for c, name in enumerate(SHAPES_MD):
+        train, test = counts["train"]["class_counts"][str(c)], counts["test"]["class_counts"][str(c)]
+        assert f"| {c} | {name} | {train} | {test} |" in data
+    # Literal even for a renderer that passes raw HTML through.
+    shown = permissive_html(markdown)
+    assert "<b>" not in shown and "<i>" not in shown and "<em>x" not in shown and escaped(SHAPES[2]) in shown
+
+
+def test_named_classes_and_title_are_escaped_in_html(shapes):
+    page = shapes.report.path(REPORT_HTML).read_text()
+    title = escaped(f"Pipeline report: {SHAPES_TITLE}")
+    assert f"<title>{title}</title>" in page and f"<h1>{title}</h1>" in page
+    assert "<b>" not in page and "<i>" not in page and "<em>x" not in page
+    assert f'<th style="text-align:right">{escaped(SHAPES[2])}</th>' in page  # confusion matrix header
+    assert f"<td>2</td>\n<td>{escaped(SHAPES[2])}</td>" in page  # per-class and per-image-count rows
+    assert f"<td><strong>{escaped(SHAPES[1])}</strong></td>" in page  # confusion matrix row
+
+
+def test_figures_show_the_class_names(shapes):
+    m = shapes.metrics
+    figures = draw_figures(load_context(*shapes.inputs, shapes.dataset))
+    for name, fig in figures.items():  # drawn as plain text: mathtext could not parse "$\sq$"
+        assert to_png(fig) == shapes.report.path(name).read_bytes()
+
+    ax = figures[CONFUSION_PNG].axes[0]
+    ticks = ["circle", "$\\sq$uare", "<b>tri|angle<…"]  # the long name cut
+    assert [t.get_text() for t in ax.get_xticklabels()] == ticks == [t.get_text() for t in ax.get_yticklabels()]
+    assert all(not t.get_parse_math() for t in ax.get_xticklabels())
+
+    names = [short(n, 8) for n in SHAPES]
+    assert names[2] == "<b>tri|…"
+    captions = texts(figures[FIRST20_PNG].axes[0])
+    assert captions == [f"pred {names[p]}\ntrue {names[t]}" for p, t in zip(m["first_20_predictions"], m["first_20_labels"])]
+
+    wrong = predictions_of(shapes.inputs[3]).query("label != predicted").sort_values("index").head(30)
+    names = [short(n, 11) for n in SHAPES]
+    assert texts(figures[MISCLASSIFIED_PNG].axes[0]) == [
+        f"true {names[t]}\npred {names[p]}\nconf {c:.2f}" for t, p, c in zip(wrong["label"], wrong["predicted"], wrong["confidence"])
+    ]
+    height, width, _ = imread(shapes.report.path(FIRST20_PNG)).shape
+    assert width <= 2500 and width > 6 * height
+
+
+def test_ui_payloads_name_the_classes(shapes):
+    m = shapes.metrics
+    rows = metrics_table(m, SHAPES)
+    assert [(r["class"], r["name"]) for r in rows] == list(enumerate(SHAPES))
+    assert [r["precision"] for r in rows] == [round(m["per_class"][str(c)]["precision"], 4) for c in range(3)]
+    matrix = confusion_table(m, SHAPES)
+    assert [(r["label"], r["true"]) for r in matrix] == list(enumerate(SHAPES))
+    assert [[r[f"pred {name}"] for name in SHAPES] for r in matrix] == m["confusion_matrix"]
+    for table in (rows, matrix):
+        assert json.loads(json.dumps(table)) == table
+
+    report = shapes.report
+    text = summary_markdown(m, {name: report.path(name) for name in KEY_FIGURES}, title=SHAPES_TITLE, class_names=SHAPES)
+    assert text.startswith(f"## Test results: {SHAPES_TITLE_MD}\n")
+    p, t = m["first_20_predictions"][3], m["first_20_labels"][3]
+    assert f"| 3 | {SHAPES_MD[p]} ({p}) | {SHAPES_MD[t]} ({t}) |" in text
+    shown = permissive_html(text)
+    assert "<b>" not in shown and "<i>" not in shown and escaped(SHAPES[2]) in shown
+    # Without names, the labels.
+    assert [r["name"] for r in metrics_table(m)] == ["0", "1", "2"]
+    assert [r["true"] for r in confusion_table(m)] == ["0", "1", "2"] and "pred 2" in confusion_table(m)[0]
+    with pytest.raises(PipelineError, match="expected 3 names"):
+        metrics_table(m, ["a", "b"])
+
+
+def test_model_section_lists_the_layers_keras_built(shapes):
+    import keras
+
+    model = shapes.inputs[2]
+    net = keras.saving.load_model(model.path(MODEL_FILE), compile=False, safe_mode=True)
+    count = net.count_params()
+    layers = json.loads(model.path(CONFIG_FILE).read_text())["architecture"]["layers"]
+    assert [layer["type"] for layer in layers] == [type(layer).__name__ for layer in net.layers]
+
+    markdown = shapes.report.path(REPORT_MD).read_text()
+    section_text = section(markdown, "Model")
+    assert f"`cnn`: a Keras Sequential network of {len(net.layers)} layers, {count:,} parameters" in section_text
+    assert "| Layer | Type | Output shape | Parameters |" in section_text
+    for layer, built in zip(layers, net.layers):
+        shape = ", ".join(str(d) for d in built.output.shape)
+        assert f"| `{built.name}` | {type(built).__name__} | `({shape})` | {built.count_params():,} |" in section_text
+        assert layer["name"] == built.name
+    assert "| Conv2D |" in section_text and "| MaxPooling2D |" in section_text
+    assert f"| **total** |  |  | **{count:,}** |" in section_text
+    intro = markdown.split("\n## ", 1)[0]
+    assert (f"**Model:** `cnn`, a Keras Sequential network of 9 layers and {count:,} parameters: Reshape (28 x 28 x 1) → "
+            "Conv2D (26 x 26 x 4) → MaxPooling2D (13 x 13 x 4) → Conv2D (11 x 11 x 8) → ") in intro
+    assert "Dense (8) → Dropout (8) → Dense (3)." in intro
+    assert "**Build**: a Keras Sequential `cnn` network, Reshape (28 x 28 x 1) → " in markdown
+    assert f"; {count:,} parameters." in section(markdown, "What the pipeline did")
+    # The architecture has its own section, not JSON in the configuration table.
+    assert "`architecture" not in section(markdown, "Training") and "| `filters` | `4` |" in markdown
+
+
+def test_data_section_says_where_the_data_came_from_and_how_it_was_pinned(shapes, report, stages):
+    for ref, root in ((shapes.report, shapes.root), (report, stages.root)):
+        data = section(ref.path(REPORT_MD).read_text(), "Data")
+        assert f"The raw files came from `{root / 'source'}`." in data
+        source = json.loads((shapes.inputs[0] if ref is shapes.report else stages.validation).path(VALIDATION_FILE)
+                            .read_text())["source"]
+        assert len(source["payload_sha256"]) == 4
+        for name, digest in source["payload_sha256"].items():
+            assert f"| `{name}` | `{digest}` |" in data
+    unpinned = section(shapes.report.path(REPORT_MD).read_text(), "Data")
+    assert "**They were not pinned**: the source had no SHA256SUMS file and no digests were given" in unpinned
+    pinned = section(report.path(REPORT_MD).read_text(), "Data")
+    assert "pinned: each one's SHA-256 was checked against the SHA-256 digests given with --sha256 before use." in pinned
+    assert "not pinned" not in pinned
+
+
+def test_without_names_the_title_is_neutral_and_classes_are_labels(report, inputs, tmp_path):
+    markdown = report.path(REPORT_MD).read_text()
+    assert markdown.startswith("# Pipeline report: dataset\n")
+    assert "**Dataset:** dataset, 10 classes (labels 0 to 9); 200 training and 50 test images." in markdown
+    assert "| Class | Precision | Recall | F1 | Support |" in markdown and "| Label | Class |" not in markdown
+    assert "| Test image | Predicted |" not in markdown  # the labels are the names: no second table of them
+    assert "<title>Pipeline report: dataset</title>" in report.path(REPORT_HTML).read_text()
+    assert (report.meta["dataset"], report.meta["class_names"]) == ("dataset", None)
+
+    # MNIST's files get MNIST's title; a configured name wins over it.
+    validation = republish(inputs[0], tmp_path / "mnist", VALIDATION_FILE, lambda path: write_json(
+        path, {**(doc := json.loads(path.read_text())), "source": {**doc["source"], "mnist": True}}))
+    mnist = write_report(validation, *inputs[1:], tmp_path / "reports")
+    assert mnist.path(REPORT_MD).read_text().startswith("# Pipeline report: MNIST digits\n")
+    named = write_report(validation, *inputs[1:], tmp_path / "named", dataset=DatasetConfig(name="Bars"))
+    assert named.path(REPORT_MD).read_text().startswith("# Pipeline report: Bars\n")
+
+
+def test_class_names_that_do_not_fit_the_data_are_refused(inputs, tmp_path):
+    with pytest.raises(PipelineError, match="class_names: expected 10 names .* found 3"):
+        write_report(*inputs, tmp_path / "reports", dataset=DatasetConfig(num_classes=3, class_names=["a", "b", "c"]))
+    assert not (tmp_path / "reports").exists() or not any((tmp_path / "reports").iterdir())
+
+
+@pytest.fixture(scope="module")
+def early(tmp_path_factory):
+    """A real early-stopped training, its evaluation and report.
+
+    The validation rows (the last quarter of the training split) are labelled one class off, so the better the model
+    learns the training rows, the worse its validation loss: it stops after its second epoch.
+    """
+    root = tmp_path_factory.mktemp("early")
+    files = payloads()
+    _, labels = make_split(200, 0)  # the training split of payloads()
+    labels[150:] = (labels[150:] + 1) % 10
+    files[NAMES["train"][1]] = idx_bytes(labels)
+    validation, processed = data_chain(root, files)
+    config = TrainConfig(epochs=8, hidden_units=32, batch_size=32, jit_compile=False, validation_split=0.25, patience=1)
+    model = fit_model(processed, root / "models", config)
+    evaluation = score_model(model, processed, root / "evaluations")
+    report = write_report(validation, processed, model, evaluation, root / "reports")
+    return SimpleNamespace(history=json.loads(model.path(HISTORY_FILE).read_text()), report=report,
+                           inputs=(validation, processed, model, evaluation))
+
+
+def test_early_stopping_is_reported_with_the_epoch_kept(early):
+    h = early.history
+    n, best = h["epochs_run"], h["best_epoch"]
+    assert h["stopped_early"] and n < 8 and best == n - 1  # patience 1: the first epoch without improvement stops
+    markdown = early.report.path(REPORT_MD).read_text()
+    training = section(markdown, "Training")
+    assert (f"Training stopped early, after {n} of 8 planned epochs: the validation loss had not improved for 1 epoch.\n"
+            f"The model keeps the weights of epoch {best}, the one with the lowest validation loss, not those of the "
+            f"last epoch ({n}).") in training
+    rows = [line for line in training.splitlines() if re.match(r"\| (\*\*)?\d", line)]
+    assert len(rows) == n
+    assert [i + 1 for i, row in enumerate(rows) if "(kept)" in row] == [best]
+    assert rows[best - 1].startswith(f"| **{best}** (kept) | {h['loss'][best - 1]:.4f} |")
+    assert "resumed" not in training
+    assert f"**Fit**: {n} of 8 planned epochs (stopped early), the weights of epoch {best} kept," in markdown
+
+    fig = draw_figures(load_context(*early.inputs))[CURVES_PNG]
+    for ax in fig.axes:
+        kept = [line for line in ax.get_lines() if line.get_label() == f"kept (epoch {best})"]
+        assert len(kept) == 1 and list(kept[0].get_xdata()) == [best, best]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_resumed_training_says_from_which_epoch(stages, tmp_path):
+    def interrupt(done, _total, _logs):
+        if done == 2:  # epoch 2 recorded, its backup not written: the training resumes from epoch 1
+            raise Interrupted
+
+    config, state = TrainConfig(epochs=3, hidden_units=32, batch_size=32, jit_compile=False), tmp_path / "state"
+    with pytest.raises(Interrupted):
+        fit_model(stages.processed, tmp_path / "models", config, progress=interrupt, state_dir=state)
+    model = fit_model(stages.processed, tmp_path / "models", config, state_dir=state)
+    history = json.loads(model.path(HISTORY_FILE).read_text())
+    assert (history["resumed_from_epoch"], history["epochs_run"], history["stopped_early"]) == (1, 3, False)
+    evaluation = score_model(model, stages.processed, tmp_path / "evaluations")
+    markdown = write_report(stages.validation, stages.processed, model, evaluation, tmp_path / "reports").path(REPORT_MD).read_text()
+    training = section(markdown, "Training")
+    assert ("Training ran all 3 planned epochs.\nThe model keeps the weights of the last epoch (3).\n"
+            "It resumed an interrupted training from epoch 1: epoch 1 ran before the interruption and was restored "
+            "from the backup.") in training
+    assert f"Fitting took {history['fit_seconds']:.1f} s for the 2 epochs after the resume of 7 steps each." in training
+    assert "| **3** (kept) |" in training
+    assert "**Fit**: 3 epochs, resumed from epoch 1, batch size 32," in markdown

@@ -21,11 +21,11 @@ def _server(prefect_api_url):
 def test_tasks_chain_outside_a_flow(synthetic_config):
     c = synthetic_config
     raw = download_mnist(c.download, c.data_dir)
-    checked = validate_mnist(raw, c.validation, c.artifacts_dir)
+    checked = validate_mnist(raw, c.validation, c.dataset.num_classes, c.artifacts_dir)
     processed = preprocess_mnist(raw, checked, c.data_dir)
-    model = train_model(processed, c.train, c.artifacts_dir)
+    model = train_model(processed, c.train, c.dataset.num_classes, c.artifacts_dir)
     evaluation = evaluate_model(model, processed, c.artifacts_dir)
-    report = report_results(checked, processed, model, evaluation, c.artifacts_dir)
+    report = report_results(checked, processed, model, evaluation, c.artifacts_dir, None, c.dataset)
 
     for ref in (raw, checked, processed, model, evaluation, report):
         assert isinstance(ref, ArtifactRef) and ref.problem() is None

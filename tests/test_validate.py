@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import logging
 import os
 
 import numpy as np
@@ -10,7 +11,14 @@ from synthetic import idx_bytes, make_split, payloads, write_source
 
 from tasks.core import PipelineError, new_workdir, publish
 from tasks.download import FILES, download_files
-from tasks.validate import VALIDATION_FILE, ValidateConfig, summarize, validate_files
+from tasks.validate import (
+    MNIST_COUNTS,
+    VALIDATION_FILE,
+    ValidateConfig,
+    summarize,
+    validate_files,
+    validate_mnist,
+)
 
 ANY_SIZE = ValidateConfig(train_count=None, test_count=None)
 SPLITS = {"train": make_split(200, 0), "test": make_split(50, 1)}  # what write_source() writes
@@ -22,12 +30,12 @@ def raw(tmp_path):
     return download_files(str(tmp_path / "src"), tmp_path / "raw", expected_sha256=digests)
 
 
-def raw_from(tmp_path, files: dict[str, bytes]):
+def raw_from(tmp_path, files: dict[str, bytes], meta: dict | None = None):
     """Publish raw files as the download stage would, without its checks (a raw artifact gone bad)."""
     work = new_workdir(tmp_path / "raw-bad")
     for name, data in files.items():
         (work / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
-    return publish("download", work)
+    return publish("download", work, meta=meta)
 
 
 def entries(folder):
@@ -40,8 +48,11 @@ def test_report_of_valid_data(tmp_path, raw):
     assert ref.stage == "validate" and ref.problem() is None
     assert entries(tmp_path / "validation") == [ref.digest[:16]]
     report = json.loads(ref.path(VALIDATION_FILE).read_text())
-    assert report["passed"] is True and report["schema_version"] == 1
+    assert report["passed"] is True and report["schema_version"] == 2
     assert report["raw_digest"] == raw.digest
+    assert report["num_classes"] == 10
+    assert report["source"] == {"location": raw.meta["source"], "payload_sha256": raw.meta["payload_sha256"],
+                                "pinned_by": ["--sha256"], "mnist": False}
     assert report["checks"] and all(c["passed"] for c in report["checks"])
     assert {c["file"] for c in report["checks"]} == {f"{n}.gz" for n in FILES}
     assert {"magic number", "type code", "payload size", "image size", "label range", "count match"} <= {c["check"] for c in report["checks"]}
@@ -68,20 +79,79 @@ def test_expected_counts_that_match_pass(tmp_path, raw):
     assert {(c["file"], c["expected"]) for c in counts} >= {("train-images-idx3-ubyte.gz", 200), ("t10k-labels-idx1-ubyte.gz", 50)}
 
 
-@pytest.mark.parametrize(
-    ("config", "message"),
-    [
-        (ValidateConfig(), "train-images-idx3-ubyte.gz: count: expected 60000, found 200"),
-        (ValidateConfig(train_count=200, test_count=51), "t10k-images-idx3-ubyte.gz: count: expected 51, found 50"),
-    ],
-    ids=["mnist-defaults", "test-count-off-by-one"],
-)
-def test_wrong_expected_counts_fail_and_publish_no_report(tmp_path, raw, config, message):
+def test_wrong_expected_counts_fail_and_publish_no_report(tmp_path, raw):
     with pytest.raises(PipelineError) as info:
-        validate_files(raw, tmp_path / "validation", config)
-    assert str(info.value) == message
+        validate_files(raw, tmp_path / "validation", ValidateConfig(train_count=200, test_count=51))
+    assert str(info.value) == "t10k-images-idx3-ubyte.gz: count: expected 51, found 50"
     assert entries(tmp_path / "validation") == []
     assert raw.problem() is None
+
+
+def test_by_default_any_count_passes_for_data_other_than_mnist(tmp_path, raw):
+    assert ValidateConfig().train_count is None and ValidateConfig().test_count is None
+    ref = validate_files(raw, tmp_path / "validation")
+    assert not [c for c in json.loads(ref.path(VALIDATION_FILE).read_text())["checks"] if c["check"] == "count"]
+
+
+def test_mnist_counts_are_checked_when_the_raw_files_are_mnist(tmp_path):
+    # A raw artifact that says it is MNIST (the download stage sets meta["mnist"] from the payload digests).
+    raw = raw_from(tmp_path, payloads(), meta={"source": "somewhere", "pinned_by": [], "mnist": True})
+    with pytest.raises(PipelineError) as info:
+        validate_files(raw, tmp_path / "validation")
+    assert str(info.value) == f"train-images-idx3-ubyte.gz: count: expected {MNIST_COUNTS['train']}, found 200"
+    assert entries(tmp_path / "validation") == []
+
+    # Counts in the config take precedence.
+    ref = validate_files(raw, tmp_path / "validation", ValidateConfig(train_count=200, test_count=50))
+    assert json.loads(ref.path(VALIDATION_FILE).read_text())["source"]["mnist"] is True
+
+
+def test_a_three_class_dataset_of_other_sizes(tmp_path):
+    source = tmp_path / "src"
+    write_source(source, n_train=90, n_test=30, num_classes=3)
+    raw = download_files(str(source), tmp_path / "raw")
+
+    ref = validate_files(raw, tmp_path / "validation", num_classes=3)
+
+    report = json.loads(ref.path(VALIDATION_FILE).read_text())
+    assert report["num_classes"] == 3
+    assert report["splits"]["train"]["count"] == 90 and report["splits"]["test"]["count"] == 30
+    assert report["splits"]["train"]["class_counts"] == {"0": 30, "1": 30, "2": 30}
+    assert report["splits"]["test"]["class_counts"] == {"0": 10, "1": 10, "2": 10}
+    ranges = [c for c in report["checks"] if c["check"] == "label range"]
+    assert len(ranges) == 2 and all(c["expected"] == "0..2" and c["found"] == "0..2" for c in ranges)
+    assert report["source"] == {"location": str(source), "payload_sha256": raw.meta["payload_sha256"],
+                                "pinned_by": [], "mnist": False}
+
+
+def test_labels_beyond_num_classes_are_refused_naming_the_file_and_the_range(tmp_path, raw):
+    with pytest.raises(PipelineError) as info:
+        validate_files(raw, tmp_path / "validation", num_classes=3)
+    assert str(info.value) == "train-labels-idx1-ubyte.gz: label range: expected 0..2, found 0..9"
+    assert entries(tmp_path / "validation") == []
+
+
+def test_twelve_classes_pass_download_and_need_num_classes_12(tmp_path):
+    write_source(tmp_path / "src", num_classes=12)
+    raw = download_files(str(tmp_path / "src"), tmp_path / "raw")
+    with pytest.raises(PipelineError, match=r"^train-labels-idx1-ubyte\.gz: label range: expected 0\.\.9, found 0\.\.11$"):
+        validate_files(raw, tmp_path / "validation")
+    ref = validate_files(raw, tmp_path / "validation", num_classes=12)
+    assert sorted(ref.meta["splits"]["train"]["class_counts"], key=int) == [str(c) for c in range(12)]
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+def test_the_task_warns_when_the_source_was_not_pinned(tmp_path, prefect_api_url, caplog, pinned):
+    source = tmp_path / "src"
+    digests = write_source(source)
+    raw = download_files(str(source), tmp_path / "raw", expected_sha256=digests if pinned else None)
+    with caplog.at_level(logging.INFO, logger="prefect"):
+        ref = validate_mnist(raw, ValidateConfig(), 10, tmp_path / "artifacts")
+    assert ref.path(VALIDATION_FILE).is_file()
+    assert ref.path(VALIDATION_FILE).parent.parent == tmp_path / "artifacts" / "validation"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("prefect")]
+    expected = f"source {source} was not pinned (no SHA256SUMS, no --sha256): its files are trusted on the IDX checks alone"
+    assert warnings == ([] if pinned else [expected])
 
 
 def test_bad_raw_data_is_caught_by_validate_itself(tmp_path):
@@ -150,13 +220,12 @@ def test_summarize_uses_the_population_moments_of_a_tiny_split():
     assert summary["class_counts"] == {"0": 1, "1": 0, "2": 0, "3": 0, "4": 0, "5": 0, "6": 0, "7": 0, "8": 0, "9": 1}
 
 
+def test_summarize_counts_every_class_even_absent_ones():
+    summary = summarize(np.zeros((2, 28, 28), np.uint8), np.array([0, 0], np.uint8), num_classes=3)
+    assert summary["class_counts"] == {"0": 2, "1": 0, "2": 0}
+
+
 def test_an_empty_split_is_reported_not_crashed(tmp_path):
-    import numpy as np
-
-    from synthetic import idx_bytes, payloads, write_source
-    from tasks.download import download_files
-    from tasks.validate import ValidateConfig, validate_files
-
     files = payloads()
     files["t10k-images-idx3-ubyte"] = idx_bytes(np.zeros((0, 28, 28), np.uint8))
     files["t10k-labels-idx1-ubyte"] = idx_bytes(np.zeros((0,), np.uint8))

@@ -11,10 +11,18 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tasks.core import ArtifactRef, publish, workdir
+from tasks.dataset import DatasetConfig
 from tasks.promote import Decision
 from tasks.report.context import load_context
 from tasks.report.figures import draw_figures, to_png
-from tasks.report.render import REPORT_HTML, REPORT_MD, data_uri, markdown_page, render
+from tasks.report.render import (
+    REPORT_HTML,
+    REPORT_MD,
+    data_uri,
+    markdown_page,
+    page_title,
+    render,
+)
 from tasks.report.ui import publish_ui_artifacts
 
 __all__ = ["REPORT_HTML", "REPORT_MD", "publish_ui_artifacts", "report_results", "write_report"]
@@ -27,12 +35,14 @@ def write_report(
     evaluation: ArtifactRef,
     out_dir: Path,
     decision: Decision | None = None,
+    dataset: DatasetConfig = DatasetConfig(),  # noqa: B008 (never mutated)
 ) -> ArtifactRef:
     """Write `report.md`, a self-contained `report.html` and the PNG figures, and publish them under `out_dir`.
 
-    `decision` (from `tasks.promote.decide_promotion`) adds a "Model promotion" section.
+    `decision` (from `tasks.promote.decide_promotion`) adds a "Model promotion" section; `dataset` gives the title and
+    the class names. The artifact's meta records the title and names, so its UI artifacts can be published again.
     """
-    ctx = load_context(validation, processed, model, evaluation)
+    ctx = load_context(validation, processed, model, evaluation, dataset)
     pngs = {name: to_png(fig) for name, fig in draw_figures(ctx).items()}
     m = ctx.metrics
     headline = {
@@ -44,6 +54,9 @@ def write_report(
         "misclassified": int(m["misclassified"]["count"]),
         # None: no promotion decision was made for this report.
         "promoted": None if decision is None else bool(decision.promoted),
+        "model": str(ctx.config["model"]),
+        "dataset": ctx.classes.title,
+        "class_names": list(ctx.classes.names) if ctx.classes.named else None,
     }
     with workdir(out_dir) as work:
         # No timestamp anywhere: the same inputs give byte-identical files.
@@ -51,7 +64,7 @@ def write_report(
             (work / name).write_bytes(png)
         (work / REPORT_MD).write_text(render("report.md.j2", ctx=ctx, decision=decision, src=str))
         embedded = render("report.md.j2", ctx=ctx, decision=decision, src=lambda name: data_uri(pngs[name]))
-        (work / REPORT_HTML).write_text(markdown_page(embedded))
+        (work / REPORT_HTML).write_text(markdown_page(embedded, page_title(ctx.classes.title)))
         ref = publish("report", work, meta=headline)
     # The final folder is known only once published; its paths are not part of the content digest.
     paths = {"report_md": str(ref.path(REPORT_MD)), "report_html": str(ref.path(REPORT_HTML))}
@@ -66,9 +79,10 @@ def report_results(
     evaluation: ArtifactRef,
     artifacts_dir: Path,
     decision: Decision | None = None,
+    dataset: DatasetConfig = DatasetConfig(),  # noqa: B008 (never mutated)
 ) -> ArtifactRef:
     """Write the report under `artifacts_dir/reports`; publish its summary, tables and decision as Prefect artifacts."""
-    ref = write_report(validation, processed, model, evaluation, Path(artifacts_dir) / "reports", decision)
+    ref = write_report(validation, processed, model, evaluation, Path(artifacts_dir) / "reports", decision, dataset)
     publish_ui_artifacts(ref, evaluation, decision)
     get_run_logger().info("report %s (test accuracy %.4f)", ref.path(REPORT_HTML), ref.meta["test_accuracy"])
     return ref

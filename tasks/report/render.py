@@ -17,13 +17,15 @@ from typing import Any
 import jinja2
 from markdown_it import MarkdownIt
 
-from tasks.idx import NUM_CLASSES
 from tasks.report.context import GALLERY_MAX
 from tasks.report.figures import FIGURES
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
-TITLE = "MNIST pipeline report"
+# Up to this many classes the report has the confusion matrix as a table too (beyond, it is too wide to read).
+CONFUSION_TABLE_MAX = 30
+# Up to this many classes the introduction names them all.
+CLASS_LIST_MAX = 20
 
 # The characters with a meaning inside a line of CommonMark (and GFM tables and strikethrough), and `#`; values are
 # placed inside lines, never at a line start where `-`, `+`, `>` or `1.` would begin a block.
@@ -66,8 +68,11 @@ def _environment() -> jinja2.Environment:
         f4=lambda v: f"{float(v):.4f}",
         pct=lambda v: f"{100 * float(v):.2f}%",
         n=lambda v: str(operator.index(v)),  # an integer, or an error
+        grouped=lambda v: f"{operator.index(v):,}",  # an integer with thousands separators, or an error
+        times=lambda v, word: f"{operator.index(v)} {word}{'' if v == 1 else 's'}",  # `1 epoch`, `2 epochs`
     )
-    env.globals.update(FIGURES=FIGURES, NUM_CLASSES=NUM_CLASSES, GALLERY_MAX=GALLERY_MAX, zip=zip)
+    env.globals.update(FIGURES=FIGURES, GALLERY_MAX=GALLERY_MAX, CONFUSION_TABLE_MAX=CONFUSION_TABLE_MAX,
+                       CLASS_LIST_MAX=CLASS_LIST_MAX, zip=zip)
     return env
 
 
@@ -76,7 +81,15 @@ def render(template: str, **values: Any) -> str:
     return _environment().get_template(template).render(**values)
 
 
-def markdown_page(markdown: str) -> str:
-    """Return Markdown as a self-contained HTML page (raw HTML in the Markdown is escaped, not passed through)."""
+def page_title(dataset_title: str) -> str:
+    """Return the title of the report page for a dataset."""
+    return f"Pipeline report: {dataset_title}"
+
+
+def markdown_page(markdown: str, title: str) -> str:
+    """Return Markdown as a self-contained HTML page (raw HTML in the Markdown is escaped, not passed through).
+
+    `title` is plain text (the page template escapes it).
+    """
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
-    return render("report.html.j2", title=TITLE, body=body)
+    return render("report.html.j2", title=title, body=body)
