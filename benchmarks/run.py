@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from flows import server as local_server  # noqa: E402
 from tasks.preprocess import SPLIT_FILES  # noqa: E402
-from tasks.train import HISTORY_FILE  # noqa: E402
+from tasks.train import HISTORY_FILE, MODEL_FILE  # noqa: E402
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 ROWS = [
@@ -51,6 +51,12 @@ ROWS = [
     ("fit_cnn", "fit: `--model cnn` train stage at its defaults, `fit_seconds`"),
     ("prep_reference", "preprocess: reference's IDX read and scaling (`load_s`)"),
     ("prep_pipeline", "preprocess: pipeline stage (`preprocess_files`)"),
+    ("predict_png_plain", "predict: 10,000 PNG files, plain loop (Pillow decode, `model.predict`)"),
+    ("predict_png", "predict: 10,000 PNG files, `predict_images`"),
+    ("predict_parquet_plain", "predict: test parquet, `model.predict` on the array in memory"),
+    ("predict_parquet", "predict: test parquet, `predict_images`"),
+    ("predict_mem_10k", "predict: 10,000 PNG files, one process, peak RSS"),
+    ("predict_mem_50k", "predict: 50,000 PNG files, one process, peak RSS"),
     ("np_load", "load train split: `np.load` (.npy)"),
     ("parquet_load", "load train split: `load_split` (parquet)"),
 ]
@@ -156,6 +162,7 @@ class Bench:
             self.steady_epoch.append(statistics.median(fitted["epoch_seconds"][1:]))  # after the compiling first epoch
         self.accuracy["pipeline"].append(summary["metrics"]["test_accuracy"])
         self.parquet = next(Path(p) for p in summary["stages"]["preprocess"]["artifacts"] if Path(p).name == SPLIT_FILES["train"])
+        self.model_path = next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == MODEL_FILE)
 
         wall, rss, out = run_child(cmd, env)
         states = {i["state"] for i in json.loads(out)["stages"].values()}
@@ -215,6 +222,24 @@ class Bench:
         assert summary["stages"]["train"]["state"] == "completed", summary["stages"]
         self.samples["fit_cnn"].append(train_history(summary)["fit_seconds"])
         self.cnn_accuracy = summary["metrics"]["test_accuracy"]
+
+    def predict(self, repeat: int) -> None:
+        """Batch prediction with the last run's model, in child processes: timings side by side, then peak memory."""
+        images = (self.tmp / "synthetic" if self.args.smoke else self.args.data) / "t10k-images-idx3-ubyte.gz"
+        script = [sys.executable, str(REPO / "benchmarks" / "predict.py"), "--model", str(self.model_path),
+                  "--images", str(images)]
+        count = 200 if self.args.smoke else 10_000
+        _, _, out = run_child([*script, "--parquet", str(self.parquet.with_name(SPLIT_FILES["test"])), "--count",
+                               str(count), "--repeat", str(repeat)], base_env())
+        result = json.loads(out.strip().splitlines()[-1])
+        for key in ("png_plain", "png", "parquet_plain", "parquet"):
+            self.samples[f"predict_{key}"].append(result["png_pipeline" if key == "png" else "parquet_pipeline"
+                                                         if key == "parquet" else key])
+        for key, n in (("predict_mem_10k", count), ("predict_mem_50k", 5 * count)):
+            _, rss, out = run_child([*script, "--memory", str(n)], base_env())
+            memory = json.loads(out.strip().splitlines()[-1])
+            self.record(key, memory["wall"], rss)
+            self.predict_table_mb = getattr(self, "predict_table_mb", {}) | {key: memory["table_mb"]}
 
     def loads(self, repeat: int) -> None:
         """Time np.load of a .npy copy against load_split of the pipeline's train.parquet, alternating, in-process."""
@@ -279,7 +304,11 @@ def table(bench: Bench, args: argparse.Namespace, server_startup: float | None, 
         "noop": ref, "noop_server": ref, "report": ref,
         "report_server": ref, "fit_reference": fit_ref, "fit_pipeline": fit_ref, "fit_cnn": fit_ref, "np_load": np_load, "parquet_load": np_load,
         "prep_reference": median(s["prep_reference"]), "prep_pipeline": median(s["prep_reference"]),
+        "predict_png_plain": median(s["predict_png_plain"]), "predict_png": median(s["predict_png_plain"]),
+        "predict_parquet_plain": median(s["predict_parquet_plain"]), "predict_parquet": median(s["predict_parquet_plain"]),
+        "predict_mem_10k": median(s["predict_mem_10k"]), "predict_mem_50k": median(s["predict_mem_10k"]),
     }
+    table_mb = getattr(bench, "predict_table_mb", {})
     acc_ref, acc_pipe = median(bench.accuracy["reference"]), median(bench.accuracy["pipeline"])
     notes = {
         "reference": f"test accuracy {acc_ref:.4f}" if acc_ref is not None else "",
@@ -297,6 +326,12 @@ def table(bench: Bench, args: argparse.Namespace, server_startup: float | None, 
         "fit_cnn": f"test accuracy {bench.cnn_accuracy:.4f} (seed 42)" if bench.cnn_accuracy is not None else "",
         "prep_reference": "gunzip, parse and x / 255 in memory, inside the reference script",
         "prep_pipeline": "in-process: gunzip, scaling, both parquet splits written, synced and hashed",
+        "predict_png_plain": "in-process, the model loaded once; the files written by the benchmark from the test IDX",
+        "predict_png": "in-process, the same loaded model: listing, decoding (format, size, polarity checks), batches of 2,048",
+        "predict_parquet_plain": "in-process, the array already loaded",
+        "predict_parquet": "in-process, the same loaded model: reading the file in batches included",
+        "predict_mem_10k": f"the whole child process (TensorFlow included; wall: scoring only); output table {table_mb.get('predict_mem_10k', 0):.1f} MB",
+        "predict_mem_50k": f"ratio: wall against 10,000 files; output table {table_mb.get('predict_mem_50k', 0):.1f} MB",
         "np_load": "in-process, " + getattr(bench, "load_note", ""),
         "parquet_load": "in-process, the pipeline's reader",
     }
@@ -376,6 +411,7 @@ def details(bench: Bench, args: argparse.Namespace) -> list[str]:
     s, r = bench.samples, bench.rss
     ref, fit_ref, fit_pipe = median(s["reference"]), median(s["fit_reference"]), median(s["fit_pipeline"])
     acc_ref = bench.accuracy["reference"]
+    table_mb = getattr(bench, "predict_table_mb", {})
     acc_pipe = {42: median(bench.accuracy["pipeline"]), **bench.seed_accuracy}
     lines = ["## Accuracy and arithmetic rate", ""]
     spread = lambda v: f"mean {statistics.mean(v):.4f}, {min(v):.4f} to {max(v):.4f}"  # noqa: E731
@@ -416,6 +452,19 @@ def details(bench: Bench, args: argparse.Namespace) -> list[str]:
          median(s["noop_local"]) < 3),
         ("peak RSS at most 1.5x the reference's", f"{cold:.0f} MB / {max(r['reference']):.0f} MB = {cold / max(r['reference']):.2f}x",
          cold <= 1.5 * max(r["reference"])),
+        ("predict 10,000 PNG files at most 1.5x a plain Pillow + model.predict loop",
+         f"{median(s['predict_png']):.2f} s vs {median(s['predict_png_plain']):.2f} s = "
+         f"{median(s['predict_png']) / median(s['predict_png_plain']):.2f}x",
+         median(s["predict_png"]) <= 1.5 * median(s["predict_png_plain"])),
+        ("predict the test parquet at most 1.2x model.predict on the array in memory",
+         f"{median(s['predict_parquet']):.3f} s vs {median(s['predict_parquet_plain']):.3f} s = "
+         f"{median(s['predict_parquet']) / median(s['predict_parquet_plain']):.2f}x",
+         median(s["predict_parquet"]) <= 1.2 * median(s["predict_parquet_plain"])),
+        ("predict peak memory does not grow with the images beyond the output table (50,000 vs 10,000 files)",
+         f"{max(r['predict_mem_50k']):.0f} MB vs {max(r['predict_mem_10k']):.0f} MB: "
+         f"+{max(r['predict_mem_50k']) - max(r['predict_mem_10k']):.0f} MB (output tables "
+         f"{table_mb.get('predict_mem_50k', 0):.0f} and {table_mb.get('predict_mem_10k', 0):.0f} MB)",
+         max(r["predict_mem_50k"]) - max(r["predict_mem_10k"]) <= 50 + table_mb.get("predict_mem_50k", 0)),
         ("train split from parquet at most 2x np.load", f"{median(s['parquet_load']) / median(s['np_load']):.2f}x",
          median(s["parquet_load"]) <= 2 * median(s["np_load"])),
     ]
@@ -460,6 +509,7 @@ def main() -> int:
                 step()
             print(f"repetition {i + 1}/{args.repeat} done at {time.perf_counter() - started:.0f} s", file=sys.stderr)
         bench.seeds(list(range(1, args.seeds + 1)))
+        bench.predict(3 if not args.smoke else 1)
         bench.cnn()
         bench.preprocess(3)
         bench.loads(3 if args.smoke else 21)

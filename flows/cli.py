@@ -1,4 +1,4 @@
-"""Command line: `mnist-pipeline run` runs the flow locally and prints a summary."""
+"""Command line: `mnist-pipeline run` runs the flow locally and prints a summary; `predict` scores new images."""
 
 from __future__ import annotations
 
@@ -62,6 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timezone", default=timezone, help="IANA timezone of the schedule (default: %(default)s)")
     serve.add_argument("--name", default="served-retrain", help="deployment name (default: %(default)s)")
     _add_config_arguments(serve)
+    predict = commands.add_parser(
+        "predict",
+        help="score images with the champion (or another model) and write one row per image",
+        description="Score image files (PNG, JPEG, ... any size, grayscale or colour), folders of them, IDX image "
+        "files (.gz or not) or parquet files in the pipeline's layout. Images are brought to the model's input: "
+        "grayscale, light on dark (dark-on-light images are detected and inverted), padded to a square, 28x28, "
+        "scaled to [0, 1]. Results are cached by content: the same inputs scored by the same model are not scored "
+        "again. Nothing in the registry or the existing artifacts changes.",
+    )
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="an image, IDX or parquet file, or a folder of them")
+    predict.add_argument("--model", default="champion", help="champion (the registry's, default), a model digest "
+                         "or unique prefix of one, or a path to a model.keras file")
+    predict.add_argument("--output", metavar="FILE", help="also write the predictions to FILE (CSV if it ends in "
+                         ".csv, else parquet); its folder must exist")
+    predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto", help="invert image files to "
+                         "light on dark: auto detects dark-on-light ones by their border (default: %(default)s); IDX "
+                         "and parquet inputs are taken as they are unless yes")
+    predict.add_argument("--class-names", metavar="A,B,...", help="names of the model's classes in label order "
+                         "(default: those recorded with the model, else the labels)")
+    predict.add_argument("--artifacts-dir", help="root of models, the registry and the cache (env "
+                         "MNIST_PIPELINE_ARTIFACTS_DIR)")
+    predict.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     local = commands.add_parser(
         "server",
         help="show or stop the local Prefect server (started by commands run without PREFECT_API_URL)",
@@ -174,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Bad values are bad input, as a bad source is: exit 1 (2 is left to argparse for malformed command lines).
     try:
-        config = PipelineConfig(**config_overrides(args))
+        config = PipelineConfig(**(predict_overrides(args) if args.command == "predict" else config_overrides(args)))
     except ValidationError as exc:
         print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
         return 1
@@ -198,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     with temporary_settings(updates=api, set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         if args.command == "serve":
             return serve(mnist_pipeline, args)
+        if args.command == "predict":
+            return predict_command(args, config)
         rerun = list(STAGES) if args.no_cache else args.rerun
         state = mnist_pipeline(config=config, until=args.until, rerun=rerun, only=args.only, return_state=True)
         _wait_for_events()
@@ -212,6 +236,43 @@ def main(argv: list[str] | None = None) -> int:
     if local is not None:
         print(f"Prefect UI: {local.url}/runs/flow-run/{summary['run_id']} (the local server; "
               "`mnist-pipeline server stop` stops it)", file=sys.stderr)
+    return 0
+
+
+def predict_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the config fields that `predict` sets (only the artifacts root: that is where models and the cache are)."""
+    return {"artifacts_dir": str(Path(args.artifacts_dir).expanduser().absolute())} if args.artifacts_dir else {}
+
+
+def predict_command(args: argparse.Namespace, config: Any) -> int:
+    """Run the mnist-predict flow and print its summary; return the exit code."""
+    from flows.predict import mnist_predict
+    from tasks.core import PipelineError
+    from tasks.dataset import DatasetConfig
+
+    try:
+        names = DatasetConfig(class_names=args.class_names, num_classes=len(args.class_names.split(","))).class_names \
+            if args.class_names else None
+    except ValueError as exc:
+        print(f"mnist-pipeline: error: --class-names: {exc}", file=sys.stderr)
+        return 1
+    state = mnist_predict(inputs=[str(Path(i).expanduser().absolute()) for i in args.inputs], model=args.model,
+                          output=args.output, invert=args.invert, class_names=names, config=config, return_state=True)
+    _wait_for_events()
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        if isinstance(error, PipelineError):
+            print(f"mnist-pipeline: error: {error}", file=sys.stderr)
+            return 1
+        raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
+    summary = state.result()
+    if args.json:
+        print(json.dumps(summary, indent=2), flush=True)
+        return 0
+    counts = ", ".join(f"{name}: {n}" for name, n in summary["counts"].items())
+    cached = all(s == "cached" for s in summary["stages"].values())
+    print(f"{summary['images']} images scored by model {summary['model'][:16]}{' (cached)' if cached else ''}\n"
+          f"predicted classes: {counts}\npredictions: {summary['output']}", flush=True)
     return 0
 
 

@@ -66,7 +66,7 @@ def mnist_pipeline(
             results[name] = _existing_artifact(name, step.task, inputs, config.cache_dir, only)
         else:
             refresh = name in (rerun or ()) or name == only
-            results[name], computed = _run_stage(step.task, inputs, config.cache_dir, refresh)
+            results[name], computed = run_stage(step.task, inputs, config.cache_dir, refresh)
             summary["stages"][name] = {
                 "state": "completed" if computed else "cached",
                 "artifacts": [f.path for f in results[name].files.values()],
@@ -82,7 +82,7 @@ def mnist_pipeline(
     return summary
 
 
-def _run_stage(stage_task: Task, inputs: dict[str, Any], cache_dir: Path, refresh: bool) -> tuple[ArtifactRef, bool]:
+def run_stage(stage_task: Task, inputs: dict[str, Any], cache_dir: Path, refresh: bool = False) -> tuple[ArtifactRef, bool]:
     """Run a stage through its cache; return its artifact and whether it was computed (not found in the cache)."""
     state = cached(stage_task, cache_dir, refresh=refresh)(**inputs, return_state=True)
     if state.is_failed():
@@ -115,7 +115,8 @@ def _decide_promotion(config: PipelineConfig, results: dict[str, Any], summary: 
     evaluation = results["evaluate"]
     summary["metrics"] = {key: evaluation.meta[key] for key in ("test_accuracy", "test_loss", "first_20_predictions")}
     decision = promote.decide_promotion(results["train"], evaluation, config.registry_dir, config.promotion,
-                                        run_id=summary["run_id"], log=get_run_logger().info)
+                                        run_id=summary["run_id"], log=get_run_logger().info,
+                                        class_names=config.dataset.class_names)
     summary["promotion"] = {"promoted": decision.promoted, "reason": decision.reason}
     return decision
 

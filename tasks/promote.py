@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -58,6 +59,8 @@ class Champion(Scores):
     model_path: str
     promoted_at: str
     run_id: str | None
+    # The names of the model's classes (label order) when its dataset has them; predictions name their classes.
+    class_names: list[str] | None = None
 
 
 class Decision(Scores):
@@ -72,6 +75,7 @@ class Decision(Scores):
     tolerance: float
     decided_at: str
     run_id: str | None
+    class_names: list[str] | None = None
 
     @property
     def verdict(self) -> str:
@@ -89,6 +93,7 @@ def decide_promotion(
     config: PromotionConfig,
     run_id: str | None = None,
     log: Log = quiet,
+    class_names: list[str] | None = None,
 ) -> Decision:
     """Decide whether the evaluated model becomes the champion, record the decision, and return it."""
     registry_dir = Path(registry_dir)
@@ -118,12 +123,13 @@ def decide_promotion(
             tolerance=config.tolerance,
             decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             run_id=run_id,
+            class_names=class_names,
         )
         # History first: a crash before the champion is replaced leaves a promotion on record that did not take effect,
         # and the next run decides again against the real champion; the other order would lose the previous champion.
         _append_line(registry_dir / HISTORY_FILE, decision.model_dump_json() + "\n")
         if promoted and (champion is None or champion.model_digest != model.digest):
-            record = Champion(**decision.model_dump(include=set(Scores.model_fields) | {"model_path", "run_id"}),
+            record = Champion(**decision.model_dump(include=set(Scores.model_fields) | {"model_path", "run_id", "class_names"}),
                               promoted_at=decision.decided_at)
             atomic_write(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
     log(f"model {model.digest[:16]}: {decision.verdict}")
@@ -226,3 +232,46 @@ def _append_line(path: Path, line: str) -> None:
     finally:
         os.close(fd)
     fsync_path(path.parent)
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model the registry or the models folder knows: its digest, its file and its class names if recorded."""
+
+    digest: str
+    path: Path
+    class_names: list[str] | None = None
+
+
+def find_model(registry_dir: Path, models_dir: Path, spec: str) -> KnownModel:
+    """Return the model that `spec` names: `champion`, a digest or a unique prefix of one (at least 4 hex digits).
+
+    Digests are those of the registry's decisions and of the published folders in `models_dir` (named by their
+    first 16 hex digits).
+    """
+    registry_dir, models_dir = Path(registry_dir), Path(models_dir)
+    if spec == "champion":
+        champion = read_champion(registry_dir)
+        if champion is None:
+            raise PipelineError(f"{registry_dir / CHAMPION_FILE}: no champion yet: run `mnist-pipeline run` first "
+                                "(a model that passes the promotion gate becomes the champion), or name a model by "
+                                "digest or path")
+        return KnownModel(champion.model_digest, Path(champion.model_path), champion.class_names)
+    prefix = spec.lower()
+    if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
+        raise PipelineError(f"model {spec!r}: expected `champion`, a model digest (at least 4 hex digits) or a path "
+                            "to a model.keras file")
+    known: dict[str, KnownModel] = {}
+    for decision in read_history(registry_dir):  # later decisions (and their class names) win
+        known[decision.model_digest] = KnownModel(decision.model_digest, Path(decision.model_path), decision.class_names)
+    folders = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
+    for folder in folders:
+        if not any(d.startswith(folder.name) for d in known) and (folder / MODEL_FILE).is_file():
+            known[folder.name] = KnownModel(folder.name, folder / MODEL_FILE)
+    matches = sorted(d for d in known if d.startswith(prefix))
+    if not matches:
+        raise PipelineError(f"model {spec}: no model with this digest in {registry_dir / HISTORY_FILE} or {models_dir}")
+    if len(matches) > 1:
+        raise PipelineError(f"model {spec}: ambiguous prefix, matches {len(matches)} models: "
+                            + ", ".join(d[:16] for d in matches[:5]) + "; give more digits")
+    return known[matches[0]]

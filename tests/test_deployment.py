@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow  # run by CI; `pytest -m 'not slow'` skips it loca
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))  # the venv's CLI, next to the interpreter running the tests
 FLOW = "mnist-pipeline"
+FLOWS = {"flows/pipeline.py:mnist_pipeline": FLOW, "flows/predict.py:mnist_predict": "mnist-predict"}
 TASKS = ["download_mnist", "validate_mnist", "preprocess_mnist", "train_model", "evaluate_model", "report_results"]
 REPORT_KEYS = ["mnist-report", "mnist-metrics", "mnist-confusion-matrix"]
 SCREENSHOT_DIR = Path(tempfile.gettempdir()) / "mnist-pipeline-ui"
@@ -144,9 +145,10 @@ def deployed(server):
     _cli(server, "work-pool", "create", POOL, "--type", "process")
     output = _cli(server, "--no-prompt", "deploy", "--all")
     ids = {}
-    for name in DEPLOYMENTS:
-        response = server.client.get(f"/deployments/name/{FLOW}/{name}")
-        assert response.status_code == 200, f"{FLOW}/{name} not deployed:\n{output}"
+    for name, spec in DEPLOYMENTS.items():
+        flow = FLOWS[spec["entrypoint"]]
+        response = server.client.get(f"/deployments/name/{flow}/{name}")
+        assert response.status_code == 200, f"{flow}/{name} not deployed:\n{output}"
         ids[name] = response.json()
     return ids
 
@@ -168,24 +170,29 @@ def adhoc_run(server, deployed):
     """Trigger the adhoc deployment with a tiny config, let a process worker run it, and return the flow run."""
     base = server.base / "adhoc"
     base.mkdir()
-    params = json.dumps({"config": _config(base)})
-    _cli(server, "deployment", "run", f"{FLOW}/adhoc", "--params", params)
-    runs = _filter(server, "flow_runs", {"deployments": {"id": {"any_": [deployed["adhoc"]["id"]]}}})
+    return _run_deployment(server, deployed, f"{FLOW}/adhoc", {"config": _config(base)}, cwd=base)
+
+
+def _run_deployment(server: SimpleNamespace, deployed: dict[str, Any], name: str, params: dict[str, Any],
+                    cwd: Path) -> dict[str, Any]:
+    """Trigger deployment `name` (flow/deployment), let a process worker run it, and return the completed flow run."""
+    _cli(server, "deployment", "run", name, "--params", json.dumps(params))
+    runs = _filter(server, "flow_runs", {"deployments": {"id": {"any_": [deployed[name.split("/")[1]]["id"]]}}})
     assert len(runs) == 1, runs
     run_id = runs[0]["id"]
 
     # Started outside the checkout on purpose: the deployment's pull step, not the worker's folder, locates the code.
-    log = server.base / "worker.log"
+    log = server.base / f"worker-{name.replace('/', '-')}.log"
     started = time.monotonic()
     worker = _start([PREFECT, "worker", "start", "--pool", POOL, "--name", "test-worker", "--run-once", "--limit", "1"],
-                    log, cwd=base, env=server.env)
+                    log, cwd=cwd, env=server.env)
     try:
         worker.wait(timeout=WORKER_RUN_S)  # --run-once with a limit: one poll, then wait for the run it took
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not finish the run within {WORKER_RUN_S} s\n{_tail(log)}")
     finally:
         _stop(worker)
-    print(f"worker ran the flow in {time.monotonic() - started:.1f} s")
+    print(f"worker ran {name} in {time.monotonic() - started:.1f} s")
     deadline = time.monotonic() + 30
     while True:
         run = server.client.get(f"/flow_runs/{run_id}").json()
@@ -270,6 +277,33 @@ def test_adhoc_run_completes_all_six_stages_with_report_artifacts_and_epoch_logs
     messages = [entry["message"] for entry in logs]
     for epoch in (1, 2):
         assert any(m.startswith(f"epoch {epoch}/2: loss") for m in messages), messages
+
+
+def test_score_folder_deployment_scores_images_with_a_trained_model(server, deployed, adhoc_run):
+    from PIL import Image
+    from synthetic import make_split
+
+    spec = DEPLOYMENTS["score-folder"]
+    assert spec["entrypoint"] == "flows/predict.py:mnist_predict" and spec["schedules"] is None
+    assert deployed["score-folder"]["schedules"] == []
+    base = server.base / "adhoc"
+    # The adhoc run's model, by path: whether its tiny training passed the promotion gate does not matter here.
+    [model] = (base / "artifacts" / "models").glob("*/model.keras")
+    incoming = server.base / "incoming"
+    incoming.mkdir()
+    images, _ = make_split(6, seed=3)
+    for i, image in enumerate(images):
+        Image.fromarray(255 - image).save(incoming / f"scan-{i}.png")  # ink on paper: detected and inverted
+    params = {"inputs": [str(incoming)], "model": str(model), "output": str(server.base / "scores.csv"),
+              "config": {"artifacts_dir": str(base / "artifacts")}}
+    run = _run_deployment(server, deployed, "mnist-predict/score-folder", params, cwd=incoming)
+
+    task_runs = _filter(server, "task_runs", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    assert sorted(t["name"].rsplit("-", 1)[0] for t in task_runs) == ["load_inputs", "predict_classes", "write_predictions"]
+    assert (server.base / "scores.csv").read_text().count("scan-") == 6
+    artifacts = {a["key"]: a for a in _filter(server, "artifacts", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
+    assert len(json.loads(artifacts["mnist-predictions"]["data"])) == 6
+    assert "data:image/png;base64," in artifacts["mnist-predictions-strip"]["data"]
 
 
 # --- the UI in headless Chromium ------------------------------------------------------------------------------------

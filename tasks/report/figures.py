@@ -233,3 +233,12 @@ def misclassified_figure(
     names = [short(name, GALLERY_NAME_MAX) for name in _names(names, max([*labels, *predicted]) + 1)]
     captions = [f"true {names[t]}\npred {names[p]}\nconf {c:.2f}" for t, p, c in zip(labels, predicted, confidence)]
     return _digit_grid(images, captions, [True] * n, columns=min(GALLERY_COLUMNS, n), cell_width=1.15, fontsize=8, title=title)
+
+
+def predictions_figure(images: np.ndarray, captions: list[str]) -> Figure:
+    """Draw input images in one row (wrapping after 10), each titled with its prediction."""
+    fontsize = 8
+    longest = max((len(line) for caption in captions for line in caption.splitlines()), default=0)
+    return _digit_grid(images, captions, [False] * len(images), columns=max(1, min(len(images), 10)),
+                       cell_width=max(0.66, longest * fontsize * CHAR_INCHES + 0.1), fontsize=fontsize,
+                       title=f"First {len(images)} inputs: predicted class and probability")

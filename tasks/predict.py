@@ -1,0 +1,468 @@
+"""Batch prediction: bring new images to the model's input (28x28, light on dark, [0, 1]) and score them.
+
+Pure functions: `predict_images(model_path, inputs)` is what notebooks and tests call, without Prefect; the
+`mnist-predict` flow (flows/predict.py) runs the same steps as the cached tasks at the end of this module. Inputs are decoded and scored in batches, so memory
+stays bounded by the batch, not by the number of images.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+
+from tasks.core import ArtifactRef, PipelineError
+from tasks.idx import IMAGE_SHAPE, IMAGES_MAGIC
+from tasks.preprocess import PIXEL_COLUMNS, PIXELS
+
+Invert = Literal["auto", "yes", "no"]
+BATCH_SIZE = 2048
+TOP_K = 3
+# Refused from the header, before decoding: 40 megapixels is a large photo; a decoded bomb would take gigabytes.
+MAX_IMAGE_PIXELS = 40_000_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IDX_SUFFIXES = ("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")
+PARQUET_SUFFIXES = (".parquet",)
+# A dark-on-light image has a light border: MNIST's digits sit on black, their border is 0.
+LIGHT_BORDER = 127
+_PARQUET_MAGIC = b"PAR1"
+_IDX_HEADER = 16
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Model-ready pixels (n, 784) float32 in [0, 1], with the file and index inside it (None for an image file)."""
+
+    pixels: np.ndarray
+    sources: list[str]
+    indexes: list[int | None]
+
+
+def list_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Return the files to score: each file as given, each folder's image, IDX and parquet files (sorted, recursive)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = [Path(path) for path in sorted(
+                os.path.join(folder, name) for folder, _, names in os.walk(item) for name in names
+                if name.lower().endswith(IMAGE_SUFFIXES + IDX_SUFFIXES + PARQUET_SUFFIXES) and not name.startswith("."))]
+            if not found:
+                raise PipelineError(f"{item}: empty folder: expected image files ({', '.join(IMAGE_SUFFIXES)}), "
+                                    "IDX image files or parquet files in it, found none")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise PipelineError(f"{item}: not found: expected an image file, an IDX or parquet file, or a folder")
+    if not files:
+        raise PipelineError("no inputs: expected at least one image file, IDX or parquet file, or folder")
+    return list(dict.fromkeys(f.absolute() for f in files))  # a file named twice is scored once
+
+
+def kind_of(path: Path) -> Literal["image", "idx", "parquet"]:
+    """Return what a file holds: an image by its name, else by its first bytes (parquet, IDX gzip or not, or an image)."""
+    if path.name.lower().endswith(IMAGE_SUFFIXES):
+        return "image"  # Pillow tells what it is when it opens it (and refuses what is not an image)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head == _PARQUET_MAGIC:
+        return "parquet"
+    if head[:2] == b"\x1f\x8b" or head[:4] == IMAGES_MAGIC.to_bytes(4, "big"):
+        return "idx"
+    return "image"
+
+
+def iter_batches(files: Sequence[Path], invert: Invert = "auto", batch_size: int = BATCH_SIZE) -> Iterator[Batch]:
+    """Yield the inputs of `files` as model-ready batches of at most `batch_size` images, in order."""
+    pending: list[Batch] = []
+    count = 0
+    images: list[Path] = []
+
+    def flush_images() -> Iterator[Batch]:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = np.stack([read_image(p, invert) for p in chunk])
+            yield Batch(pixels.reshape(len(chunk), PIXELS).astype(np.float32) / np.float32(255),
+                        [str(p) for p in chunk], [None] * len(chunk))
+        images.clear()
+
+    def parts() -> Iterator[Batch]:
+        for path in files:
+            kind = kind_of(path)
+            if kind == "image":
+                images.append(path)
+                continue
+            yield from flush_images()
+            yield from (_read_idx(path, invert, batch_size) if kind == "idx" else _read_parquet(path, invert, batch_size))
+        yield from flush_images()
+
+    # Regroup the per-file parts into batches of batch_size (a folder of images and a few IDX files alike).
+    for part in parts():
+        pending.append(part)
+        count += len(part.sources)
+        while count >= batch_size:
+            merged = _concat(pending)
+            yield _slice(merged, 0, batch_size)
+            pending, count = [_slice(merged, batch_size, count)], count - batch_size
+    if count:
+        yield _concat(pending)
+
+
+def _concat(batches: list[Batch]) -> Batch:
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(np.concatenate([b.pixels for b in batches]), [s for b in batches for s in b.sources],
+                 [i for b in batches for i in b.indexes])
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    return Batch(batch.pixels[start:stop], batch.sources[start:stop], batch.indexes[start:stop])
+
+
+def read_image(path: Path, invert: Invert = "auto") -> np.ndarray:
+    """Return one image file as the model sees it: 28x28 uint8, grayscale, light digit on dark.
+
+    Any size and mode: colour is converted to grayscale, a dark-on-light image (light border) is inverted unless
+    `invert` says otherwise, a non-square image is padded to a square with its background, then it is resized to 28x28
+    (a 28x28 image keeps its pixels as they are). The size in the header is checked before anything is decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS or width < 1 or height < 1:
+                raise PipelineError(f"{path}: image size: expected at most {MAX_IMAGE_PIXELS:,} pixels, found "
+                                    f"{width}x{height} in its header; refused before decoding")
+            if image.format == "JPEG":
+                image.draft("L", (max(28, width // 8), max(28, height // 8)))  # decode a large JPEG at reduced size
+            if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte (convert("L") would clip)
+                gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+            else:
+                gray = np.asarray(image.convert("L"))
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours: raised by open()
+        raise PipelineError(f"{path}: image size: expected at most {MAX_IMAGE_PIXELS:,} pixels, found more in its "
+                            f"header ({exc}); refused before decoding") from None
+    except UnidentifiedImageError:
+        raise PipelineError(f"{path}: format: expected an image file ({', '.join(IMAGE_SUFFIXES)}), an IDX or a "
+                            "parquet file, found none of these") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for truncated or corrupt data
+        raise PipelineError(f"{path}: image: expected a complete, valid image, found corrupt or truncated data "
+                            f"({exc})") from None
+    if dark_on_light(gray) if invert == "auto" else invert == "yes":
+        gray = 255 - gray
+    return to_model_size(gray)
+
+
+def dark_on_light(gray: np.ndarray) -> bool:
+    """Return whether a grayscale image looks like ink on paper: its border is light on average."""
+    border = _border(gray.shape)
+    return int(gray.ravel()[border].sum()) > LIGHT_BORDER * len(border)
+
+
+@cache
+def _border(shape: tuple[int, int]) -> np.ndarray:
+    """Return the flat indexes of the border pixels of an image of this shape (each once)."""
+    mask = np.zeros(shape, dtype=bool)
+    mask[[0, -1], :] = mask[:, [0, -1]] = True
+    return np.flatnonzero(mask)
+
+
+def to_model_size(gray: np.ndarray) -> np.ndarray:
+    """Return a light-on-dark grayscale image padded to a square (with black) and resized to 28x28."""
+    if gray.shape == IMAGE_SHAPE:
+        return gray
+    from PIL import Image
+
+    height, width = gray.shape
+    side = max(height, width)
+    square = np.zeros((side, side), dtype=np.uint8)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = gray
+    return np.asarray(Image.fromarray(square).resize(IMAGE_SHAPE[::-1], Image.Resampling.LANCZOS, reducing_gap=3.0))
+
+
+def _read_idx(path: Path, invert: Invert, batch_size: int) -> Iterator[Batch]:
+    """Yield the images of an IDX file (gzip or not) in batches, reading no more than a batch at a time."""
+    with open(path, "rb") as fh:
+        opener = gzip.open if fh.read(2) == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(_IDX_HEADER)
+            magic = int.from_bytes(header[:4], "big") if len(header) >= 4 else None
+            if magic != IMAGES_MAGIC or len(header) < _IDX_HEADER:
+                found = "a short file" if magic is None else f"magic 0x{magic:08x}"
+                raise PipelineError(f"{path}: IDX header: expected an IDX images file (magic 0x{IMAGES_MAGIC:08x}, "
+                                    f"unsigned bytes, 3 dimensions), found {found}")
+            count, rows, cols = (int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
+            if (rows, cols) != IMAGE_SHAPE:
+                raise PipelineError(f"{path}: image size: expected 28x28 images, found {rows}x{cols} in its header")
+            if opener is open and (size := path.stat().st_size - _IDX_HEADER) != count * PIXELS:
+                raise PipelineError(f"{path}: payload size: expected {count * PIXELS} bytes for {count} images, "
+                                    f"found {size}")
+            for start in range(0, count, batch_size):
+                n = min(batch_size, count - start)
+                data = fh.read(n * PIXELS)
+                if len(data) != n * PIXELS:
+                    raise PipelineError(f"{path}: payload size: expected {count} images of 28x28 bytes, found the "
+                                        f"file truncated after {start + len(data) // PIXELS}")
+                images = np.frombuffer(data, np.uint8).reshape(n, PIXELS)
+                if invert == "yes":
+                    images = 255 - images
+                yield Batch(images.astype(np.float32) / np.float32(255), [str(path)] * n, list(range(start, start + n)))
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+        raise PipelineError(f"{path}: gzip: expected a complete gzip stream, found corrupt or truncated data ({exc})") from None
+
+
+def _read_parquet(path: Path, invert: Invert, batch_size: int) -> Iterator[Batch]:
+    """Yield the rows of a parquet file in the pipeline's layout (pixel_000..pixel_783, float32) in batches."""
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise PipelineError(f"{path}: parquet: expected a readable parquet file, found a damaged one ({exc})") from None
+    schema = parquet.schema_arrow
+    missing = [name for name in PIXEL_COLUMNS if name not in schema.names]
+    wrong = [name for name in PIXEL_COLUMNS if name in schema.names and schema.field(name).type != pa.float32()]
+    if missing or wrong:
+        found = f"{len(missing)} of the 784 pixel columns missing" if missing else f"{wrong[0]} of type {schema.field(wrong[0]).type}"
+        raise PipelineError(f"{path}: parquet layout: expected the pipeline's columns pixel_000..pixel_783 (float32), "
+                            f"found {found}")
+    start = 0
+    for record_batch in parquet.iter_batches(batch_size=batch_size, columns=PIXEL_COLUMNS):
+        pixels = np.asarray(record_batch.to_tensor(row_major=True, null_to_nan=True))
+        if not np.all((pixels >= 0) & (pixels <= 1)):  # also false for NaN
+            raise PipelineError(f"{path}: pixel values: expected floats in [0, 1] as preprocessing writes them, "
+                                f"found others in rows {start}..{start + len(pixels) - 1}")
+        if invert == "yes":
+            pixels = 1 - pixels
+        n = len(pixels)
+        yield Batch(pixels.astype(np.float32, copy=False), [str(path)] * n, list(range(start, start + n)))
+        start += n
+
+
+def load_model(model_path: Path) -> Any:
+    """Load a saved `model.keras` for scoring (safe mode: no code from the file is run)."""
+    from tasks.keras_runtime import import_tensorflow
+
+    _, keras = import_tensorflow()
+    try:
+        return keras.saving.load_model(model_path, safe_mode=True, compile=False)
+    except Exception as exc:  # Keras raises several kinds for a file that is not a model
+        raise PipelineError(f"{model_path}: model: expected a Keras model file (.keras), could not load it ({exc})") from None
+
+
+def score(net: Any, pixels: np.ndarray) -> np.ndarray:
+    """Return the class probabilities of a batch (n, 784), from plain forward passes."""
+    step = 1024
+    return np.concatenate([np.asarray(net(pixels[i : i + step], training=False)) for i in range(0, len(pixels), step)])
+
+
+def top_classes(probabilities: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """Return the k most probable classes of each row (most probable first) and their probabilities."""
+    k = min(k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return order.astype(np.int16), np.take_along_axis(probabilities, order, axis=1).astype(np.float32)
+
+
+def predictions_frame(sources: Sequence[str], indexes: Sequence[int | None], probabilities: np.ndarray,
+                      model_digest: str, class_names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Return one row per image: source, index, predicted class (and name), probability, top 3, model digest."""
+    if class_names is not None and len(class_names) != probabilities.shape[1]:
+        raise PipelineError(f"class names: expected {probabilities.shape[1]} names (the model's classes), "
+                            f"found {len(class_names)}")
+    classes, probs = top_classes(probabilities)
+    frame = pd.DataFrame({"source": pd.Series(sources, dtype="string"),
+                          "index": pd.array(list(indexes), dtype="Int32")})
+    for rank in range(classes.shape[1]):
+        suffix = "" if rank == 0 else f"_top{rank + 1}"
+        column = "predicted" if rank == 0 else f"top{rank + 1}"
+        frame[column] = classes[:, rank]
+        if class_names is not None:
+            frame["name" + suffix] = pd.Series(np.asarray(class_names, dtype=object)[classes[:, rank]], dtype="string")
+        frame["probability" + suffix] = probs[:, rank]
+    frame["model"] = model_digest
+    return frame
+
+
+def predict_images(model: str | Path | Any, inputs: Sequence[str | Path], *, invert: Invert = "auto",
+                   class_names: Sequence[str] | None = None, model_digest: str | None = None) -> pd.DataFrame:
+    """Score image files, folders, IDX and parquet files with a model; return one row per image.
+
+    `model`: a path to a saved `model.keras` (its digest defaults to the file's SHA-256), or a Keras model already
+    loaded (then `model_digest` names it), to score many inputs with one load.
+    """
+    from tasks.core import sha256_file
+
+    if isinstance(model, (str, Path)):
+        net, model_digest = load_model(Path(model)), model_digest or sha256_file(Path(model))
+    elif model_digest is None:
+        raise ValueError("model_digest: expected the digest that names a loaded model in the output, found none")
+    else:
+        net = model
+    sources: list[str] = []
+    indexes: list[int | None] = []
+    chunks = []
+    for batch in iter_batches(list_inputs(inputs), invert):
+        chunks.append(score(net, batch.pixels))
+        sources += batch.sources
+        indexes += batch.indexes
+    return predictions_frame(sources, indexes, np.concatenate(chunks), model_digest, class_names)
+
+
+def write_table(frame: pd.DataFrame, output: Path) -> None:
+    """Write predictions to `output` atomically: CSV when it ends in .csv, parquet otherwise."""
+    from tasks.core import fsync_path
+
+    output = Path(output)
+    if not output.parent.is_dir():
+        raise PipelineError(f"{output}: output folder {output.parent} does not exist: expected an existing folder")
+    temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    try:
+        if output.suffix.lower() == ".csv":
+            frame.to_csv(temp, index=False)
+        else:
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), temp)
+        fsync_path(temp)
+        os.replace(temp, output)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_path(output.parent)
+
+
+# --- Stages of the mnist-predict flow: each publishes a content-addressed artifact, as the training stages do. ---
+
+INPUTS_FILE = "pixels.parquet"
+COUNTS_FILE = "counts.json"
+PROBABILITIES_FILE = "probabilities.parquet"
+PREDICTIONS_FILE = "predictions.parquet"
+STRIP = 20
+MODEL_FILE = "model.keras"
+
+
+def model_ref(path: Path, digest: str) -> ArtifactRef:
+    """Return a reference to a model file under the digest it is known by (its cache identity)."""
+    from tasks.core import FileRef, sha256_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: model file: expected a model.keras file, found none")
+    return ArtifactRef(stage="model", digest=digest,
+                       files={MODEL_FILE: FileRef(path=str(path), sha256=sha256_file(path), size=path.stat().st_size)})
+
+
+def decode_inputs(files: Sequence[Path], invert: Invert, out_dir: Path) -> ArtifactRef:
+    """Decode the inputs into one parquet file of model-ready pixels (written batch by batch) and publish it.
+
+    The artifact holds pixels and the number of images per file, not the file names: the same content under other
+    names is the same artifact, and is not scored again.
+    """
+    from tasks.core import publish, workdir, write_json
+    from tasks.preprocess import SCHEMA
+
+    schema = pa.schema([SCHEMA.field(name) for name in PIXEL_COLUMNS])
+    counts = {str(path): 0 for path in files}
+    with workdir(out_dir) as work:
+        with pq.ParquetWriter(work / INPUTS_FILE, schema, compression="none", use_dictionary=False) as writer:
+            for batch in iter_batches(files, invert):
+                pixels = np.ascontiguousarray(batch.pixels.T)
+                writer.write_table(pa.Table.from_arrays([pa.array(column) for column in pixels], schema=schema))
+                for source in batch.sources:
+                    counts[source] += 1
+        write_json(work / COUNTS_FILE, list(counts.values()))
+        return publish("predict-inputs", work, meta={"images": sum(counts.values()), "files": len(files)})
+
+
+def score_inputs(inputs: ArtifactRef, model: ArtifactRef, out_dir: Path) -> ArtifactRef:
+    """Score the decoded inputs with the model, batch by batch; publish the class probabilities of every image."""
+    from tasks.core import publish, workdir
+
+    net = load_model(model.path(MODEL_FILE))
+    parquet = pq.ParquetFile(inputs.path(INPUTS_FILE))
+    with workdir(out_dir) as work:
+        writer = None
+        for record_batch in parquet.iter_batches(batch_size=BATCH_SIZE):
+            probabilities = score(net, np.asarray(record_batch.to_tensor(row_major=True)))
+            table = pa.Table.from_arrays([pa.array(column) for column in np.ascontiguousarray(probabilities.T)],
+                                         names=[f"p_{c}" for c in range(probabilities.shape[1])])
+            writer = writer or pq.ParquetWriter(work / PROBABILITIES_FILE, table.schema, compression="none")
+            writer.write_table(table)
+        if writer is None:
+            raise PipelineError(f"{inputs.path(INPUTS_FILE)}: expected at least one image to score, found none")
+        writer.close()
+        return publish("predict-scores", work, meta={"images": inputs.meta["images"], "model_digest": model.digest})
+
+
+def collect_predictions(files: Sequence[Path], inputs: ArtifactRef, scores: ArtifactRef, model_digest: str,
+                        class_names: Sequence[str] | None, out_dir: Path) -> ArtifactRef:
+    """Join the scores with the file names and class names into the predictions table; publish it."""
+    import json
+
+    from tasks.core import publish, workdir
+
+    counts = json.loads(inputs.path(COUNTS_FILE).read_text())
+    sources: list[str] = []
+    indexes: list[int | None] = []
+    for path, count in zip(files, counts):
+        single = kind_of(Path(path)) == "image"
+        sources += [str(path)] * count
+        indexes += [None] * count if single else list(range(count))
+    frame = predictions_frame(sources, indexes, _concat_probabilities(scores), model_digest, class_names)
+    per_class = frame["predicted"].value_counts().sort_index()
+    counts = {(class_names[c] if class_names else str(c)): int(n) for c, n in per_class.items()}
+    with workdir(out_dir) as work:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), work / PREDICTIONS_FILE)
+        return publish("predict", work, meta={"images": len(frame), "model_digest": model_digest,
+                                              "counts": counts})
+
+
+def _concat_probabilities(scores: ArtifactRef) -> np.ndarray:
+    parquet = pq.ParquetFile(scores.path(PROBABILITIES_FILE))
+    return np.concatenate([np.asarray(b.to_tensor(row_major=True)) for b in parquet.iter_batches(batch_size=65536)])
+
+
+def strip_images(inputs: ArtifactRef, count: int = STRIP) -> np.ndarray:
+    """Return the first `count` decoded inputs as (n, 784) floats, for the strip in the UI."""
+    parquet = pq.ParquetFile(inputs.path(INPUTS_FILE))
+    first = next(parquet.iter_batches(batch_size=count), None)
+    return np.zeros((0, PIXELS), np.float32) if first is None else np.asarray(first.to_tensor(row_major=True))
+
+
+@task(name="load_inputs")
+def load_inputs(files: list[Path], fingerprint: list[str], invert: Invert, artifacts_dir: Path) -> ArtifactRef:
+    """Decode the input files (`fingerprint`: their content digests, for the cache key) under `artifacts_dir`."""
+    ref = decode_inputs(files, invert, Path(artifacts_dir) / "predict-inputs")
+    get_run_logger().info("decoded %d images from %d files", ref.meta["images"], ref.meta["files"])
+    return ref
+
+
+@task(name="predict_classes")
+def predict_classes(inputs: ArtifactRef, model: ArtifactRef, artifacts_dir: Path) -> ArtifactRef:
+    """Score the decoded inputs with the model under `artifacts_dir`."""
+    ref = score_inputs(inputs, model, Path(artifacts_dir) / "predict-scores")
+    get_run_logger().info("scored %d images with model %s", ref.meta["images"], model.digest[:16])
+    return ref
+
+
+@task(name="write_predictions")
+def write_predictions(files: list[Path], inputs: ArtifactRef, scores: ArtifactRef, model_digest: str,
+                      class_names: list[str] | None, artifacts_dir: Path) -> ArtifactRef:
+    """Write the predictions table (file names, classes, probabilities) under `artifacts_dir/predictions`."""
+    ref = collect_predictions(files, inputs, scores, model_digest, class_names, Path(artifacts_dir) / "predictions")
+    get_run_logger().info("wrote %d predictions to %s", ref.meta["images"], ref.path(PREDICTIONS_FILE))
+    return ref
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read a predictions table written by `write_table` or the flow (parquet)."""
+    return pd.read_parquet(path)
