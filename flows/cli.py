@@ -221,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(mnist_pipeline, args)
         if args.command == "predict":
-            return predict_command(args, config)
-        rerun = list(STAGES) if args.no_cache else args.rerun
-        state = mnist_pipeline(config=config, until=args.until, rerun=rerun, only=args.only, return_state=True)
+            try:
+                state = predict_state(args, config)
+            except ValidationError as exc:
+                print(f"mnist-pipeline: error: --class-names: {validation_problems(exc)}", file=sys.stderr)
+                return 1
+        else:
+            rerun = list(STAGES) if args.no_cache else args.rerun
+            state = mnist_pipeline(config=config, until=args.until, rerun=rerun, only=args.only, return_state=True)
         _wait_for_events()
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
@@ -232,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
     summary = state.result()
-    print(json.dumps(summary, indent=2) if args.json else human_summary(summary), flush=True)
+    text = predict_summary(summary) if args.command == "predict" else human_summary(summary)
+    print(json.dumps(summary, indent=2) if args.json else text, flush=True)
     if local is not None:
         print(f"Prefect UI: {local.url}/runs/flow-run/{summary['run_id']} (the local server; "
               "`mnist-pipeline server stop` stops it)", file=sys.stderr)
@@ -244,36 +250,25 @@ def predict_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"artifacts_dir": str(Path(args.artifacts_dir).expanduser().absolute())} if args.artifacts_dir else {}
 
 
-def predict_command(args: argparse.Namespace, config: Any) -> int:
-    """Run the mnist-predict flow and print its summary; return the exit code."""
+def predict_state(args: argparse.Namespace, config: Any) -> Any:
+    """Run the mnist-predict flow for the command line; return its final state."""
     from flows.predict import mnist_predict
-    from tasks.core import PipelineError
     from tasks.dataset import DatasetConfig
 
-    try:
-        names = DatasetConfig(class_names=args.class_names, num_classes=len(args.class_names.split(","))).class_names \
-            if args.class_names else None
-    except ValueError as exc:
-        print(f"mnist-pipeline: error: --class-names: {exc}", file=sys.stderr)
-        return 1
-    state = mnist_predict(inputs=[str(Path(i).expanduser().absolute()) for i in args.inputs], model=args.model,
-                          output=args.output, invert=args.invert, class_names=names, config=config, return_state=True)
-    _wait_for_events()
-    if not state.is_completed():
-        error = state.result(raise_on_failure=False)
-        if isinstance(error, PipelineError):
-            print(f"mnist-pipeline: error: {error}", file=sys.stderr)
-            return 1
-        raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
-    summary = state.result()
-    if args.json:
-        print(json.dumps(summary, indent=2), flush=True)
-        return 0
+    # Checked as the config checks them (non-empty, distinct); how many the model needs is known once it is loaded.
+    names = args.class_names and DatasetConfig(class_names=args.class_names,
+                                               num_classes=len(args.class_names.split(","))).class_names
+    return mnist_predict(inputs=[str(Path(i).expanduser().absolute()) for i in args.inputs], model=args.model,
+                         output=args.output, invert=args.invert, class_names=names or None, config=config,
+                         return_state=True)
+
+
+def predict_summary(summary: dict[str, Any]) -> str:
+    """Return the lines for people after `predict`: how many images, by which model, the counts, where."""
     counts = ", ".join(f"{name}: {n}" for name, n in summary["counts"].items())
-    cached = all(s == "cached" for s in summary["stages"].values())
-    print(f"{summary['images']} images scored by model {summary['model'][:16]}{' (cached)' if cached else ''}\n"
-          f"predicted classes: {counts}\npredictions: {summary['output']}", flush=True)
-    return 0
+    cached = " (cached)" if all(s == "cached" for s in summary["stages"].values()) else ""
+    return (f"{summary['images']} images scored by model {summary['model'][:16]}{cached}\n"
+            f"predicted classes: {counts}\npredictions: {summary['output']}")
 
 
 def _local_server() -> server.LocalServer | None:

@@ -228,9 +228,16 @@ def _signed(ref: ArtifactRef) -> ArtifactRef:
 
 def atomic_write(path: Path, text: str) -> None:
     """Replace a file by one rename: write a temporary file beside it, sync it, then move it over `path`."""
+    with atomic_file(path) as temp:
+        temp.write_text(text)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; then sync it and rename it over `path` (removed on failure)."""
     temp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        temp.write_text(text)
+        yield temp
         fsync_path(temp)
         os.replace(temp, path)
     except BaseException:

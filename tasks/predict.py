@@ -321,23 +321,16 @@ def predict_images(model: str | Path | Any, inputs: Sequence[str | Path], *, inv
 
 def write_table(frame: pd.DataFrame, output: Path) -> None:
     """Write predictions to `output` atomically: CSV when it ends in .csv, parquet otherwise."""
-    from tasks.core import fsync_path
+    from tasks.core import atomic_file
 
     output = Path(output)
     if not output.parent.is_dir():
         raise PipelineError(f"{output}: output folder {output.parent} does not exist: expected an existing folder")
-    temp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_file(output) as temp:
         if output.suffix.lower() == ".csv":
             frame.to_csv(temp, index=False)
         else:
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), temp)
-        fsync_path(temp)
-        os.replace(temp, output)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_path(output.parent)
 
 
 # --- Stages of the mnist-predict flow: each publishes a content-addressed artifact, as the training stages do. ---
