@@ -1,4 +1,5 @@
-"""Command line: `mnist-pipeline run` runs the flow locally and prints a summary; `predict` scores new images."""
+"""Command line: `mnist-pipeline run` runs the flow locally and prints a summary; `predict` scores new images;
+`sweep` trains many configurations on Dask."""
 
 from __future__ import annotations
 
@@ -84,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--artifacts-dir", help="root of models, the registry and the cache (env "
                          "MNIST_PIPELINE_ARTIFACTS_DIR)")
     predict.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    sweep = commands.add_parser(
+        "sweep",
+        help="train and evaluate many configurations on Dask, promote the best",
+        description="Run the data stages once, then one train + evaluate stage per trial on Dask (a LocalCluster "
+        "started for the sweep, or --dask-address), each cached as in `run`; the best trial (highest test accuracy, "
+        "ties by loss) goes through the promotion gate. Flags not swept set every trial, as in `run`.",
+    )
+    sweep.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
+                       help="try every value of NAME, a training setting (repeatable: every combination)")
+    sweep.add_argument("--space", metavar="FILE", help="YAML or JSON: grid: {NAME: [values]}, samples: N, random: "
+                       "{NAME: [values] or {low, high, log}}, seed: S (--grid flags add to its grid)")
+    sweep.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="a running Dask scheduler (env "
+                       "MNIST_PIPELINE_SWEEP__DASK_ADDRESS; default: a LocalCluster, one worker per core)")
+    sweep.add_argument("--dask-workers", type=int, metavar="N", help="workers of the LocalCluster (default: one per core)")
+    sweep.add_argument("--json", action="store_true", help="print the sweep summary as one JSON object on stdout")
+    _add_config_arguments(sweep)
     local = commands.add_parser(
         "server",
         help="show or stop the local Prefect server (started by commands run without PREFECT_API_URL)",
@@ -143,6 +160,9 @@ def weekly_schedule() -> tuple[str, str]:
 def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Return the config fields that the command line sets."""
     overrides: dict[str, Any] = {}
+    sweep = {name: getattr(args, name) for name in ("dask_address", "dask_workers") if getattr(args, name, None)}
+    if sweep:
+        overrides["sweep"] = sweep
     # Relative to where the command was typed, made absolute now (served runs start later, possibly elsewhere).
     if args.data_dir:
         overrides["data_dir"] = str(Path(args.data_dir).expanduser().absolute())
@@ -197,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     # Bad values are bad input, as a bad source is: exit 1 (2 is left to argparse for malformed command lines).
     try:
         config = PipelineConfig(**(predict_overrides(args) if args.command == "predict" else config_overrides(args)))
+        space = sweep_space(args, config) if args.command == "sweep" else None
     except ValidationError as exc:
         print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
         return 1
@@ -220,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     with temporary_settings(updates=api, set_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         if args.command == "serve":
             return serve(mnist_pipeline, args)
-        if args.command == "predict":
+        if args.command == "sweep":
+            from flows.sweep import mnist_sweep
+
+            state = mnist_sweep(space=space, config=config, return_state=True)
+        elif args.command == "predict":
             try:
                 state = predict_state(args, config)
             except ValidationError as exc:
@@ -237,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise error if isinstance(error, BaseException) else RuntimeError(f"flow run ended {state.name}")
     summary = state.result()
-    text = predict_summary(summary) if args.command == "predict" else human_summary(summary)
+    text = {"predict": predict_summary, "sweep": sweep_summary}.get(args.command, human_summary)(summary)
     print(json.dumps(summary, indent=2) if args.json else text, flush=True)
     if local is not None:
         print(f"Prefect UI: {local.url}/runs/flow-run/{summary['run_id']} (the local server; "
@@ -248,6 +273,36 @@ def main(argv: list[str] | None = None) -> int:
 def predict_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Return the config fields that `predict` sets (only the artifacts root: that is where models and the cache are)."""
     return {"artifacts_dir": str(Path(args.artifacts_dir).expanduser().absolute())} if args.artifacts_dir else {}
+
+
+def sweep_space(args: argparse.Namespace, config: Any) -> dict[str, Any]:
+    """Return the sweep space of the command line (--space and --grid), checked trial by trial against the config."""
+    from tasks import sweep
+
+    document = sweep.load_space(Path(args.space)) if args.space else {}
+    grid = {**document.get("grid", {}), **sweep.parse_grid(args.grid)}
+    document = {**document, "grid": grid} if grid else document
+    where = args.space or "--grid"
+    sweep.expand(sweep.build_space(document, where), config.train.model_dump(exclude_none=True, exclude_unset=True), where)
+    return document
+
+
+def sweep_summary(summary: dict[str, Any]) -> str:
+    """Return the trials as a small table for people, then the best trial, the decision and the report."""
+    from tasks.sweep import PARAMETERS
+
+    rows = summary["trials"]
+    columns = [name for name in PARAMETERS if name in rows[0]]
+    lines = ["trial " + " ".join(f"{name:>13}" for name in columns) + "  state    test acc  test loss  fit (s)  model"]
+    for row in rows:
+        scores = (f"{row['test_accuracy']:.4f}    {row['test_loss']:.4f}     {row.get('fit_seconds', 0):6.1f}"
+                  if row["state"] != "failed" else f"failed: {row['error']}")
+        lines.append(f"{row['trial']:>5} " + " ".join(f"{str(row[name]):>13}" for name in columns)
+                     + f"  {row['state']:<8} {scores}  {row.get('model_digest', '')[:16]}")
+    lines.append(f"best: trial {summary['best']['trial']}; "
+                 f"{'promoted to champion' if summary['promotion']['promoted'] else 'not promoted'}: {summary['promotion']['reason']}")
+    lines.append(f"report: {summary['report']}")
+    return "\n".join(lines)
 
 
 def predict_state(args: argparse.Namespace, config: Any) -> Any:

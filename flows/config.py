@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tasks.dataset import DatasetConfig
 from tasks.download import DownloadConfig
 from tasks.promote import PromotionConfig
+from tasks.sweep import SweepConfig
 from tasks.train import TrainConfig
 from tasks.validate import ValidateConfig
 
@@ -31,6 +32,7 @@ class PipelineConfig(BaseSettings):
     validation: ValidateConfig = ValidateConfig()
     train: TrainConfig = TrainConfig()
     promotion: PromotionConfig = PromotionConfig()
+    sweep: SweepConfig = SweepConfig()
 
     @field_validator("data_dir", "artifacts_dir")
     @classmethod

@@ -86,7 +86,7 @@ def run_stage(stage_task: Task, inputs: dict[str, Any], cache_dir: Path, refresh
     """Run a stage through its cache; return its artifact and whether it was computed (not found in the cache)."""
     state = cached(stage_task, cache_dir, refresh=refresh)(**inputs, return_state=True)
     if state.is_failed():
-        _discard_failure_record(state, cache_dir)
+        discard_failure_record(state, cache_dir)
     return state.result(), state.name != "Cached"  # result() re-raises the stage's error
 
 
@@ -127,7 +127,7 @@ def _republish_report(results: dict[str, Any]) -> None:
     report.publish_ui_artifacts(results["report"], results["evaluate"], results["promotion"])
 
 
-def _discard_failure_record(state: State, cache_dir: Path) -> None:
+def discard_failure_record(state: State, cache_dir: Path) -> None:
     """Delete the exception record Prefect persists for a failed task, so a failed stage leaves no file behind."""
     key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
     if key and Path(key).parent == cache_dir:

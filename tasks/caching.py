@@ -168,6 +168,14 @@ class FlockLockManager:
         # Prefect copies cache policies; a copy must still see (and release) the locks this one holds.
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A task travels to Dask workers by pickle with its cache policy: open descriptors and a thread lock cannot,
+        # and locks are held by the process that takes them. A copy in another process starts holding none.
+        return {"lock_files_directory": self.lock_files_directory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["lock_files_directory"])
+
     def lock_path(self, key: str) -> Path:
         """Return the lock file of `key`."""
         self.lock_files_directory.mkdir(parents=True, exist_ok=True)

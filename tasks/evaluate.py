@@ -7,6 +7,7 @@ cheap.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ PREDICTIONS_SCHEMA = pa.schema(
 
 def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: Log = quiet) -> ArtifactRef:
     """Evaluate the model of `model` on `test.parquet` of `processed`; publish metrics and predictions under `out_dir`."""
+    started = time.perf_counter()
     tf, keras = import_tensorflow()
     x, y = load_split(processed.path(SPLIT_FILES["test"]))
     history = json.loads(model.path(HISTORY_FILE).read_text())
@@ -85,6 +87,8 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: 
         "test_accuracy": metrics["test_accuracy"],
         "test_loss": metrics["test_loss"],
         "first_20_predictions": metrics["first_20_predictions"],
+        # Not part of the digest (the files are): how long scoring took, for the sweep's engine overhead.
+        "seconds": round(time.perf_counter() - started, 3),
     }
     with workdir(out_dir) as work:
         write_json(work / METRICS_FILE, metrics)

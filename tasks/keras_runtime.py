@@ -34,6 +34,12 @@ def import_tensorflow() -> tuple[Any, Any]:
 def _import() -> tuple[Any, Any]:
     # Only TensorFlow's C++ INFO and WARNING lines (CUDA probing, CPU features) are silenced; a user's setting wins.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    threads = _dask_worker_threads()
+    if threads is not None:
+        # N single-threaded workers on N cores: TensorFlow's own pools (one thread per core by default) would make
+        # them fight. TensorFlow reads these once, when it starts; Dask's nanny sets only OMP/MKL/OpenBLAS.
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(threads))
     import keras
     import tensorflow as tf
 
@@ -53,3 +59,15 @@ def deterministic_after(tf: Any) -> Iterator[None]:
         yield
     finally:
         tf.config.experimental.enable_op_determinism()
+
+
+def _dask_worker_threads() -> int | None:
+    """Return the threads of the Dask worker running this code, or None outside a Dask worker."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_worker
+
+    try:
+        return int(get_worker().state.nthreads)
+    except (ValueError, AttributeError):
+        return None

@@ -122,3 +122,31 @@ def test_deriving_a_code_version_imports_none_of_the_stage_code():
             "assert 'tasks.callbacks' in __import__('tasks.caching').caching.project_modules('tasks.train'); "
             "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_a_stage_task_with_its_cache_policy_pickles_to_another_process(tmp_path):
+    """Dask ships tasks to worker processes by (cloud)pickle: the lock manager travels, its held locks do not."""
+    import pickle
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from tasks.caching import cached
+    from tasks.train import train_model
+
+    task = cached(train_model, tmp_path / "cache")
+    locks = task.cache_policy.lock_manager
+    assert locks.acquire_lock("k", "here")
+    blob = cloudpickle.dumps(task)
+    copy = pickle.loads(blob)
+    assert copy.cache_policy.lock_manager.lock_files_directory == locks.lock_files_directory
+    assert not copy.cache_policy.lock_manager.is_lock_holder("k", "here")
+    # Another process sees the lock held here through the file, and takes it once it is released.
+    probe = ("import pickle, sys; t = pickle.loads(sys.stdin.buffer.read()); m = t.cache_policy.lock_manager; "
+             "print(m.is_locked('k'), m.acquire_lock('k', 'there', acquire_timeout=0.2))")
+    run = lambda: subprocess.run([sys.executable, "-c", probe], input=blob, capture_output=True, timeout=120,  # noqa: E731
+                                 cwd=Path(__file__).resolve().parents[1]).stdout.decode().split()[-2:]
+    assert run() == ["True", "False"]
+    locks.release_lock("k", "here")
+    assert run() == ["False", "True"]

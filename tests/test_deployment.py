@@ -33,7 +33,8 @@ pytestmark = pytest.mark.slow  # run by CI; `pytest -m 'not slow'` skips it loca
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))  # the venv's CLI, next to the interpreter running the tests
 FLOW = "mnist-pipeline"
-FLOWS = {"flows/pipeline.py:mnist_pipeline": FLOW, "flows/predict.py:mnist_predict": "mnist-predict"}
+FLOWS = {"flows/pipeline.py:mnist_pipeline": FLOW, "flows/predict.py:mnist_predict": "mnist-predict",
+         "flows/sweep.py:mnist_sweep": "mnist-sweep"}
 TASKS = ["download_mnist", "validate_mnist", "preprocess_mnist", "train_model", "evaluate_model", "report_results"]
 REPORT_KEYS = ["mnist-report", "mnist-metrics", "mnist-confusion-matrix"]
 SCREENSHOT_DIR = Path(tempfile.gettempdir()) / "mnist-pipeline-ui"
@@ -285,7 +286,8 @@ def test_score_folder_deployment_scores_images_with_a_trained_model(server, depl
 
     spec = DEPLOYMENTS["score-folder"]
     assert spec["entrypoint"] == "flows/predict.py:mnist_predict" and spec["schedules"] is None
-    assert deployed["score-folder"]["schedules"] == []
+    assert deployed["score-folder"]["schedules"] == [] and deployed["sweep"]["schedules"] == []
+    assert deployed["sweep"]["parameters"]["space"] == DEPLOYMENTS["sweep"]["parameters"]["space"]
     base = server.base / "adhoc"
     # The adhoc run's model, by path: whether its tiny training passed the promotion gate does not matter here.
     [model] = (base / "artifacts" / "models").glob("*/model.keras")

@@ -46,7 +46,9 @@ def test_writes_metrics_and_predictions(evaluated):
     _, _, ref, metrics, lines, _ = evaluated
     assert ref.stage == "evaluate" and set(ref.files) == {METRICS_FILE, PREDICTIONS_FILE} and ref.problem() is None
     assert set(metrics) == KEYS and metrics["schema_version"] == 1
-    assert ref.meta == {k: metrics[k] for k in ("test_accuracy", "test_loss", "first_20_predictions")}
+    assert ref.meta == {**{k: metrics[k] for k in ("test_accuracy", "test_loss", "first_20_predictions")},
+                        "seconds": ref.meta["seconds"]}
+    assert ref.meta["seconds"] > 0
     assert plain(ref.meta)
     assert len(lines) == 1 and f"test accuracy {metrics['test_accuracy']:.4f}" in lines[0]
 

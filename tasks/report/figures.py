@@ -242,3 +242,22 @@ def predictions_figure(images: np.ndarray, captions: list[str]) -> Figure:
     return _digit_grid(images, captions, [False] * len(images), columns=max(1, min(len(images), 10)),
                        cell_width=max(0.66, longest * fontsize * CHAR_INCHES + 0.1), fontsize=fontsize,
                        title=f"First {len(images)} inputs: predicted class and probability")
+
+
+def sweep_figure(labels: list[str], accuracies: list[float | None], best: int) -> Figure:
+    """Draw the test accuracy of each trial as a bar, labelled with its swept values; the best one highlighted."""
+    fig = _figure(max(4.0, 0.9 * len(labels) + 1.5), 3.6)
+    ax = fig.add_subplot()
+    values = [a if a is not None else 0.0 for a in accuracies]
+    colours = ["#2da44e" if i == best else ("#cf222e" if a is None else "#57606a") for i, a in enumerate(accuracies)]
+    ax.bar(range(len(values)), values, color=colours)
+    known = [a for a in accuracies if a is not None]
+    low = min(known, default=0.0)
+    ax.set_ylim(max(0.0, low - 0.25 * (max(known, default=1.0) - low) - 0.005), min(1.0, max(known, default=1.0) + 0.005))
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Test accuracy per trial (best in green, failed in red)", fontsize=10)
+    for i, a in enumerate(accuracies):
+        if a is not None:
+            ax.text(i, a, f"{a:.4f}", ha="center", va="bottom", fontsize=7)
+    return fig

@@ -1,0 +1,144 @@
+"""The mnist-sweep flow: the data stages once, then one train + evaluate per trial on Dask, the best one promoted.
+
+Trials run through prefect-dask's DaskTaskRunner: on a LocalCluster started for the sweep (one single-threaded
+worker process per core) or on an existing cluster (`sweep.dask_address`). Every trial is the same cached train and
+evaluate stage as in `mnist-pipeline run`, so a trial that any run or sweep trained before is reused, and identical
+trials in one sweep are submitted once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from flows.config import PipelineConfig
+from flows.pipeline import STEPS, discard_failure_record, run_stage
+from tasks import evaluate, promote, sweep, train
+from tasks.caching import cached
+from tasks.core import PipelineError
+
+TABLE_KEY = "mnist-sweep"
+FIGURE_KEY = "mnist-sweep-figure"
+
+
+def task_runner(config: PipelineConfig) -> Any:
+    """Return the Dask task runner of a sweep: the configured cluster's address, or a LocalCluster of single-threaded
+    worker processes (TensorFlow in each sized to its one thread: see tasks.keras_runtime)."""
+    from prefect_dask import DaskTaskRunner
+
+    if config.sweep.dask_address:
+        check_scheduler(config.sweep.dask_address, config.sweep.dask_timeout_s)
+        return DaskTaskRunner(address=config.sweep.dask_address)
+    workers = config.sweep.dask_workers or os.cpu_count() or 1
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
+
+
+def check_scheduler(address: str, timeout_s: float) -> None:
+    """Fail with one line if no Dask scheduler answers at `address` within `timeout_s` seconds."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        comm = await connect(address, timeout=timeout_s)
+        await comm.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise PipelineError(f"dask scheduler {address}: expected a Dask scheduler answering there, found none within "
+                            f"{timeout_s:g} s ({exc})") from None
+
+
+@flow(name="mnist-sweep")
+def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Train and evaluate every trial of `space` (see tasks.sweep) on Dask; promote the best; write a sweep report."""
+    config = config or PipelineConfig()
+    logger = get_run_logger()
+    checked = sweep.build_space(space, "space")
+    trials = sweep.expand(checked, config.train.model_dump(exclude_none=True, exclude_unset=True), "space")
+    runner = task_runner(config)  # first: a scheduler that does not answer fails the sweep before any work
+    results: dict[str, Any] = {}
+    for name in ("download", "validate", "preprocess"):
+        results[name], _ = run_stage(STEPS[name].task, STEPS[name].inputs(config, results), config.cache_dir)
+
+    unique = {sweep.trial_id(t): t for t in trials}
+    logger.info("sweep of %d trials (%d distinct) on %s", len(trials), len(unique),
+                config.sweep.dask_address or "a local Dask cluster")
+    train_task, evaluate_task = cached(train.train_model, config.cache_dir), cached(evaluate.evaluate_model, config.cache_dir)
+    started = time.perf_counter()
+    outcomes: dict[str, dict[str, Any]] = {}
+    with runner:
+        futures = {}
+        for key, trial in unique.items():
+            trained = runner.submit(train_task, parameters={
+                "processed": results["preprocess"], "config": trial, "num_classes": config.dataset.num_classes,
+                "artifacts_dir": config.artifacts_dir})
+            scored = runner.submit(evaluate_task, parameters={
+                "model": trained, "processed": results["preprocess"], "artifacts_dir": config.artifacts_dir})
+            futures[key] = (trained, scored)
+        for key, (trained, scored) in futures.items():
+            outcomes[key] = _outcome(trained, scored, config.cache_dir)
+    wall = time.perf_counter() - started
+
+    columns = [name for name in sweep.PARAMETERS if name in checked.grid or name in checked.random]
+    rows = [{"trial": i + 1, "id": sweep.trial_id(t), **{name: getattr(t, name) for name in columns},
+             **outcomes[sweep.trial_id(t)]["row"]} for i, t in enumerate(trials)]
+    done = [key for key in unique if outcomes[key]["evaluation"] is not None]
+    if not done:
+        raise PipelineError("sweep: every trial failed: " + "; ".join(o["error"] for o in outcomes.values()))
+    best = min(done, key=lambda k: (-outcomes[k]["evaluation"].meta["test_accuracy"], outcomes[k]["evaluation"].meta["test_loss"]))
+    decision = promote.decide_promotion(outcomes[best]["model"], outcomes[best]["evaluation"], config.registry_dir,
+                                        config.promotion, run_id=str(flow_run.get_id()), log=logger.info,
+                                        class_names=config.dataset.class_names)
+    report = sweep.write_report(rows, columns, best, decision, config.artifacts_dir / "sweeps")
+    _publish_ui_artifacts(rows, columns, report)
+    return {
+        "run_id": str(flow_run.get_id()),
+        "trials": rows,
+        "best": next(r for r in rows if r["id"] == best),
+        "promotion": {"promoted": decision.promoted, "reason": decision.reason},
+        "report": str(report.path(sweep.REPORT_HTML)),
+        "wall_seconds": round(wall, 3),
+    }
+
+
+def _outcome(trained: Any, scored: Any, cache_dir: Path) -> dict[str, Any]:
+    """Wait for one trial's futures; return its row for the table, and its artifacts (None where it failed)."""
+    scored.wait()
+    states = {"train": trained.state, "evaluate": scored.state}
+    for state in states.values():
+        if state.is_failed():
+            discard_failure_record(state, cache_dir)
+    parameters = {}
+    if states["train"].is_completed():
+        model = trained.result()
+        parameters = {"model_digest": model.digest, "fit_seconds": model.meta["fit_seconds"]}
+    if not all(s.is_completed() for s in states.values()):
+        failed = next(s for s in states.values() if not s.is_completed())
+        error = str(failed.result(raise_on_failure=False))
+        return {"row": {"state": "failed", "error": error, **parameters}, "model": None, "evaluation": None, "error": error}
+    evaluation = scored.result()
+    state = "cached" if states["train"].name == "Cached" else "trained"
+    row = {"state": state, "test_accuracy": evaluation.meta["test_accuracy"], "test_loss": evaluation.meta["test_loss"],
+           **parameters, "evaluate_seconds": evaluation.meta.get("seconds")}
+    return {"row": row, "model": model, "evaluation": evaluation, "error": None}
+
+
+def _publish_ui_artifacts(rows: list[dict[str, Any]], columns: list[str], report: Any) -> None:
+    """Publish the trials as a table artifact and the sweep figure as a markdown artifact."""
+    from tasks.report.render import data_uri
+
+    create_table_artifact([{k: v for k, v in row.items() if k != "error"} for row in rows], key=TABLE_KEY,
+                          description=f"{len(rows)} trials, swept: {', '.join(columns)}")
+    png = report.path(sweep.FIGURE_PNG).read_bytes()
+    create_markdown_artifact(f"## Sweep\n\n![Test accuracy per trial]({data_uri(png)})\n\nReport: "
+                             f"`{report.path(sweep.REPORT_HTML)}`\n", key=FIGURE_KEY,
+                             description="Test accuracy per trial, grouped by the swept parameters")
