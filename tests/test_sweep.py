@@ -161,6 +161,24 @@ def held_locks(config) -> list[Path]:
     return held
 
 
+def test_tensorflow_in_a_worker_is_sized_to_the_worker_threads(cluster):
+    from distributed import Client
+
+    def tensorflow_threads() -> tuple[str, str, int]:  # nested: pickled by value, the workers cannot import tests
+        import os
+
+        from tasks.keras_runtime import import_tensorflow
+
+        tf, _ = import_tensorflow()
+        tf.constant(1.0) + 1.0  # start TensorFlow's runtime, which reads the variables
+        return os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"], os.getpid()
+
+    with Client(cluster["address"], timeout=60) as client:
+        intra, inter, pid = client.submit(tensorflow_threads, pure=False).result(timeout=300)
+    assert (intra, inter) == ("1", "1") and pid != os.getpid()
+    assert "TF_NUM_INTRAOP_THREADS" not in os.environ  # set in the worker only
+
+
 def test_a_sweep_on_the_cluster_trains_each_distinct_trial_once_and_reruns_cached(tmp_path, cluster):
     from flows.sweep import mnist_sweep
     from tasks.promote import read_champion, read_history
