@@ -10,8 +10,8 @@ import json
 import logging
 import os
 import sys
-from types import UnionType
 from pathlib import Path
+from types import UnionType
 from typing import Any, Literal, get_args, get_origin
 
 # Machines without internet should not even try to send telemetry; users may still opt in.
@@ -22,10 +22,10 @@ STARTUP_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 for _key, _value in {**QUIET_ENV, **STARTUP_ENV}.items():
     os.environ.setdefault(_key, _value)
 
-from flows import server  # noqa: E402
-from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 
+from flows import server  # noqa: E402
+from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
 from tasks.dataset import DatasetConfig  # noqa: E402
 from tasks.models import MODEL_DEFAULTS  # noqa: E402
 from tasks.train import TrainConfig  # noqa: E402
@@ -35,6 +35,10 @@ MODEL_DEFAULTS_BY_KNOB = {
     name: {kind: defaults[name] for kind, defaults in MODEL_DEFAULTS.items() if name in defaults}
     for name in {name for defaults in MODEL_DEFAULTS.values() for name in defaults}
 }
+
+
+LOCKS_HELP = ("stage locks from a Redis server that several machines share (env MNIST_PIPELINE_LOCKS; default: flock "
+              "on this machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: those recorded with the model, else the labels)")
     predict.add_argument("--artifacts-dir", help="root of models, the registry and the cache (env "
                          "MNIST_PIPELINE_ARTIFACTS_DIR)")
+    predict.add_argument("--locks", metavar="redis://HOST:PORT/DB", help=LOCKS_HELP)
     predict.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     sweep = commands.add_parser(
         "sweep",
@@ -118,6 +123,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         "payloads or .gz files); a source's own SHA256SUMS is always checked")
     parser.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
     parser.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
+    parser.add_argument("--locks", metavar="redis://HOST:PORT/DB", help=LOCKS_HELP)
     dataset = parser.add_argument_group("dataset")
     _add_fields(dataset, DatasetConfig, "dataset_", flags={"name": "--dataset-name"})
     training = parser.add_argument_group("training (defaults: the chosen model's; mlp is the reference network)")
@@ -163,6 +169,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     sweep = {name: getattr(args, name) for name in ("dask_address", "dask_workers") if getattr(args, name, None)}
     if sweep:
         overrides["sweep"] = sweep
+    if args.locks:
+        overrides["locks"] = args.locks
     # Relative to where the command was typed, made absolute now (served runs start later, possibly elsewhere).
     if args.data_dir:
         overrides["data_dir"] = str(Path(args.data_dir).expanduser().absolute())
@@ -226,8 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     _quiet_expected_errors()
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_UI_URL,
+        temporary_settings,
+    )
+
     from flows.pipeline import mnist_pipeline
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
     if local is not None:
         try:
@@ -271,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def predict_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Return the config fields that `predict` sets (only the artifacts root: that is where models and the cache are)."""
-    return {"artifacts_dir": str(Path(args.artifacts_dir).expanduser().absolute())} if args.artifacts_dir else {}
+    """Return the config fields that `predict` sets: the artifacts root (where models and the cache are), the locks."""
+    overrides = {"locks": args.locks} if args.locks else {}
+    if args.artifacts_dir:
+        overrides["artifacts_dir"] = str(Path(args.artifacts_dir).expanduser().absolute())
+    return overrides
 
 
 def sweep_space(args: argparse.Namespace, config: Any) -> dict[str, Any]:

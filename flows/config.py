@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.dataset import DatasetConfig
 from tasks.download import DownloadConfig
+from tasks.locks import FlockLockManager, RedisLockManager, stage_locks
 from tasks.promote import PromotionConfig
 from tasks.sweep import SweepConfig
 from tasks.train import TrainConfig
@@ -33,6 +34,17 @@ class PipelineConfig(BaseSettings):
     train: TrainConfig = TrainConfig()
     promotion: PromotionConfig = PromotionConfig()
     sweep: SweepConfig = SweepConfig()
+    locks: str | None = Field(None, description="Stage locks from a Redis server that several machines share "
+                              "(redis://HOST:PORT/DB); default: flock on this machine.")
+    lock_expiry_s: float = Field(15.0, gt=0, description="A Redis stage lock expires this many seconds after its "
+                                 "holder stopped renewing it (it renews every third of that while it lives).")
+
+    @field_validator("locks")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("expected a Redis URL: redis://HOST:PORT/DB (or rediss://, unix://)")
+        return url or None
 
     @field_validator("data_dir", "artifacts_dir")
     @classmethod
@@ -44,6 +56,10 @@ class PipelineConfig(BaseSettings):
     def cache_dir(self) -> Path:
         """Where stage results (artifact references) are recorded for reuse across runs."""
         return self.artifacts_dir / "cache"
+
+    def lock_manager(self) -> FlockLockManager | RedisLockManager:
+        """Return the lock manager of the stages of this config's cache."""
+        return stage_locks(self.locks, self.cache_dir, self.lock_expiry_s)
 
     @property
     def registry_dir(self) -> Path:

@@ -55,6 +55,7 @@ def mnist_pipeline(
 ) -> dict[str, Any]:
     """Run the stages up to `until` (or just `only`), reusing every cached stage except those named in `rerun`."""
     config = config or PipelineConfig()
+    config.lock_manager().check()
     last = only or until
     stages = STAGES[: STAGES.index(last) + 1]
     summary: dict[str, Any] = {"run_id": str(flow_run.get_id()), "stages": {}}
@@ -66,7 +67,7 @@ def mnist_pipeline(
             results[name] = _existing_artifact(name, step.task, inputs, config.cache_dir, only)
         else:
             refresh = name in (rerun or ()) or name == only
-            results[name], computed = run_stage(step.task, inputs, config.cache_dir, refresh)
+            results[name], computed = run_stage(step.task, inputs, config, refresh)
             summary["stages"][name] = {
                 "state": "completed" if computed else "cached",
                 "artifacts": [f.path for f in results[name].files.values()],
@@ -82,11 +83,11 @@ def mnist_pipeline(
     return summary
 
 
-def run_stage(stage_task: Task, inputs: dict[str, Any], cache_dir: Path, refresh: bool = False) -> tuple[ArtifactRef, bool]:
+def run_stage(stage_task: Task, inputs: dict[str, Any], config: PipelineConfig, refresh: bool = False) -> tuple[ArtifactRef, bool]:
     """Run a stage through its cache; return its artifact and whether it was computed (not found in the cache)."""
-    state = cached(stage_task, cache_dir, refresh=refresh)(**inputs, return_state=True)
+    state = cached(stage_task, config.cache_dir, refresh, config.lock_manager())(**inputs, return_state=True)
     if state.is_failed():
-        discard_failure_record(state, cache_dir)
+        discard_failure_record(state, config.cache_dir)
     return state.result(), state.name != "Cached"  # result() re-raises the stage's error
 
 

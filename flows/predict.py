@@ -58,6 +58,7 @@ def mnist_predict(
     (or .csv) file to write besides the predictions artifact. `invert`: auto detects dark-on-light image files.
     """
     config = config or PipelineConfig()
+    config.lock_manager().check()
     if output is not None and not Path(output).expanduser().parent.is_dir():
         raise PipelineError(f"{output}: output folder {Path(output).expanduser().parent} does not exist: "
                             "expected an existing folder")
@@ -70,15 +71,15 @@ def mnist_predict(
     stages: dict[str, str] = {}
     fingerprint = [sha256_file(path) for path in files]
     decoded, computed = run_stage(predict.load_inputs, {"files": files, "fingerprint": fingerprint, "invert": invert,
-                                                        "artifacts_dir": config.artifacts_dir}, config.cache_dir)
+                                                        "artifacts_dir": config.artifacts_dir}, config)
     stages["load_inputs"] = "completed" if computed else "cached"
     scores, computed = run_stage(predict.predict_classes, {
         "inputs": decoded, "model": predict.model_ref(chosen.path, chosen.digest), "artifacts_dir": config.artifacts_dir},
-        config.cache_dir)
+        config)
     stages["predict_classes"] = "completed" if computed else "cached"
     table, computed = run_stage(predict.write_predictions, {
         "files": files, "inputs": decoded, "scores": scores, "model_digest": chosen.digest,
-        "class_names": list(names) if names else None, "artifacts_dir": config.artifacts_dir}, config.cache_dir)
+        "class_names": list(names) if names else None, "artifacts_dir": config.artifacts_dir}, config)
     stages["write_predictions"] = "completed" if computed else "cached"
 
     frame = predict.read_table(table.path(predict.PREDICTIONS_FILE))

@@ -87,7 +87,7 @@ def ensure(home: Path) -> tuple[LocalServer, bool]:
         server = find(home)
         if server is not None:
             return server, False
-        port = PREFERRED_PORT if _port_free(PREFERRED_PORT) else _free_port()
+        port = PREFERRED_PORT if _port_free(PREFERRED_PORT) else free_port()
         env = {
             **os.environ,
             "PREFECT_HOME": str(home),
@@ -155,7 +155,8 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

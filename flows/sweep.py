@@ -3,25 +3,28 @@
 Trials run through prefect-dask's DaskTaskRunner: on a LocalCluster started for the sweep (one single-threaded
 worker process per core) or on an existing cluster (`sweep.dask_address`). Every trial is the same cached train and
 evaluate stage as in `mnist-pipeline run`, so a trial that any run or sweep trained before is reused, and identical
-trials in one sweep are submitted once.
+trials in one sweep are submitted once. Trials found in the cache are looked up in the flow's process: a sweep with
+nothing to compute starts no cluster.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import State
 
 from flows.config import PipelineConfig
 from flows.pipeline import STEPS, discard_failure_record, run_stage
 from tasks import evaluate, promote, sweep, train
-from tasks.caching import cached
-from tasks.core import PipelineError
+from tasks.caching import cached, stage_key, trusted_result
+from tasks.core import ArtifactRef, PipelineError
 
 TABLE_KEY = "mnist-sweep"
 FIGURE_KEY = "mnist-sweep-figure"
@@ -37,7 +40,7 @@ def task_runner(config: PipelineConfig) -> Any:
         return DaskTaskRunner(address=config.sweep.dask_address)
     workers = config.sweep.dask_workers or os.cpu_count() or 1
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None})
+                                          "dashboard_address": None, "preload": ["tasks.keras_runtime"]})
 
 
 def check_scheduler(address: str, timeout_s: float) -> None:
@@ -64,28 +67,40 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     logger = get_run_logger()
     checked = sweep.build_space(space, "space")
     trials = sweep.expand(checked, config.train.model_dump(exclude_none=True, exclude_unset=True), "space")
-    runner = task_runner(config)  # first: a scheduler that does not answer fails the sweep before any work
+    locks = config.lock_manager()
+    locks.check()
+    runner = task_runner(config)  # first: a scheduler or lock server that does not answer fails before any work
     results: dict[str, Any] = {}
     for name in ("download", "validate", "preprocess"):
-        results[name], _ = run_stage(STEPS[name].task, STEPS[name].inputs(config, results), config.cache_dir)
+        results[name], _ = run_stage(STEPS[name].task, STEPS[name].inputs(config, results), config)
 
     unique = {sweep.trial_id(t): t for t in trials}
-    logger.info("sweep of %d trials (%d distinct) on %s", len(trials), len(unique),
-                config.sweep.dask_address or "a local Dask cluster")
-    train_task, evaluate_task = cached(train.train_model, config.cache_dir), cached(evaluate.evaluate_model, config.cache_dir)
-    started = time.perf_counter()
+    stages = {"train": cached(train.train_model, config.cache_dir, locks=locks),
+              "evaluate": cached(evaluate.evaluate_model, config.cache_dir, locks=locks)}
+    train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": config.dataset.num_classes,
+                          "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
+    evaluate_inputs = {"processed": results["preprocess"], "artifacts_dir": config.artifacts_dir}
+    # A trial whose train and evaluate results are both recorded is looked up here: no cluster starts for it.
     outcomes: dict[str, dict[str, Any]] = {}
-    with runner:
-        futures = {}
-        for key, trial in unique.items():
-            trained = runner.submit(train_task, parameters={
-                "processed": results["preprocess"], "config": trial, "num_classes": config.dataset.num_classes,
-                "artifacts_dir": config.artifacts_dir})
-            scored = runner.submit(evaluate_task, parameters={
-                "model": trained, "processed": results["preprocess"], "artifacts_dir": config.artifacts_dir})
-            futures[key] = (trained, scored)
-        for key, (trained, scored) in futures.items():
+    for key in unique:
+        model = _recorded(train.train_model, train_inputs[key], config.cache_dir, locks)
+        if model is not None and _recorded(evaluate.evaluate_model, {"model": model, **evaluate_inputs},
+                                           config.cache_dir, locks) is not None:
+            trained = _Here(stages["train"](**train_inputs[key], return_state=True))
+            scored = _Here(stages["evaluate"](model=trained.result(), **evaluate_inputs, return_state=True))
             outcomes[key] = _outcome(trained, scored, config.cache_dir)
+    pending = [key for key in unique if key not in outcomes]
+    logger.info("sweep of %d trials (%d distinct, %d to compute on %s)", len(trials), len(unique), len(pending),
+                config.sweep.dask_address or "a local Dask cluster")
+    started = time.perf_counter()
+    if pending:
+        with runner:
+            futures = {}
+            for key in pending:
+                trained = runner.submit(stages["train"], parameters=train_inputs[key])
+                futures[key] = (trained, runner.submit(stages["evaluate"], parameters={"model": trained, **evaluate_inputs}))
+            for key, (trained, scored) in futures.items():
+                outcomes[key] = _outcome(trained, scored, config.cache_dir)
     wall = time.perf_counter() - started
 
     columns = [name for name in sweep.PARAMETERS if name in checked.grid or name in checked.random]
@@ -108,6 +123,26 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
         "report": str(report.path(sweep.REPORT_HTML)),
         "wall_seconds": round(wall, 3),
     }
+
+
+def _recorded(stage_task: Any, inputs: dict[str, Any], cache_dir: Path, locks: Any) -> ArtifactRef | None:
+    """Return the recorded, intact result of a stage for these inputs, if there is one."""
+    key = stage_key(stage_task, inputs)
+    with locks.held(key):  # as in StageCache: a record being written is not half-read
+        return trusted_result(cache_dir, key)
+
+
+@dataclass(frozen=True)
+class _Here:
+    """A trial stage run in the flow's process (found in the cache), with what `_outcome` reads of a Dask future."""
+
+    state: State
+
+    def wait(self) -> None:
+        pass
+
+    def result(self) -> Any:
+        return self.state.result()
 
 
 def _outcome(trained: Any, scored: Any, cache_dir: Path) -> dict[str, Any]:

@@ -8,9 +8,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
-import threading
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache
@@ -23,7 +20,8 @@ from prefect.serializers import JSONSerializer
 from prefect.tasks import Task
 from pydantic import BaseModel
 
-from tasks.core import ArtifactRef, flocked, sha256_bytes, sha256_json, take_flock
+from tasks.core import ArtifactRef, sha256_bytes, sha256_json
+from tasks.locks import FlockLockManager, lock_dir
 
 # Libraries that orchestrate the stages without shaping their outputs: a new release of them reruns nothing.
 NOT_IN_KEY = {"prefect"}
@@ -152,85 +150,6 @@ def stage_key(stage_task: Task, inputs: dict[str, Any]) -> str:
     return f"{stage_task.name}-" + sha256_json({"inputs": canonical(inputs), "code": code})
 
 
-class FlockLockManager:
-    """Prefect lock manager on `flock`: one lock file per cache key, released by the OS when its process dies.
-
-    Prefect's FileSystemLockManager writes lock files without an expiry, so a run killed while holding one would make
-    every later run wait forever; a flock cannot outlive its process. Locks held in this process are kept by key.
-    """
-
-    def __init__(self, lock_files_directory: Path) -> None:
-        self.lock_files_directory = Path(lock_files_directory)
-        self._held: dict[str, tuple[str, int]] = {}
-        self._guard = threading.Lock()
-
-    def __deepcopy__(self, memo: dict) -> FlockLockManager:
-        # Prefect copies cache policies; a copy must still see (and release) the locks this one holds.
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A task travels to Dask workers by pickle with its cache policy: open descriptors and a thread lock cannot,
-        # and locks are held by the process that takes them. A copy in another process starts holding none.
-        return {"lock_files_directory": self.lock_files_directory}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["lock_files_directory"])
-
-    def lock_path(self, key: str) -> Path:
-        """Return the lock file of `key`."""
-        self.lock_files_directory.mkdir(parents=True, exist_ok=True)
-        return self.lock_files_directory / f"{key}.lock"
-
-    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
-        """Take the lock of `key` for `holder`, waiting up to `acquire_timeout` seconds (None: as long as it takes)."""
-        if self.is_lock_holder(key, holder):
-            return True
-        fd = take_flock(self.lock_path(key), acquire_timeout)
-        if fd is None:
-            return False
-        with self._guard:
-            self._held[key] = (holder, fd)
-        return True
-
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
-        """Take the lock of `key` (blocking: the stages are synchronous)."""
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
-
-    def release_lock(self, key: str, holder: str) -> None:
-        """Release the lock of `key` held by `holder`."""
-        with self._guard:
-            if not self.is_lock_holder(key, holder):
-                raise ValueError(f"No lock held by {holder} for transaction with key {key}")
-            _, fd = self._held.pop(key)
-        os.close(fd)  # closing the only descriptor releases the flock
-
-    def is_locked(self, key: str) -> bool:
-        """Return whether any process (this one included) holds the lock of `key`."""
-        if key in self._held:
-            return True
-        fd = take_flock(self.lock_path(key), timeout=0)
-        if fd is not None:
-            os.close(fd)
-        return fd is None
-
-    def is_lock_holder(self, key: str, holder: str) -> bool:
-        """Return whether `holder` holds the lock of `key` in this process."""
-        return self._held.get(key, ("", -1))[0] == holder
-
-    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.is_locked(key):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        """Wait until nobody holds the lock of `key` (blocking)."""
-        return self.wait_for_lock(key, timeout)
-
-
 @dataclass
 class StageCache(CachePolicy):
     """Key a stage by content and distrust a cached result whose files are missing or changed.
@@ -250,18 +169,9 @@ class StageCache(CachePolicy):
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
         key = stage_key(task_ctx.task, inputs)
         # Under the stage's lock: a record another run is writing right now is not half-read and thrown away.
-        with flocked(self.lock_manager.lock_path(key)) if self.lock_manager else nullcontext():
+        with self.lock_manager.held(key) if self.lock_manager else nullcontext():
             trusted_result(Path(self.cache_dir), key)
         return key
-
-
-def lock_dir(cache_dir: str | Path) -> Path:
-    """Return the folder of the stage locks of a cache: in the system temp folder, one per cache folder.
-
-    Locks are this machine's run-time state (as flocks are), not artifacts: kept outside the roots, a failed run
-    leaves the artifact tree exactly as it was.
-    """
-    return Path(tempfile.gettempdir()) / "mnist-pipeline-locks" / sha256_bytes(str(Path(cache_dir).resolve()).encode())[:16]
 
 
 def trusted_result(cache_dir: Path, key: str) -> ArtifactRef | None:
@@ -311,11 +221,12 @@ def _names_code(value: Any) -> bool:
     return False
 
 
-def cached(stage_task: Task, cache_dir: Path, refresh: bool = False) -> Task:
-    """Return `stage_task` configured to persist its result under `cache_dir` and reuse it by content."""
+def cached(stage_task: Task, cache_dir: Path, refresh: bool = False, locks: Any = None) -> Task:
+    """Return `stage_task` configured to persist its result under `cache_dir` and reuse it by content, its stage
+    locks from `locks` (a manager of tasks.locks; default: flock on this machine)."""
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return stage_task.with_options(
-        cache_policy=StageCache(cache_dir=str(cache_dir)),
+        cache_policy=StageCache(cache_dir=str(cache_dir), lock_manager=locks),
         persist_result=True,
         result_storage=Path(cache_dir),
         result_serializer=JSONSerializer(),

@@ -24,6 +24,14 @@ def warm_up() -> None:
         _warming.start()
 
 
+def dask_setup(worker: Any) -> None:
+    """Dask preload (`dask worker --preload tasks.keras_runtime`): size TensorFlow's pools to the worker's threads
+    and start importing it when the worker starts, so a worker's first trial does not wait for the whole import."""
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(name, str(worker.state.nthreads))
+    warm_up()
+
+
 def import_tensorflow() -> tuple[Any, Any]:
     """Import and return (tensorflow, keras); modules call this instead of importing TensorFlow at import time."""
     if _warming is not None:

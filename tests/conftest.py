@@ -1,8 +1,12 @@
 """Test isolation: a private PREFECT_HOME, no telemetry, one Prefect test server per session."""
 
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # Before anything imports prefect: keep tests out of ~/.prefect and the user's environment.
@@ -25,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from synthetic import write_source  # noqa: E402
 
+from flows.server import free_port  # noqa: E402, F401  (for the tests that start servers)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +43,44 @@ def prefect_api_url():
     # Startup on 2 busy cores can take far longer than the default 30 s.
     with prefect_test_harness(server_startup_timeout=300):
         yield prefect.settings.PREFECT_API_URL.value()
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stop a process the tests started, with its session (its own children), by PID."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """Start Debian's redis-server on a free local port (no persistence, own session) and return its URL."""
+    import redis
+
+    server = shutil.which("redis-server")
+    assert server, "redis-server is not installed (.ci/run installs Debian's package)"
+    port = free_port()
+    log = tmp_path_factory.mktemp("redis") / "redis.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+        yield url
+    finally:
+        stop_process(proc)
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import yaml
+from conftest import free_port
 from synthetic import write_source
 
 pytestmark = pytest.mark.slow  # run by CI; `pytest -m 'not slow'` skips it locally
@@ -46,12 +46,6 @@ WORKER_RUN_S = 300  # the tiny run takes 20-40 s
 
 
 # --- processes ------------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(args: list[str], log: Path, **kwargs: Any) -> subprocess.Popen:
@@ -108,7 +102,7 @@ def _prefect_env(home: Path, api_url: str) -> dict[str, str]:
 def server(tmp_path_factory):
     """A `prefect server start` on a free port of 127.0.0.1 (SQLite in a temp PREFECT_HOME), started in the checkout."""
     base = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = _prefect_env(base / "home", api)
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
@@ -306,6 +300,22 @@ def test_score_folder_deployment_scores_images_with_a_trained_model(server, depl
     artifacts = {a["key"]: a for a in _filter(server, "artifacts", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
     assert len(json.loads(artifacts["mnist-predictions"]["data"])) == 6
     assert "data:image/png;base64," in artifacts["mnist-predictions-strip"]["data"]
+
+
+def test_sweep_deployment_runs_its_trials_on_a_local_cluster_in_the_worker(server, deployed, adhoc_run):
+    base = server.base / "adhoc"  # the adhoc run's roots: its data stages are cached
+    config = {**_config(base), "sweep": {"dask_workers": 1}, "promotion": {"min_test_accuracy": 0.0}}
+    params = {"space": {"grid": {"hidden_units": [16, 24]}}, "config": config}
+    run = _run_deployment(server, deployed, "mnist-sweep/sweep", params, cwd=base)
+
+    task_runs = _filter(server, "task_runs", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    names = sorted(t["name"].rsplit("-", 1)[0] for t in task_runs)
+    assert names == ["download_mnist", "evaluate_model", "evaluate_model", "preprocess_mnist", "train_model",
+                     "train_model", "validate_mnist"]
+    assert {t["state_name"] for t in task_runs if t["name"].startswith("download")} == {"Cached"}
+    artifacts = {a["key"]: a for a in _filter(server, "artifacts", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
+    assert [row["hidden_units"] for row in json.loads(artifacts["mnist-sweep"]["data"])] == [16, 24]
+    assert list((base / "artifacts" / "sweeps").glob("*/sweep.html"))
 
 
 # --- the UI in headless Chromium ------------------------------------------------------------------------------------

@@ -420,8 +420,11 @@ def test_stale_scratch_of_dead_processes_is_removed_and_that_of_live_ones_kept(t
 # --- 4. concurrent runs on the same roots ------------------------------------------------------------------------
 
 
-def test_two_runs_started_at_once_both_complete_and_do_each_stage_once(tmp_path, cli_env):
+@pytest.mark.parametrize("locks", ["flock", "redis"])
+def test_two_runs_started_at_once_both_complete_and_do_each_stage_once(tmp_path, cli_env, locks, request):
     env, args = cli_env
+    if locks == "redis":
+        args = [*args, "--locks", request.getfixturevalue("redis_url")]
     command = [sys.executable, "-m", "flows.cli", *args, "--until", "train"]
     runs = [subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -438,6 +441,29 @@ def test_two_runs_started_at_once_both_complete_and_do_each_stage_once(tmp_path,
     for path in (tmp_path / "artifacts" / "cache").iterdir():
         if path.is_file():
             assert store.read(path.name).result.problem() is None
+
+
+def test_the_redis_lock_of_a_run_killed_in_train_expires_and_the_next_run_trains_once(tmp_path, cli_env, redis_url):
+    import redis
+
+    env, args = cli_env
+    env = {**env, "MNIST_PIPELINE_LOCK_EXPIRY_S": "3"}
+    args = [*args, "--locks", redis_url, "--until", "train"]
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.keys())
+
+    killed = run_cli({**env, "KILL_IN_STAGE": "train"}, args, code=KILLER)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = [k for k in client.keys() if k not in before]  # the train lock, held by nobody alive
+    assert b":lock:train_model-" in left and 0 < client.pttl(left) <= 3000
+    final = run_cli(env, args)
+
+    assert final.returncode == 0, final.stderr
+    assert states(json.loads(final.stdout))["train"] == "completed"
+    assert len(list((tmp_path / "artifacts" / "models").glob("*/model.keras"))) == 1
+    assert set(client.keys()) == before  # every lock released
+    assert scratch(tmp_path / "data", tmp_path / "artifacts") == []
 
 
 # --- 5. full disk -------------------------------------------------------------------------------------------------
@@ -502,9 +528,9 @@ def test_real_full_disk_fails_preprocess_cleanly_then_recovers(synthetic_config,
 
 
 def test_stage_lock_of_a_killed_run_is_free_and_that_of_a_live_one_is_not(tmp_path):
-    from tasks.caching import FlockLockManager
+    from tasks.locks import FlockLockManager
 
-    hold = ("import os, signal, sys; from pathlib import Path; from tasks.caching import FlockLockManager; "
+    hold = ("import os, signal, sys; from pathlib import Path; from tasks.locks import FlockLockManager; "
             "m = FlockLockManager(Path(sys.argv[1])); m.acquire_lock('k', 'them'); print('held', flush=True); "
             "sys.stdin.readline(); os.kill(os.getpid(), signal.SIGKILL)")
     other = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], cwd=REPO, stdin=subprocess.PIPE,

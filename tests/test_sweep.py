@@ -3,13 +3,13 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, stop_process
 from synthetic import write_source
 
 from tasks import sweep
@@ -72,27 +72,10 @@ def test_an_invalid_space_on_the_command_line_stops_before_anything_starts(tmp_p
 
 # --- a real Dask cluster ---
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=REPO, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process we started and its session (workers spawned by a nanny), by PID."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def worker_env(prefect_api_url: str, base: Path) -> dict[str, str]:
@@ -111,7 +94,9 @@ def cluster(tmp_path_factory, prefect_api_url):
     address = f"tcp://127.0.0.1:{port}"
     scheduler = start([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                       base / "scheduler.log", env)
-    workers = [start([DASK, "worker", address, "--nthreads", "1", "--nworkers", "1", "--name", f"w{i}",
+    # w0 as the README starts workers (TensorFlow preloaded), w1 without the preload: both ways must size TensorFlow.
+    preload = [["--preload", "tasks.keras_runtime"], []]
+    workers = [start([DASK, "worker", address, "--nthreads", "1", "--nworkers", "1", "--name", f"w{i}", *preload[i],
                       "--no-dashboard", "--host", "127.0.0.1"], base / f"worker-{i}.log", env) for i in range(2)]
     try:
         with Client(address, timeout=120) as client:
@@ -119,7 +104,7 @@ def cluster(tmp_path_factory, prefect_api_url):
         yield {"address": address, "workers": workers, "base": base, "logs": base}
     finally:
         for proc in [*workers, scheduler]:
-            stop(proc)
+            stop_process(proc)
 
 
 def sweep_config(base: Path, address: str | None, epochs: int = 2, n_train: int = 200):
@@ -137,6 +122,26 @@ def sweep_config(base: Path, address: str | None, epochs: int = 2, n_train: int 
     )
 
 
+def scheduler_transitions(address: str) -> int:
+    """Return how many task state transitions the Dask scheduler has made so far."""
+    from distributed import Client
+
+    with Client(address, timeout=60) as client:
+        return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+
+def flow_run_logs(run_id: str) -> list[tuple[str | None, str]]:
+    """Return (task run id or None, message) of every log line of a flow run on the Prefect server."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)])))
+    return [(str(log.task_run_id) if log.task_run_id else None, log.message) for log in logs]
+
+
 def task_run_names(run_id: str) -> list[str]:
     from uuid import UUID
 
@@ -149,7 +154,7 @@ def task_run_names(run_id: str) -> list[str]:
 
 
 def held_locks(config) -> list[Path]:
-    from tasks.caching import lock_dir
+    from tasks.locks import lock_dir
 
     held = []
     for path in lock_dir(config.cache_dir).glob("*.lock"):
@@ -164,19 +169,23 @@ def held_locks(config) -> list[Path]:
 def test_tensorflow_in_a_worker_is_sized_to_the_worker_threads(cluster):
     from distributed import Client
 
-    def tensorflow_threads() -> tuple[str, str, int]:  # nested: pickled by value, the workers cannot import tests
+    def tensorflow_threads() -> tuple[str, str, bool, int]:  # nested: pickled by value, the workers cannot import tests
         import os
 
-        from tasks.keras_runtime import import_tensorflow
+        from tasks import keras_runtime
 
-        tf, _ = import_tensorflow()
+        preloaded = keras_runtime._warming is not None  # the preload started the import when the worker started
+        tf, _ = keras_runtime.import_tensorflow()
         tf.constant(1.0) + 1.0  # start TensorFlow's runtime, which reads the variables
-        return os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"], os.getpid()
+        return os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"], preloaded, os.getpid()
 
     with Client(cluster["address"], timeout=60) as client:
-        intra, inter, pid = client.submit(tensorflow_threads, pure=False).result(timeout=300)
-    assert (intra, inter) == ("1", "1") and pid != os.getpid()
-    assert "TF_NUM_INTRAOP_THREADS" not in os.environ  # set in the worker only
+        by_name = {info["name"]: address for address, info in client.scheduler_info()["workers"].items()}
+        found = {name: client.submit(tensorflow_threads, pure=False, workers=[by_name[name]]).result(timeout=300)
+                 for name in ("w0", "w1")}
+    assert [found[name][:3] for name in ("w0", "w1")] == [("1", "1", True), ("1", "1", False)]
+    assert os.getpid() not in {found[name][3] for name in found}
+    assert "TF_NUM_INTRAOP_THREADS" not in os.environ  # set in the workers only
 
 
 def test_a_sweep_on_the_cluster_trains_each_distinct_trial_once_and_reruns_cached(tmp_path, cluster):
@@ -194,6 +203,17 @@ def test_a_sweep_on_the_cluster_trains_each_distinct_trial_once_and_reruns_cache
     assert len({row["model_digest"] for row in first["trials"]}) == 3
     names = task_run_names(first["run_id"])
     assert sorted(n for n, _ in names if n == "train_model") == ["train_model"] * 3
+    # What the UI shows of the flow run: each train task run that ran on a worker has its own log lines there
+    # (workers send them in batches, every 2 s by default).
+    deadline = time.monotonic() + 30
+    while True:
+        logs = flow_run_logs(first["run_id"])
+        trained = {task_run for task_run, message in logs if message.startswith("trained mlp in ")}
+        if len(trained) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(trained) == 3 and None not in trained
+    assert all(any(t == run and m.startswith("epoch 2/2: ") for t, m in logs) for run in trained)
     assert len(list((config.artifacts_dir / "models").glob("*/model.keras"))) == 3
     best = max(first["trials"], key=lambda r: (r["test_accuracy"], -r["test_loss"]))
     assert first["best"]["model_digest"] == best["model_digest"]
@@ -212,8 +232,10 @@ def test_a_sweep_on_the_cluster_trains_each_distinct_trial_once_and_reruns_cache
     assert len(artifacts["mnist-sweep"]) == 4 and "data:image/png;base64," in artifacts["mnist-sweep-figure"]
 
     started = time.monotonic()
+    transitions = scheduler_transitions(cluster["address"])
     again = mnist_sweep(space=space, config=config)
     assert [row["state"] for row in again["trials"]] == ["cached"] * 4
+    assert scheduler_transitions(cluster["address"]) == transitions  # looked up here: nothing went to Dask
     assert [r["model_digest"] for r in again["trials"]] == [r["model_digest"] for r in first["trials"]]
     assert len(read_history(config.registry_dir)) == 1  # the decision of the first sweep still holds
     assert Path(again["report"]).with_name("sweep.md").read_text().count("| cached |") == 4

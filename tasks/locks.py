@@ -1,0 +1,271 @@
+"""Stage locks for Prefect's SERIALIZABLE caching: flock on this machine's disk, or Redis for several machines.
+
+A stage's lock is held while one run computes it, so concurrent runs on the same roots compute each stage once (the
+others wait, then use its result). A lock must never outlive its holder: a flock is dropped by the kernel when its
+process dies; a Redis lock expires `expiry_s` seconds after its holder stops renewing it (a thread renews it every
+third of that while the holder lives), and a holder that lost its lock does not record its result.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect.logging import get_logger
+
+from tasks.core import PipelineError, flocked, sha256_bytes, take_flock
+
+
+def stage_locks(url: str | None, cache_dir: str | Path, expiry_s: float) -> FlockLockManager | RedisLockManager:
+    """Return the lock manager of a cache: Redis at `url` (redis://HOST:PORT/DB), else flock on this machine."""
+    if url:
+        return RedisLockManager(url, namespace=_root_id(cache_dir), expiry_s=expiry_s)
+    return FlockLockManager(lock_dir(cache_dir))
+
+
+def _root_id(cache_dir: str | Path) -> str:
+    return sha256_bytes(str(Path(cache_dir).resolve()).encode())[:16]
+
+
+def lock_dir(cache_dir: str | Path) -> Path:
+    """Return the folder of the flock stage locks of a cache: in the system temp folder, one per cache folder.
+
+    Locks are this machine's run-time state (as flocks are), not artifacts: kept outside the roots, a failed run
+    leaves the artifact tree exactly as it was.
+    """
+    return Path(tempfile.gettempdir()) / "mnist-pipeline-locks" / _root_id(cache_dir)
+
+
+class FlockLockManager:
+    """Prefect lock manager on `flock`: one lock file per cache key, released by the OS when its process dies.
+
+    Prefect's FileSystemLockManager writes lock files without an expiry, so a run killed while holding one would make
+    every later run wait forever; a flock cannot outlive its process. Locks held in this process are kept by key.
+    """
+
+    def __init__(self, lock_files_directory: Path) -> None:
+        self.lock_files_directory = Path(lock_files_directory)
+        self._held: dict[str, tuple[str, int]] = {}
+        self._guard = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> FlockLockManager:
+        # Prefect copies cache policies; a copy must still see (and release) the locks this one holds.
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A task travels to Dask workers by pickle with its cache policy: open descriptors and a thread lock cannot,
+        # and locks are held by the process that takes them. A copy in another process starts holding none.
+        return {"lock_files_directory": self.lock_files_directory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["lock_files_directory"])
+
+    def check(self) -> None:
+        """Nothing to check: the lock files are made when first taken."""
+
+    def lock_path(self, key: str) -> Path:
+        """Return the lock file of `key`."""
+        self.lock_files_directory.mkdir(parents=True, exist_ok=True)
+        return self.lock_files_directory / f"{key}.lock"
+
+    @contextmanager
+    def held(self, key: str) -> Iterator[None]:
+        """Hold the lock of `key` for the duration of a block."""
+        with flocked(self.lock_path(key)):
+            yield
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        """Take the lock of `key` for `holder`, waiting up to `acquire_timeout` seconds (None: as long as it takes)."""
+        if self.is_lock_holder(key, holder):
+            return True
+        fd = take_flock(self.lock_path(key), acquire_timeout)
+        if fd is None:
+            return False
+        with self._guard:
+            self._held[key] = (holder, fd)
+        return True
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        """Take the lock of `key` (blocking: the stages are synchronous)."""
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Release the lock of `key` held by `holder`."""
+        with self._guard:
+            if not self.is_lock_holder(key, holder):
+                raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+            _, fd = self._held.pop(key)
+        os.close(fd)  # closing the only descriptor releases the flock
+
+    def is_locked(self, key: str) -> bool:
+        """Return whether any process (this one included) holds the lock of `key`."""
+        if key in self._held:
+            return True
+        fd = take_flock(self.lock_path(key), timeout=0)
+        if fd is not None:
+            os.close(fd)
+        return fd is None
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        """Return whether `holder` holds the lock of `key` in this process."""
+        return self._held.get(key, ("", -1))[0] == holder
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
+        return _wait(lambda: self.is_locked(key), timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until nobody holds the lock of `key` (blocking)."""
+        return self.wait_for_lock(key, timeout)
+
+
+class RedisLockManager:
+    """Prefect lock manager on Redis (redis-py's Lock: SET NX with an expiry, compare-and-delete to release).
+
+    Prefect takes stage locks without an expiry; here every lock expires `expiry_s` after it was last renewed, and a
+    thread renews the locks this process holds every `expiry_s / 3`. A holder that dies (or stops: a paused process)
+    loses its lock within `expiry_s`; a holder that lost its lock is no holder any more, so Prefect does not write
+    its cache record over the result of whoever took the lock next.
+    """
+
+    def __init__(self, url: str, namespace: str, expiry_s: float = 15.0) -> None:
+        self.url, self.namespace, self.expiry_s = url, namespace, expiry_s
+        self._client: Any = None
+        self._held: dict[str, tuple[str, Any, threading.Event]] = {}
+        self._guard = threading.Lock()
+
+    def __deepcopy__(self, memo: dict) -> RedisLockManager:
+        return self  # as FlockLockManager: copies of a cache policy share the locks held
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url, "namespace": self.namespace, "expiry_s": self.expiry_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    @property
+    def client(self) -> Any:
+        """The Redis client (made on first use; a URL's client fails at once when nothing answers)."""
+        if self._client is None:
+            import redis
+
+            self._client = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=max(5.0, self.expiry_s / 3))
+        return self._client
+
+    def check(self) -> None:
+        """Fail with one line unless a Redis server answers at the URL."""
+        import redis
+
+        try:
+            self.client.ping()
+        except redis.RedisError as exc:
+            raise PipelineError(f"locks {self.url}: expected a Redis server answering there, found none ({exc})") from None
+
+    def _name(self, key: str) -> str:
+        return f"mnist-pipeline:{self.namespace}:lock:{key}"
+
+    def _lock(self, key: str, acquire_timeout: float | None) -> Any:
+        return self.client.lock(self._name(key), timeout=self.expiry_s, sleep=0.05, blocking_timeout=acquire_timeout,
+                                thread_local=False)  # the renewal thread uses the token of the acquiring thread
+
+    @contextmanager
+    def held(self, key: str) -> Iterator[None]:
+        """Hold the lock of `key` for the duration of a short block (not renewed)."""
+        lock = self._lock(key, None)
+        lock.acquire(token=f"check-{uuid.uuid4().hex}")
+        try:
+            yield
+        finally:
+            _release(lock)
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        """Take the lock of `key` for `holder`, waiting up to `acquire_timeout` seconds (None: as long as it takes),
+        and keep renewing it until it is released."""
+        if self.is_lock_holder(key, holder):
+            return True
+        lock = self._lock(key, acquire_timeout)
+        if not lock.acquire(token=holder):
+            return False
+        stop = threading.Event()
+        with self._guard:
+            self._held[key] = (holder, lock, stop)
+        threading.Thread(target=self._renew, args=(key, lock, stop), name=f"renew-{key}", daemon=True).start()
+        return True
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        """Take the lock of `key` (blocking: the stages are synchronous)."""
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    def _renew(self, key: str, lock: Any, stop: threading.Event) -> None:
+        import redis
+        from redis.exceptions import LockError
+
+        while not stop.wait(self.expiry_s / 3):
+            try:
+                lock.reacquire()
+            except LockError:  # released meanwhile, or expired: then is_lock_holder says so from now on
+                if not stop.is_set():
+                    get_logger("mnist_pipeline.locks").warning(
+                        "stage lock %s expired before it was renewed (this process was stopped or cut off from Redis "
+                        "for over %g s); another run may compute the stage, and this one will not record its result",
+                        key, self.expiry_s)
+                return
+            except redis.RedisError:
+                continue  # the server did not answer this time: try again until the lock expires
+
+    def release_lock(self, key: str, holder: str) -> None:
+        """Release the lock of `key` taken by `holder` (nothing to do if it expired meanwhile)."""
+        with self._guard:
+            if self._held.get(key, ("",))[0] != holder:
+                raise ValueError(f"No lock held by {holder} for transaction with key {key}")
+            _, lock, stop = self._held.pop(key)
+        stop.set()
+        _release(lock)
+
+    def is_locked(self, key: str) -> bool:
+        """Return whether anyone holds the lock of `key`; a lock this process took and lost counts as held (by
+        whoever has it now, or by nobody yet), so that Prefect refuses to record a result under it."""
+        if key in self._held and not self._owned(key):
+            return True
+        return bool(self.client.exists(self._name(key)))
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        """Return whether `holder` holds the lock of `key` (taken here and, in Redis, still its own)."""
+        return self._held.get(key, ("",))[0] == holder and self._owned(key)
+
+    def _owned(self, key: str) -> bool:
+        entry = self._held.get(key)
+        return entry is not None and entry[1].owned()
+
+    def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
+        return _wait(lambda: bool(self.client.exists(self._name(key))), timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until nobody holds the lock of `key` (blocking)."""
+        return self.wait_for_lock(key, timeout)
+
+
+def _release(lock: Any) -> None:
+    from redis.exceptions import LockNotOwnedError
+
+    try:
+        lock.release()
+    except LockNotOwnedError:
+        pass  # it expired: nothing left to release
+
+
+def _wait(locked: Any, timeout: float | None) -> bool:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while locked():
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
