@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig(**(predict_overrides(args) if args.command == "predict" else config_overrides(args)))
         space = sweep_space(args, config) if args.command == "sweep" else None
+        config.lock_manager().check()  # a lock server that does not answer: before any flow run (the flows check too)
     except ValidationError as exc:
         print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
         return 1

@@ -117,7 +117,7 @@ def _decide_promotion(config: PipelineConfig, results: dict[str, Any], summary: 
     summary["metrics"] = {key: evaluation.meta[key] for key in ("test_accuracy", "test_loss", "first_20_predictions")}
     decision = promote.decide_promotion(results["train"], evaluation, config.registry_dir, config.promotion,
                                         run_id=summary["run_id"], log=get_run_logger().info,
-                                        class_names=config.dataset.class_names)
+                                        class_names=config.dataset.class_names, locks=config.lock_manager())
     summary["promotion"] = {"promoted": decision.promoted, "reason": decision.reason}
     return decision
 

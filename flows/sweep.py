@@ -112,7 +112,7 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     best = min(done, key=lambda k: (-outcomes[k]["evaluation"].meta["test_accuracy"], outcomes[k]["evaluation"].meta["test_loss"]))
     decision = promote.decide_promotion(outcomes[best]["model"], outcomes[best]["evaluation"], config.registry_dir,
                                         config.promotion, run_id=str(flow_run.get_id()), log=logger.info,
-                                        class_names=config.dataset.class_names)
+                                        class_names=config.dataset.class_names, locks=locks)
     report = sweep.write_report(rows, columns, best, decision, config.artifacts_dir / "sweeps")
     _publish_ui_artifacts(rows, columns, report)
     return {

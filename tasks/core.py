@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,8 +22,10 @@ from pydantic import BaseModel, Field, ValidationError
 _CHUNK = 1 << 20
 # Inside every published folder: the names, sizes and SHA-256 of its files, written with them.
 MANIFEST = ".manifest.json"
-# Scratch folders carry the id of the process that made them, so a later run can tell abandoned ones.
-_SCRATCH = re.compile(r"\.(?:tmp|trash)-(\d+)-[0-9a-f]+")
+# Scratch folders carry the host and the id of the process that made them, so a later run can tell abandoned ones;
+# on roots that several machines share, each host sweeps only its own (folders of earlier versions have no host).
+_SCRATCH = re.compile(r"\.(?:tmp|trash)-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]+")
+_HOST = socket.gethostname()
 
 
 # Where a stage function sends its progress lines: the Prefect run logger in a task, nothing by default.
@@ -108,21 +111,26 @@ def new_workdir(parent: Path) -> Path:
     """Create a private temporary folder inside `parent`, so that publishing it is one rename."""
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale_workdirs(parent)
-    work = parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work = parent / scratch_name("tmp")
     work.mkdir()
     return work
 
 
+def scratch_name(kind: str) -> str:
+    """Return a new name for a scratch folder (`kind`: tmp or trash): `.<kind>-<host>-<pid>-<random>`."""
+    return f".{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def remove_stale_workdirs(parent: Path) -> list[Path]:
-    """Remove the `.tmp-<pid>-*` and `.trash-<pid>-*` folders in `parent` whose process is gone; return them.
+    """Remove the scratch folders in `parent` (see `scratch_name`) of this host whose process is gone; return them.
 
     A process killed mid-stage (SIGKILL, power loss) cannot clean up after itself; folders of live processes,
-    such as a concurrent run on the same roots, are left alone.
+    such as a concurrent run on the same roots, are left alone, and so are those of other hosts.
     """
     removed = []
     for entry in parent.iterdir():
         match = _SCRATCH.fullmatch(entry.name)
-        if match and not pid_alive(int(match.group(1))):
+        if match and match["host"] in (None, _HOST) and not pid_alive(int(match["pid"])):
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
     return removed
@@ -186,7 +194,7 @@ def publish(stage: str, workdir: Path, digest: str | None = None, meta: dict[str
         write_json(workdir / MANIFEST, {name: ref.model_dump(include={"sha256", "size"}) for name, ref in files.items()})
         fsync_path(workdir / MANIFEST)
         if final.exists():
-            trash = workdir.parent / f".trash-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            trash = workdir.parent / scratch_name("trash")
             final.rename(trash)
             shutil.rmtree(trash)
         try:

@@ -13,12 +13,13 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.core import ArtifactRef, Log, PipelineError, atomic_write, flocked, fsync_path, quiet, validation_problems
 from tasks.evaluate import METRICS_FILE
+from tasks.locks import RedisLockManager
 from tasks.train import MODEL_FILE
 
 SCHEMA_VERSION = 1
@@ -94,12 +95,17 @@ def decide_promotion(
     run_id: str | None = None,
     log: Log = quiet,
     class_names: list[str] | None = None,
+    locks: Any = None,
 ) -> Decision:
-    """Decide whether the evaluated model becomes the champion, record the decision, and return it."""
+    """Decide whether the evaluated model becomes the champion, record the decision, and return it.
+
+    The registry is locked for the decision by its lock file, or with Redis stage locks (`locks`, roots that several
+    machines share) by its key in Redis.
+    """
     registry_dir = Path(registry_dir)
     test_accuracy, test_loss = _scores(model, evaluation)
     registry_dir.mkdir(parents=True, exist_ok=True)
-    with flocked(registry_dir / LOCK_FILE):
+    with locks.held("registry") if isinstance(locks, RedisLockManager) else flocked(registry_dir / LOCK_FILE):
         champion = read_champion(registry_dir)
         recorded = _recorded_decision(model.digest, read_history(registry_dir), champion, config)
         if recorded is not None:

@@ -43,7 +43,7 @@ sys.stdin.readline()
 
 def holder(redis_url: str, namespace: str, expiry_s: float, records: Path) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, redis_url, namespace, str(expiry_s), str(records)], cwd=REPO,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "held\n"
     return proc
 
@@ -102,9 +102,9 @@ def test_a_paused_holder_that_lost_its_lock_does_not_record_over_the_next_holder
     assert seen == {"holder": False, "wrote": False}
     assert not (tmp_path / "k").exists()
     assert ours.is_lock_holder("k", "us")  # its release took nothing from us
-    proc.stdin.write("done\n")
-    proc.stdin.flush()
-    proc.wait(timeout=30)
+    time.sleep(1.0)  # its renewal thread wakes within a third of the expiry and finds the lock gone
+    _, err = proc.communicate("done\n", timeout=30)
+    assert "stage lock k expired before it was renewed" in err, err
     ours.release_lock("k", "us")
 
 
@@ -140,3 +140,19 @@ def test_cli_with_redis_down_or_a_wrong_url_exits_1_with_one_line_before_any_sta
         assert result.returncode == 1
         assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-2000:]
         assert not (tmp_path / "data").exists() and not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("flow", ["pipeline", "sweep", "predict"])
+def test_a_flow_with_redis_down_fails_before_any_stage(synthetic_config, prefect_api_url, flow):
+    from flows.pipeline import mnist_pipeline
+    from flows.predict import mnist_predict
+    from flows.sweep import mnist_sweep
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    config = synthetic_config.model_copy(update={"locks": url})
+    run = {"pipeline": lambda: mnist_pipeline(config=config),
+           "sweep": lambda: mnist_sweep(space={"grid": {"hidden_units": [8]}}, config=config),
+           "predict": lambda: mnist_predict(inputs=[str(config.data_dir)], config=config)}[flow]
+    with pytest.raises(PipelineError, match=f"^locks {url}: expected a Redis server answering there"):
+        run()
+    assert not config.data_dir.exists() and not config.artifacts_dir.exists()

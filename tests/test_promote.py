@@ -290,3 +290,19 @@ def test_importing_the_module_loads_no_tensorflow():
     code = f"import sys, tasks.promote; print(sorted(m for m in {modules!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_with_redis_stage_locks_the_registry_is_locked_in_redis(tmp_path, registry, redis_url):
+    from tasks.locks import RedisLockManager
+
+    model_and_evaluation = candidate(tmp_path, "a", 0.98)
+    elsewhere = RedisLockManager(redis_url, namespace=tmp_path.name)  # another machine's run, deciding right now
+    done = threading.Event()
+    decider = threading.Thread(target=lambda: (decide_promotion(
+        *model_and_evaluation, registry, RULES, locks=RedisLockManager(redis_url, namespace=tmp_path.name)), done.set()))
+    with elsewhere.held("registry"):
+        decider.start()
+        assert not done.wait(1.0)  # waits for the registry's key in Redis (its lock file is free)
+        assert read_history(registry) == []
+    decider.join(timeout=30)
+    assert done.is_set() and [d.model_digest for d in read_history(registry)] == [model_and_evaluation[0].digest]

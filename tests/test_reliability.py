@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -386,7 +387,8 @@ def test_sigkill_inside_download_preprocess_and_train_then_the_next_run_complete
         # The kill left a work folder with a half-written file, and no cache record for the stage it hit.
         (left,) = scratch(data, artifacts)
         assert left.parent == parents[stage] and left.name.startswith(".tmp-")
-        assert not pid_alive(int(left.name.split("-")[1]))
+        assert left.name.startswith(f".tmp-{socket.gethostname()}-")
+        assert not pid_alive(int(left.name.rsplit("-", 2)[1]))
         assert records(artifacts / "cache") == finished_before[stage]
 
     final = run_cli(env, [*args, "--until", "train"])
@@ -402,19 +404,21 @@ def test_sigkill_inside_download_preprocess_and_train_then_the_next_run_complete
             assert store.read(path.name).result.problem() is None
 
 
-def test_stale_scratch_of_dead_processes_is_removed_and_that_of_live_ones_kept(tmp_path):
+def test_stale_scratch_of_dead_processes_is_removed_and_that_of_live_ones_or_other_hosts_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid, live_pid = int(dead.stdout), os.getpid()
-    for name in (f".tmp-{dead_pid}-0123abcd", f".trash-{dead_pid}-89abcdef", f".tmp-{live_pid}-0123abcd",
-                 f".trash-{live_pid}-89abcdef", "0123456789abcdef", ".tmp-notapid"):
+    dead_pid, live_pid, host = int(dead.stdout), os.getpid(), socket.gethostname()
+    ours_dead = [f".tmp-{host}-{dead_pid}-0123abcd", f".trash-{host}-{dead_pid}-89abcdef", f".tmp-{dead_pid}-0123abcd"]
+    kept = [f".tmp-{host}-{live_pid}-0123abcd", f".trash-{live_pid}-89abcdef",
+            f".tmp-other-host-{dead_pid}-0123abcd",  # another machine's, on shared roots: its pids are not ours to check
+            "0123456789abcdef", ".tmp-notapid"]
+    for name in ours_dead + kept:
         (tmp_path / name).mkdir()
         (tmp_path / name / "file").write_bytes(b"x")
 
     removed = remove_stale_workdirs(tmp_path)
 
-    assert sorted(p.name for p in removed) == [f".tmp-{dead_pid}-0123abcd", f".trash-{dead_pid}-89abcdef"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f".tmp-{live_pid}-0123abcd", f".trash-{live_pid}-89abcdef", "0123456789abcdef", ".tmp-notapid"])
+    assert sorted(p.name for p in removed) == sorted(ours_dead)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 # --- 4. concurrent runs on the same roots ------------------------------------------------------------------------
