@@ -28,6 +28,7 @@ from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
 from tasks.dataset import DatasetConfig  # noqa: E402
 from tasks.models import MODEL_DEFAULTS  # noqa: E402
+from tasks.storage import as_root, explained  # noqa: E402
 from tasks.train import TrainConfig  # noqa: E402
 
 # Per setting that each model defaults on its own: {model: default}, for the help text.
@@ -173,9 +174,9 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["locks"] = args.locks
     # Relative to where the command was typed, made absolute now (served runs start later, possibly elsewhere).
     if args.data_dir:
-        overrides["data_dir"] = str(Path(args.data_dir).expanduser().absolute())
+        overrides["data_dir"] = str(as_root(args.data_dir))
     if args.artifacts_dir:
-        overrides["artifacts_dir"] = str(Path(args.artifacts_dir).expanduser().absolute())
+        overrides["artifacts_dir"] = str(as_root(args.artifacts_dir))
     download = {"source": args.source} if args.source else {}
     if args.sha256:
         from tasks.download import read_sums
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig(**(predict_overrides(args) if args.command == "predict" else config_overrides(args)))
         space = sweep_space(args, config) if args.command == "sweep" else None
-        config.lock_manager().check()  # a lock server that does not answer: before any flow run (the flows check too)
+        config.check_services()  # a lock server or a bucket that does not answer: before any flow run (the flows check too)
     except ValidationError as exc:
         print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
         return 1
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             state = mnist_pipeline(config=config, until=args.until, rerun=rerun, only=args.only, return_state=True)
         _wait_for_events()
     if not state.is_completed():
-        error = state.result(raise_on_failure=False)
+        error = explained(state.result(raise_on_failure=False))
         if isinstance(error, PipelineError):
             print(f"mnist-pipeline: error: {error}", file=sys.stderr)
             return 1
@@ -289,7 +290,7 @@ def predict_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Return the config fields that `predict` sets: the artifacts root (where models and the cache are), the locks."""
     overrides = {"locks": args.locks} if args.locks else {}
     if args.artifacts_dir:
-        overrides["artifacts_dir"] = str(Path(args.artifacts_dir).expanduser().absolute())
+        overrides["artifacts_dir"] = str(as_root(args.artifacts_dir))
     return overrides
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks import storage
+from tasks.core import Log, quiet
 from tasks.dataset import DatasetConfig
 from tasks.download import DownloadConfig
 from tasks.locks import FlockLockManager, RedisLockManager, stage_locks
@@ -19,6 +21,9 @@ from tasks.validate import ValidateConfig
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 Stage = Literal["download", "validate", "preprocess", "train", "evaluate", "report"]
 STAGES: tuple[Stage, ...] = get_args(Stage)
+# A root: a folder on this machine (made absolute against the caller's working directory once, here, never later) or
+# an s3:// URL of object storage that several machines share.
+Root = Annotated[Any, BeforeValidator(storage.as_root), PlainSerializer(str, return_type=str), WithJsonSchema({"type": "string"})]
 
 
 class PipelineConfig(BaseSettings):
@@ -26,8 +31,9 @@ class PipelineConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MNIST_PIPELINE_", env_nested_delimiter="__", extra="forbid")
 
-    data_dir: Path = Field(PROJECT_ROOT / "data", description="Root of raw and processed data.")
-    artifacts_dir: Path = Field(PROJECT_ROOT / "artifacts", description="Root of reports, models, metrics and the cache.")
+    data_dir: Root = Field(PROJECT_ROOT / "data", description="Root of raw and processed data (a folder or s3://BUCKET/PREFIX).")
+    artifacts_dir: Root = Field(PROJECT_ROOT / "artifacts", description="Root of reports, models, metrics and the cache "
+                                "(a folder or s3://BUCKET/PREFIX).")
     download: DownloadConfig = DownloadConfig()
     dataset: DatasetConfig = DatasetConfig()
     validation: ValidateConfig = ValidateConfig()
@@ -46,12 +52,6 @@ class PipelineConfig(BaseSettings):
             raise ValueError("expected a Redis URL: redis://HOST:PORT/DB (or rediss://, unix://)")
         return url or None
 
-    @field_validator("data_dir", "artifacts_dir")
-    @classmethod
-    def _absolute(cls, path: Path) -> Path:
-        # Relative paths are taken against the caller's working directory once, here, never later.
-        return path.expanduser().absolute()
-
     @property
     def cache_dir(self) -> Path:
         """Where stage results (artifact references) are recorded for reuse across runs."""
@@ -60,6 +60,16 @@ class PipelineConfig(BaseSettings):
     def lock_manager(self) -> FlockLockManager | RedisLockManager:
         """Return the lock manager of the stages of this config's cache."""
         return stage_locks(self.locks, self.cache_dir, self.lock_expiry_s)
+
+    def check_services(self, log: Log = quiet) -> None:
+        """Fail with one line unless the lock server and the object storage of the roots answer; warn (through `log`)
+        when roots on object storage have no lock server to share."""
+        self.lock_manager().check()
+        storage.check(self.data_dir, "data-dir")
+        storage.check(self.artifacts_dir, "artifacts-dir")
+        if not self.locks and (storage.is_remote(self.data_dir) or storage.is_remote(self.artifacts_dir)):
+            log("roots on object storage without --locks: stage locks hold on this machine only, so runs on other "
+                "machines at the same time may compute the same stages again")
 
     @property
     def registry_dir(self) -> Path:

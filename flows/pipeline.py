@@ -13,7 +13,7 @@ from prefect.states import State
 from prefect.tasks import Task
 
 from flows.config import STAGES, PipelineConfig, Stage
-from tasks import download, evaluate, keras_runtime, preprocess, promote, report, train, validate
+from tasks import download, evaluate, keras_runtime, preprocess, promote, report, storage, train, validate
 from tasks.caching import cached, stage_key, trusted_result
 from tasks.core import ArtifactRef, PipelineError
 
@@ -55,7 +55,7 @@ def mnist_pipeline(
 ) -> dict[str, Any]:
     """Run the stages up to `until` (or just `only`), reusing every cached stage except those named in `rerun`."""
     config = config or PipelineConfig()
-    config.lock_manager().check()
+    config.check_services(log=get_run_logger().warning)
     last = only or until
     stages = STAGES[: STAGES.index(last) + 1]
     summary: dict[str, Any] = {"run_id": str(flow_run.get_id()), "stages": {}}
@@ -131,5 +131,6 @@ def _republish_report(results: dict[str, Any]) -> None:
 def discard_failure_record(state: State, cache_dir: Path) -> None:
     """Delete the exception record Prefect persists for a failed task, so a failed stage leaves no file behind."""
     key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
-    if key and Path(key).parent == cache_dir:
-        Path(key).unlink(missing_ok=True)
+    path = f"{cache_dir}/{key}" if key and "/" not in key else key  # a bare key: one in the cache's storage block
+    if path and path.rpartition("/")[0] == str(cache_dir):
+        storage.remove(path)

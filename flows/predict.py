@@ -11,8 +11,8 @@ from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig
 from flows.pipeline import run_stage
-from tasks import predict
-from tasks.core import PipelineError, intact_files, sha256_file
+from tasks import predict, storage
+from tasks.core import PipelineError, sha256_file
 from tasks.promote import KnownModel, find_model, read_history
 
 TABLE_KEY = "mnist-predictions"
@@ -37,7 +37,7 @@ def resolve_model(spec: str, config: PipelineConfig) -> KnownModel:
             return KnownModel(decision.model_digest, path, decision.class_names)
         return KnownModel(sha256_file(path), path)
     model = find_model(config.registry_dir, models_dir, spec)
-    if intact_files(model.path.parent) is None and (model.path.parent / ".manifest.json").exists():
+    if storage.published_problem(model.path.parent) is not None:
         raise PipelineError(f"{model.path}: model {model.digest[:16]}: its files differ from those published; "
                             "retrain it (`mnist-pipeline run --rerun train`) or name another model")
     return model
@@ -58,7 +58,7 @@ def mnist_predict(
     (or .csv) file to write besides the predictions artifact. `invert`: auto detects dark-on-light image files.
     """
     config = config or PipelineConfig()
-    config.lock_manager().check()
+    config.check_services(log=get_run_logger().warning)
     if output is not None and not Path(output).expanduser().parent.is_dir():
         raise PipelineError(f"{output}: output folder {Path(output).expanduser().parent} does not exist: "
                             "expected an existing folder")

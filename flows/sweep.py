@@ -22,7 +22,7 @@ from prefect.states import State
 
 from flows.config import PipelineConfig
 from flows.pipeline import STEPS, discard_failure_record, run_stage
-from tasks import evaluate, promote, sweep, train
+from tasks import evaluate, promote, storage, sweep, train
 from tasks.caching import cached, stage_key, trusted_result
 from tasks.core import ArtifactRef, PipelineError
 
@@ -68,7 +68,7 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     checked = sweep.build_space(space, "space")
     trials = sweep.expand(checked, config.train.model_dump(exclude_none=True, exclude_unset=True), "space")
     locks = config.lock_manager()
-    locks.check()
+    config.check_services(log=logger.warning)
     runner = task_runner(config)  # first: a scheduler or lock server that does not answer fails before any work
     results: dict[str, Any] = {}
     for name in ("download", "validate", "preprocess"):
@@ -113,7 +113,8 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     decision = promote.decide_promotion(outcomes[best]["model"], outcomes[best]["evaluation"], config.registry_dir,
                                         config.promotion, run_id=str(flow_run.get_id()), log=logger.info,
                                         class_names=config.dataset.class_names, locks=locks)
-    report = sweep.write_report(rows, columns, best, decision, config.artifacts_dir / "sweeps")
+    with storage.staged(config.artifacts_dir) as stage:
+        report = stage.publish(sweep.write_report(rows, columns, best, decision, stage.root / "sweeps"))
     _publish_ui_artifacts(rows, columns, report)
     return {
         "run_id": str(flow_run.get_id()),

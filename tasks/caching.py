@@ -20,6 +20,7 @@ from prefect.serializers import JSONSerializer
 from prefect.tasks import Task
 from pydantic import BaseModel
 
+from tasks import storage
 from tasks.core import ArtifactRef, sha256_bytes, sha256_json
 from tasks.locks import FlockLockManager, lock_dir
 
@@ -170,20 +171,23 @@ class StageCache(CachePolicy):
         key = stage_key(task_ctx.task, inputs)
         # Under the stage's lock: a record another run is writing right now is not half-read and thrown away.
         with self.lock_manager.held(key) if self.lock_manager else nullcontext():
-            trusted_result(Path(self.cache_dir), key)
+            trusted_result(self.cache_dir, key)
         return key
 
 
-def trusted_result(cache_dir: Path, key: str) -> ArtifactRef | None:
+def trusted_result(cache_dir: str | Path, key: str) -> ArtifactRef | None:
     """Return the artifact recorded under `key` if its files are intact; otherwise drop the record (with a warning).
 
-    Files untouched since they were published (same inode, size, mtime and ctime) are not re-hashed.
+    Files untouched since they were published (same inode, size, mtime and ctime; on object storage, the same ETag)
+    are not re-hashed.
     """
-    record_path = Path(cache_dir) / key
-    if not record_path.exists():
+    record_path = f"{cache_dir}/{key}"
+    try:
+        data = storage.read_bytes(record_path)
+    except FileNotFoundError:
         return None
     try:
-        ref = read_record(record_path)
+        ref = parse_record(data)
         problem = ref.problem(trust_unchanged=True)
     except Exception as exc:  # an unreadable record is as good as none
         # Name the record: it is the file to look at (or delete) when this repeats.
@@ -191,18 +195,23 @@ def trusted_result(cache_dir: Path, key: str) -> ArtifactRef | None:
     if problem is None:
         return ref
     get_run_logger().warning("Cached result of %s not trusted: %s; recomputing", key.split("-")[0], problem)
-    record_path.unlink(missing_ok=True)
+    storage.remove(record_path)
     return None
 
 
-def read_record(path: Path) -> ArtifactRef:
+def read_record(path: str | Path) -> ArtifactRef:
+    """Return the artifact reference in the result record at `path` (see `parse_record`)."""
+    return parse_record(storage.read_bytes(path))
+
+
+def parse_record(data: bytes) -> ArtifactRef:
     """Return the artifact reference in a result record, checked as plain JSON before Prefect decodes anything.
 
     Prefect's decoder imports and calls whatever a record names (its serializer, `__class__` values at any depth),
     so a record that differs from what this module writes is refused rather than decoded: a cache folder that someone
     else can write must not be a way to run code.
     """
-    record = json.loads(Path(path).read_bytes())
+    record = json.loads(data)
     if record.get("metadata", {}).get("serializer") != _SERIALIZER:
         raise ValueError(f"expected the serializer {_SERIALIZER['type']!r} with Prefect's defaults, found another")
     value = json.loads(record["result"])
@@ -221,14 +230,15 @@ def _names_code(value: Any) -> bool:
     return False
 
 
-def cached(stage_task: Task, cache_dir: Path, refresh: bool = False, locks: Any = None) -> Task:
+def cached(stage_task: Task, cache_dir: str | Path, refresh: bool = False, locks: Any = None) -> Task:
     """Return `stage_task` configured to persist its result under `cache_dir` and reuse it by content, its stage
     locks from `locks` (a manager of tasks.locks; default: flock on this machine)."""
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(cache_dir):
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return stage_task.with_options(
         cache_policy=StageCache(cache_dir=str(cache_dir), lock_manager=locks),
         persist_result=True,
-        result_storage=Path(cache_dir),
+        result_storage=storage.result_storage(cache_dir),
         result_serializer=JSONSerializer(),
         refresh_cache=refresh,
     )

@@ -49,6 +49,8 @@ class FileRef(BaseModel):
     # Inode, size, modification and change times (ns) when the file was published. While they are unchanged the file
     # is trusted without re-hashing (ctime cannot be set back from user space: any write, chmod or utime moves it).
     stat: list[int] | None = None
+    # On object storage (the path an s3:// URL): the object's ETag when it was uploaded, trusted the same way.
+    etag: str | None = None
 
 
 class ArtifactRef(BaseModel):
@@ -60,14 +62,20 @@ class ArtifactRef(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
     def path(self, name: str) -> Path:
-        """Return the path of one named file of this artifact."""
-        return Path(self.files[name].path)
+        """Return the path of one named file of this artifact (a `UPath` for an object on object storage)."""
+        from tasks.storage import as_root
+
+        return as_root(self.files[name].path)
 
     def problem(self, trust_unchanged: bool = False) -> str | None:
         """Return why the files on disk no longer match this reference, or None if they do.
 
         `trust_unchanged`: a file whose stat signature is still the one recorded at publishing is not re-hashed.
         """
+        from tasks.storage import is_remote, remote_problem
+
+        if any(is_remote(ref.path) for ref in self.files.values()):
+            return remote_problem(self.files, trust_unchanged)
         for name, ref in self.files.items():
             path = Path(ref.path)
             if not path.is_file():

@@ -28,6 +28,7 @@ from tasks.core import (
     workdir,
 )
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_split, decode_payload
+from tasks.storage import staged
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPLITS = {"train": FILES[:2], "test": FILES[2:]}
@@ -297,14 +298,15 @@ def _store(payloads: dict[str, bytes], digests: dict[str, str], raw_dir: Path, s
 @task(name="download_mnist")
 def download_mnist(config: DownloadConfig, data_dir: Path, fingerprint: str = "") -> ArtifactRef:
     """Download and verify the raw IDX files into `data_dir/raw` (`fingerprint` keys the cache on local sources)."""
-    return download_files(
-        config.source,
-        Path(data_dir) / "raw",
-        mirrors=config.mirrors,
-        snapshot_dir=config.snapshot_dir,
-        expected_sha256=config.sha256,
-        retries=config.retries,
-        backoff_s=config.backoff_s,
-        timeout_s=config.timeout_s,
-        log=get_run_logger().info,
-    )
+    with staged(data_dir) as stage:
+        return stage.publish(download_files(
+            config.source,
+            stage.root / "raw",
+            mirrors=config.mirrors,
+            snapshot_dir=config.snapshot_dir,
+            expected_sha256=config.sha256,
+            retries=config.retries,
+            backoff_s=config.backoff_s,
+            timeout_s=config.timeout_s,
+            log=get_run_logger().info,
+        ))

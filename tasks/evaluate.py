@@ -19,6 +19,7 @@ from prefect import get_run_logger, task
 from tasks.core import ArtifactRef, Log, publish, quiet, workdir, write_json
 from tasks.keras_runtime import deterministic_after, import_tensorflow
 from tasks.preprocess import SPLIT_FILES, load_split
+from tasks.storage import staged
 from tasks.train import HISTORY_FILE, LOSS, MODEL_FILE
 
 SCHEMA_VERSION = 1
@@ -169,6 +170,8 @@ def overfitting_remark(train_accuracy: float, test_accuracy: float) -> str:
 def evaluate_model(model: ArtifactRef, processed: ArtifactRef, artifacts_dir: Path) -> ArtifactRef:
     """Evaluate the trained model on the test split and write metrics and predictions under `artifacts_dir/evaluation`."""
     logger = get_run_logger()
-    ref = score_model(model, processed, Path(artifacts_dir) / "evaluation", log=logger.info)
+    with staged(artifacts_dir) as stage:
+        ref = stage.publish(score_model(stage.local(model), stage.local(processed, SPLIT_FILES["test"]), stage.root / "evaluation",
+                                        log=logger.info))
     logger.info("metrics %s", ref.path(METRICS_FILE))
     return ref

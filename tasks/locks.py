@@ -21,6 +21,7 @@ from typing import Any
 from prefect.logging import get_logger
 
 from tasks.core import PipelineError, flocked, sha256_bytes, take_flock
+from tasks.storage import is_remote
 
 
 def stage_locks(url: str | None, cache_dir: str | Path, expiry_s: float) -> FlockLockManager | RedisLockManager:
@@ -31,7 +32,7 @@ def stage_locks(url: str | None, cache_dir: str | Path, expiry_s: float) -> Floc
 
 
 def _root_id(cache_dir: str | Path) -> str:
-    return sha256_bytes(str(Path(cache_dir).resolve()).encode())[:16]
+    return sha256_bytes((str(cache_dir) if is_remote(cache_dir) else str(Path(cache_dir).resolve())).encode())[:16]
 
 
 def lock_dir(cache_dir: str | Path) -> Path:
@@ -211,11 +212,8 @@ class RedisLockManager:
             try:
                 lock.reacquire()
             except LockError:  # released meanwhile, or expired: then is_lock_holder says so from now on
-                if not stop.is_set():
-                    get_logger("mnist_pipeline.locks").warning(
-                        "stage lock %s expired before it was renewed (this process was stopped or cut off from Redis "
-                        "for over %g s); another run may compute the stage, and this one will not record its result",
-                        key, self.expiry_s)
+                if self._first_to_stop(stop):
+                    self._warn_lost(key)
                 return
             except redis.RedisError:
                 continue  # the server did not answer this time: try again until the lock expires
@@ -226,8 +224,20 @@ class RedisLockManager:
             if self._held.get(key, ("",))[0] != holder:
                 raise ValueError(f"No lock held by {holder} for transaction with key {key}")
             _, lock, stop = self._held.pop(key)
-        stop.set()
-        _release(lock)
+        if self._first_to_stop(stop) and not _release(lock):
+            self._warn_lost(key)  # lost before the renewal thread woke up to notice
+
+    def _first_to_stop(self, stop: threading.Event) -> bool:
+        """Set `stop`; True for the one caller (renewal thread or release) that set it first."""
+        with self._guard:
+            first = not stop.is_set()
+            stop.set()
+        return first
+
+    def _warn_lost(self, key: str) -> None:
+        get_logger("mnist_pipeline.locks").warning(
+            "stage lock %s expired before it was renewed (this process was stopped or cut off from Redis for over "
+            "%g s); another run may compute the stage, and this one will not record its result", key, self.expiry_s)
 
     def is_locked(self, key: str) -> bool:
         """Return whether anyone holds the lock of `key`; a lock this process took and lost counts as held (by
@@ -253,13 +263,15 @@ class RedisLockManager:
         return self.wait_for_lock(key, timeout)
 
 
-def _release(lock: Any) -> None:
+def _release(lock: Any) -> bool:
+    """Release a redis-py lock; False if it was no longer ours (it expired: nothing left to release)."""
     from redis.exceptions import LockNotOwnedError
 
     try:
         lock.release()
     except LockNotOwnedError:
-        pass  # it expired: nothing left to release
+        return False
+    return True
 
 
 def _wait(locked: Any, timeout: float | None) -> bool:

@@ -8,6 +8,7 @@ stays bounded by the batch, not by the number of images.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from prefect import get_run_logger, task
 from tasks.core import ArtifactRef, PipelineError
 from tasks.idx import IMAGE_SHAPE, IMAGES_MAGIC
 from tasks.preprocess import PIXEL_COLUMNS, PIXELS
+from tasks.storage import is_remote, read_bytes, staged
 
 Invert = Literal["auto", "yes", "no"]
 BATCH_SIZE = 2048
@@ -348,6 +350,15 @@ def model_ref(path: Path, digest: str) -> ArtifactRef:
     """Return a reference to a model file under the digest it is known by (its cache identity)."""
     from tasks.core import FileRef, sha256_file
 
+    from tasks.core import sha256_bytes
+
+    if is_remote(path):  # a model on object storage: hashed as it is read; the stage copies it to local disk
+        try:
+            data = read_bytes(path)
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: model file: expected a model.keras object, found none") from None
+        return ArtifactRef(stage="model", digest=digest,
+                           files={MODEL_FILE: FileRef(path=str(path), sha256=sha256_bytes(data), size=len(data))})
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: model file: expected a model.keras file, found none")
@@ -427,15 +438,16 @@ def _concat_probabilities(scores: ArtifactRef) -> np.ndarray:
 
 def strip_images(inputs: ArtifactRef, count: int = STRIP) -> np.ndarray:
     """Return the first `count` decoded inputs as (n, 784) floats, for the strip in the UI."""
-    parquet = pq.ParquetFile(inputs.path(INPUTS_FILE))
-    first = next(parquet.iter_batches(batch_size=count), None)
+    with inputs.path(INPUTS_FILE).open("rb") as fh:  # a local file or an object
+        first = next(pq.ParquetFile(fh).iter_batches(batch_size=count), None)
     return np.zeros((0, PIXELS), np.float32) if first is None else np.asarray(first.to_tensor(row_major=True))
 
 
 @task(name="load_inputs")
 def load_inputs(files: list[Path], fingerprint: list[str], invert: Invert, artifacts_dir: Path) -> ArtifactRef:
     """Decode the input files (`fingerprint`: their content digests, for the cache key) under `artifacts_dir`."""
-    ref = decode_inputs(files, invert, Path(artifacts_dir) / "predict-inputs")
+    with staged(artifacts_dir) as stage:
+        ref = stage.publish(decode_inputs(files, invert, stage.root / "predict-inputs"))
     get_run_logger().info("decoded %d images from %d files", ref.meta["images"], ref.meta["files"])
     return ref
 
@@ -443,7 +455,8 @@ def load_inputs(files: list[Path], fingerprint: list[str], invert: Invert, artif
 @task(name="predict_classes")
 def predict_classes(inputs: ArtifactRef, model: ArtifactRef, artifacts_dir: Path) -> ArtifactRef:
     """Score the decoded inputs with the model under `artifacts_dir`."""
-    ref = score_inputs(inputs, model, Path(artifacts_dir) / "predict-scores")
+    with staged(artifacts_dir) as stage:
+        ref = stage.publish(score_inputs(stage.local(inputs), stage.local(model), stage.root / "predict-scores"))
     get_run_logger().info("scored %d images with model %s", ref.meta["images"], model.digest[:16])
     return ref
 
@@ -452,11 +465,13 @@ def predict_classes(inputs: ArtifactRef, model: ArtifactRef, artifacts_dir: Path
 def write_predictions(files: list[Path], inputs: ArtifactRef, scores: ArtifactRef, model_digest: str,
                       class_names: list[str] | None, artifacts_dir: Path) -> ArtifactRef:
     """Write the predictions table (file names, classes, probabilities) under `artifacts_dir/predictions`."""
-    ref = collect_predictions(files, inputs, scores, model_digest, class_names, Path(artifacts_dir) / "predictions")
+    with staged(artifacts_dir) as stage:
+        ref = stage.publish(collect_predictions(files, stage.local(inputs, COUNTS_FILE), stage.local(scores), model_digest,
+                                                class_names, stage.root / "predictions"))
     get_run_logger().info("wrote %d predictions to %s", ref.meta["images"], ref.path(PREDICTIONS_FILE))
     return ref
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """Read a predictions table written by `write_table` or the flow (parquet)."""
-    return pd.read_parquet(path)
+    """Read a predictions table written by `write_table` or the flow (parquet; a local file or an object)."""
+    return pd.read_parquet(io.BytesIO(read_bytes(path)) if is_remote(path) else path)

@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from tasks.core import ArtifactRef, publish, workdir
 from tasks.download import SPLITS
 from tasks.idx import read_payload
+from tasks.storage import staged
 
 SCHEMA_VERSION = 1
 PIXELS = 28 * 28
@@ -80,6 +81,7 @@ def read_metadata(path: Path) -> dict:
 @task(name="preprocess_mnist")
 def preprocess_mnist(raw: ArtifactRef, validation: ArtifactRef, data_dir: Path) -> ArtifactRef:
     """Write the float32 parquet splits under `data_dir/processed`."""
-    ref = preprocess_files(raw, validation, Path(data_dir) / "processed")
+    with staged(data_dir) as stage:
+        ref = stage.publish(preprocess_files(stage.local(raw), validation, stage.root / "processed"))
     get_run_logger().info("wrote %s rows: %s", ref.meta["rows"], ", ".join(f.path for f in ref.files.values()))
     return ref

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.core import ArtifactRef, Log, PipelineError, atomic_write, flocked, fsync_path, quiet, validation_problems
 from tasks.evaluate import METRICS_FILE
-from tasks.locks import RedisLockManager
+from tasks.locks import FlockLockManager, RedisLockManager, lock_dir
+from tasks.storage import as_root, is_remote
 from tasks.train import MODEL_FILE
 
 SCHEMA_VERSION = 1
@@ -102,10 +103,11 @@ def decide_promotion(
     The registry is locked for the decision by its lock file, or with Redis stage locks (`locks`, roots that several
     machines share) by its key in Redis.
     """
-    registry_dir = Path(registry_dir)
+    registry_dir = as_root(registry_dir)
     test_accuracy, test_loss = _scores(model, evaluation)
-    registry_dir.mkdir(parents=True, exist_ok=True)
-    with locks.held("registry") if isinstance(locks, RedisLockManager) else flocked(registry_dir / LOCK_FILE):
+    if not is_remote(registry_dir):
+        registry_dir.mkdir(parents=True, exist_ok=True)
+    with _registry_lock(registry_dir, locks):
         champion = read_champion(registry_dir)
         recorded = _recorded_decision(model.digest, read_history(registry_dir), champion, config)
         if recorded is not None:
@@ -137,9 +139,27 @@ def decide_promotion(
         if promoted and (champion is None or champion.model_digest != model.digest):
             record = Champion(**decision.model_dump(include=set(Scores.model_fields) | {"model_path", "run_id", "class_names"}),
                               promoted_at=decision.decided_at)
-            atomic_write(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
+            _replace(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
     log(f"model {model.digest[:16]}: {decision.verdict}")
     return decision
+
+
+def _registry_lock(registry_dir: Any, locks: Any) -> Any:
+    """Lock the registry: in Redis with Redis stage locks (roots that several machines share), else by a flock on this
+    machine: on the registry's lock file, or for a registry on object storage on a lock file in the temp folder."""
+    if isinstance(locks, RedisLockManager):
+        return locks.held("registry")
+    if is_remote(registry_dir):
+        return FlockLockManager(lock_dir(registry_dir)).held("registry")
+    return flocked(registry_dir / LOCK_FILE)
+
+
+def _replace(path: Any, text: str) -> None:
+    # An object is replaced whole by one PUT; a file by a rename.
+    if is_remote(path):
+        path.write_text(text)
+    else:
+        atomic_write(path, text)
 
 
 def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig) -> tuple[bool, str]:
@@ -167,14 +187,14 @@ def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig
 
 def read_champion(registry_dir: Path) -> Champion | None:
     """Return the current champion record, or None if there is none yet."""
-    path = Path(registry_dir) / CHAMPION_FILE
+    path = as_root(registry_dir) / CHAMPION_FILE
     text = _read_text(path, "the champion record")
     return None if text is None else _parse(Champion, text, str(path), "the champion record")
 
 
 def read_history(registry_dir: Path) -> list[Decision]:
     """Return every recorded decision, oldest first."""
-    path = Path(registry_dir) / HISTORY_FILE
+    path = as_root(registry_dir) / HISTORY_FILE
     text = _read_text(path, "the decision history") or ""
     if text and not text.endswith("\n"):
         raise PipelineError(f"{path}: line {text.count(chr(10)) + 1}: incomplete (no line end); the history is damaged")
@@ -227,7 +247,10 @@ def _recorded_decision(digest: str, history: list[Decision], champion: Champion 
     return latest if before_digest == champion_digest and same_rules else None
 
 
-def _append_line(path: Path, line: str) -> None:
+def _append_line(path: Any, line: str) -> None:
+    if is_remote(path):  # objects cannot be appended to: the whole history again, under the registry's lock
+        path.write_text((_read_text(path, "the decision history") or "") + line)
+        return
     # One write of the whole line to a file opened for appending: no line is interleaved with another or split.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -255,21 +278,21 @@ def find_model(registry_dir: Path, models_dir: Path, spec: str) -> KnownModel:
     Digests are those of the registry's decisions and of the published folders in `models_dir` (named by their
     first 16 hex digits).
     """
-    registry_dir, models_dir = Path(registry_dir), Path(models_dir)
+    registry_dir, models_dir = as_root(registry_dir), as_root(models_dir)
     if spec == "champion":
         champion = read_champion(registry_dir)
         if champion is None:
             raise PipelineError(f"{registry_dir / CHAMPION_FILE}: no champion yet: run `mnist-pipeline run` first "
                                 "(a model that passes the promotion gate becomes the champion), or name a model by "
                                 "digest or path")
-        return KnownModel(champion.model_digest, Path(champion.model_path), champion.class_names)
+        return KnownModel(champion.model_digest, as_root(champion.model_path), champion.class_names)
     prefix = spec.lower()
     if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
         raise PipelineError(f"model {spec!r}: expected `champion`, a model digest (at least 4 hex digits) or a path "
                             "to a model.keras file")
     known: dict[str, KnownModel] = {}
     for decision in read_history(registry_dir):  # later decisions (and their class names) win
-        known[decision.model_digest] = KnownModel(decision.model_digest, Path(decision.model_path), decision.class_names)
+        known[decision.model_digest] = KnownModel(decision.model_digest, as_root(decision.model_path), decision.class_names)
     folders = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
     for folder in folders:
         if not any(d.startswith(folder.name) for d in known) and (folder / MODEL_FILE).is_file():

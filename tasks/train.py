@@ -17,11 +17,21 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.core import ArtifactRef, Log, publish, quiet, sha256_bytes, sha256_json, workdir, write_json
+from tasks.core import (
+    ArtifactRef,
+    Log,
+    publish,
+    quiet,
+    sha256_bytes,
+    sha256_json,
+    workdir,
+    write_json,
+)
 from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
 from tasks.models import MODEL_DEFAULTS, MODEL_HELP, build_model, describe_model
 from tasks.preprocess import SPLIT_FILES, load_split
+from tasks.storage import staged
 
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
@@ -241,8 +251,11 @@ def train_model(processed: ArtifactRef, config: TrainConfig, num_classes: int, a
         except Exception as exc:  # a lost progress update must not abort a long training run
             logger.warning("could not update the progress artifact: %s", exc)
 
-    ref = fit_model(processed, Path(artifacts_dir) / "models", config, num_classes, log=logger.info, progress=report,
-                    state_dir=state_folder(artifacts_dir, processed, config, num_classes))
+    # On object storage the resume state stays in the stage's temporary folder: a killed training starts over.
+    with staged(artifacts_dir) as stage:
+        ref = stage.publish(fit_model(stage.local(processed, SPLIT_FILES["train"]), stage.root / "models", config, num_classes,
+                                      log=logger.info, progress=report,
+                                      state_dir=state_folder(stage.root, processed, config, num_classes)))
     stopped = f", stopped early after {ref.meta['epochs']} epochs (best: {ref.meta['best_epoch']})" if ref.meta["epochs"] < config.epochs else ""
     logger.info(
         "trained %s in %.1f s%s: loss %.4f, accuracy %.4f; model %s",

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from tasks.core import ArtifactRef, publish, workdir, write_json
 from tasks.download import SPLITS
 from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
+from tasks.storage import staged
 
 VALIDATION_FILE = "validation.json"
 # Version 2: the report records num_classes and where the raw files came from (the "source" block).
@@ -101,6 +102,7 @@ def validate_mnist(raw: ArtifactRef, config: ValidateConfig, num_classes: int, a
     if not raw.meta.get("pinned_by"):
         logger.warning("source %s was not pinned (no SHA256SUMS, no --sha256): its files are trusted on the IDX checks "
                        "alone", raw.meta.get("source"))
-    ref = validate_files(raw, Path(artifacts_dir) / "validation", config, num_classes)
+    with staged(artifacts_dir) as stage:
+        ref = stage.publish(validate_files(stage.local(raw), stage.root / "validation", config, num_classes))
     logger.info("all %d checks passed; report %s", ref.meta["checks"], ref.path(VALIDATION_FILE))
     return ref

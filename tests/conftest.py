@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 # Before anything imports prefect: keep tests out of ~/.prefect and the user's environment.
@@ -109,3 +110,45 @@ def tree_state(*roots: Path) -> dict[str, tuple[int, int, int]]:
                 st = path.stat()
                 state[str(path)] = (st.st_ino, st.st_size, st.st_mtime_ns)
     return state
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """Start moto's S3 API server on a free local port (own session, stopped by PID) and return its URL; the AWS
+    variables of this process point at it (dummy credentials)."""
+    import urllib.request
+
+    server = Path(sys.executable).with_name("moto_server")
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=5).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": url})
+        yield url
+    finally:
+        stop_process(proc)
+
+
+# Credentials and region for the local S3 server (it accepts any).
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """Create a new bucket on the local S3 server and return its URL (s3://NAME)."""
+    from tasks.storage import filesystem
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    filesystem().mkdir(name)
+    return f"s3://{name}"

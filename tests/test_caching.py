@@ -33,7 +33,7 @@ def test_closure_holds_every_project_module_a_stage_imports_and_no_other():
     assert not {"tasks.evaluate", "tasks.report", "tasks.promote", "flows.pipeline", "flows.config"} & train
     assert "tasks.download" in project_modules("tasks.validate")
     assert "tasks.train" in project_modules("tasks.evaluate")  # its loss and file names are defined by train
-    assert set(project_modules("tasks.download")) == {"tasks.download", "tasks.core", "tasks.idx"}
+    assert set(project_modules("tasks.download")) == {"tasks.download", "tasks.core", "tasks.idx", "tasks.storage"}
 
 
 def test_libraries_that_shape_a_stage_output_are_in_its_code_version():

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 
 from tasks.core import ArtifactRef, publish, workdir
 from tasks.dataset import DatasetConfig
+from tasks.preprocess import SPLIT_FILES
 from tasks.promote import Decision
 from tasks.report.context import load_context
 from tasks.report.figures import draw_figures, to_png
@@ -24,6 +25,8 @@ from tasks.report.render import (
     render,
 )
 from tasks.report.ui import publish_ui_artifacts
+from tasks.storage import staged
+from tasks.train import CONFIG_FILE, HISTORY_FILE
 
 __all__ = ["REPORT_HTML", "REPORT_MD", "publish_ui_artifacts", "report_results", "write_report"]
 
@@ -65,8 +68,12 @@ def write_report(
         (work / REPORT_MD).write_text(render("report.md.j2", ctx=ctx, decision=decision, src=str))
         embedded = render("report.md.j2", ctx=ctx, decision=decision, src=lambda name: data_uri(pngs[name]))
         (work / REPORT_HTML).write_text(markdown_page(embedded, page_title(ctx.classes.title)))
-        ref = publish("report", work, meta=headline)
-    # The final folder is known only once published; its paths are not part of the content digest.
+        return located(publish("report", work, meta=headline))
+
+
+def located(ref: ArtifactRef) -> ArtifactRef:
+    """Return a report's reference with the paths of its pages in its metadata (known once published, not part of
+    the content digest)."""
     paths = {"report_md": str(ref.path(REPORT_MD)), "report_html": str(ref.path(REPORT_HTML))}
     return ref.model_copy(update={"meta": {**ref.meta, **paths}})
 
@@ -82,7 +89,10 @@ def report_results(
     dataset: DatasetConfig = DatasetConfig(),  # noqa: B008 (never mutated)
 ) -> ArtifactRef:
     """Write the report under `artifacts_dir/reports`; publish its summary, tables and decision as Prefect artifacts."""
-    ref = write_report(validation, processed, model, evaluation, Path(artifacts_dir) / "reports", decision, dataset)
+    with staged(artifacts_dir) as stage:
+        inputs = (stage.local(validation), stage.local(processed, SPLIT_FILES["test"]),
+                  stage.local(model, HISTORY_FILE, CONFIG_FILE), stage.local(evaluation))
+        ref = located(stage.publish(write_report(*inputs, stage.root / "reports", decision, dataset)))
     publish_ui_artifacts(ref, evaluation, decision)
     get_run_logger().info("report %s (test accuracy %.4f)", ref.path(REPORT_HTML), ref.meta["test_accuracy"])
     return ref

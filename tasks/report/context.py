@@ -18,6 +18,7 @@ from tasks.dataset import DatasetConfig
 from tasks.download import BY_MNIST, BY_SUMS, BY_USER
 from tasks.evaluate import METRICS_FILE, PREDICTIONS_FILE
 from tasks.preprocess import SPLIT_FILES, load_split
+from tasks.storage import read_bytes
 from tasks.train import CONFIG_FILE, HISTORY_FILE
 from tasks.validate import VALIDATION_FILE
 
@@ -203,8 +204,8 @@ def per_class_frame(metrics: dict[str, Any]) -> pd.DataFrame:
 
 
 def read_json(path: Path) -> Any:
-    """Return the JSON document in a file."""
-    return json.loads(Path(path).read_text())
+    """Return the JSON document in a file (or an object on object storage)."""
+    return json.loads(read_bytes(path))
 
 
 def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:

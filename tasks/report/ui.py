@@ -15,6 +15,7 @@ from tasks.promote import Decision
 from tasks.report.context import Classes, per_class_frame, read_json
 from tasks.report.figures import KEY_FIGURES
 from tasks.report.render import REPORT_HTML, data_uri, render
+from tasks.storage import read_bytes
 
 REPORT_KEY = "mnist-report"
 METRICS_KEY = "mnist-metrics"
@@ -38,7 +39,7 @@ def summary_markdown(
     """Return a Markdown summary for the Prefect UI with the given figures embedded as data URIs."""
     return render("summary.md.j2", metrics=metrics, figures=list(figures), report_path=report_path,
                   classes=classes_of(metrics, title, class_names),
-                  src=lambda name: data_uri(Path(figures[name]).read_bytes()))
+                  src=lambda name: data_uri(read_bytes(figures[name])))
 
 
 def promotion_markdown(decision: Decision) -> str:

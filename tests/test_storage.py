@@ -1,0 +1,307 @@
+"""Roots on S3-compatible object storage (moto's S3 API server on 127.0.0.1, a bucket per test): every stage, caching,
+self-healing, --only/--rerun, the registry and the report on s3:// roots, and nothing left on this machine."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from synthetic import write_source
+
+from flows.pipeline import mnist_pipeline
+from tasks.core import MANIFEST, PipelineError
+from tasks.promote import read_champion, read_history
+from tasks.storage import as_root, filesystem
+
+REPO = Path(__file__).resolve().parents[1]
+ALL = ("download", "validate", "preprocess", "train", "evaluate", "report")
+
+
+@pytest.fixture(autouse=True)
+def _server(prefect_api_url):
+    return prefect_api_url
+
+
+@pytest.fixture
+def temp(tmp_path, monkeypatch):
+    """This process's temp folder, private to the test: what the stages leave in it can be seen."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def s3_config(synthetic_config, s3_bucket, temp):
+    return synthetic_config.model_copy(update={"data_dir": as_root(f"{s3_bucket}/team/data"),
+                                               "artifacts_dir": as_root(f"{s3_bucket}/team/artifacts")})
+
+
+def states(summary):
+    return {stage: info["state"] for stage, info in summary["stages"].items()}
+
+
+def objects(bucket: str) -> dict[str, tuple[str, int]]:
+    """Return {key: (ETag, size)} of every object in a bucket."""
+    return {key: (info["ETag"], info["size"]) for key, info in filesystem().find(bucket, detail=True).items()}
+
+
+def left_in(temp) -> list[str]:
+    """Return the files under the temp folder, except the flock stage locks (this machine's run-time state)."""
+    return sorted(str(p) for p in temp.rglob("*") if p.is_file() and "mnist-pipeline-locks" not in p.parts)
+
+
+def artifact(summary, stage, name):
+    return next(p for p in summary["stages"][stage]["artifacts"] if p.endswith("/" + name))
+
+
+def test_every_stage_publishes_on_s3_roots_and_a_rerun_is_all_cached(s3_config, s3_bucket, temp, synthetic_config):
+    from test_pipeline import run_artifact_keys
+
+    first = mnist_pipeline(config=s3_config)
+
+    assert states(first) == dict.fromkeys(ALL, "completed")
+    paths = [p for info in first["stages"].values() for p in info["artifacts"]]
+    assert all(p.startswith(f"{s3_bucket}/team/") for p in paths) and first["report"].startswith(s3_bucket)
+    for folder in {p.rpartition("/")[0] for p in paths}:
+        assert filesystem().exists(f"{folder}/{MANIFEST}")
+    assert not synthetic_config.data_dir.exists() and not synthetic_config.artifacts_dir.exists()
+    assert left_in(temp) == []  # inputs copied and outputs staged in the temp folder, removed after each stage
+    (decision,) = read_history(s3_config.registry_dir)
+    assert read_champion(s3_config.registry_dir).model_path == artifact(first, "train", "model.keras")
+    before = objects(s3_bucket)
+
+    second = mnist_pipeline(config=s3_config)
+
+    assert states(second) == dict.fromkeys(ALL, "cached")
+    assert second["stages"] == {s: {**i, "state": "cached"} for s, i in first["stages"].items()}
+    assert second["promotion"] == first["promotion"] and read_history(s3_config.registry_dir) == [decision]
+    assert objects(s3_bucket) == before  # nothing written again
+    expected = {"mnist-report", "mnist-metrics", "mnist-confusion-matrix", "mnist-promotion"}
+    assert expected <= run_artifact_keys(second["run_id"])  # the cached report's UI artifacts, read from the bucket
+    assert left_in(temp) == []
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip", "no-manifest"])
+def test_a_missing_or_altered_object_is_noticed_and_recomputed(s3_config, damage):
+    first = mnist_pipeline(config=s3_config, until="train")
+    parquet = artifact(first, "preprocess", "train.parquet")
+    fs = filesystem()
+    good = fs.cat_file(parquet)
+    if damage == "delete":
+        fs.rm_file(parquet)
+    elif damage == "flip":  # same size: only the ETag (then the digest) tells
+        fs.pipe_file(parquet, good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+    else:  # as an upload that died before its manifest
+        fs.rm_file(f"{parquet.rpartition('/')[0]}/{MANIFEST}")
+
+    again = mnist_pipeline(config=s3_config, until="train")
+
+    assert states(again) == {**dict.fromkeys(ALL[:3], "cached"), "preprocess": "completed", "train": "cached"}
+    assert fs.cat_file(parquet) == good and fs.exists(f"{parquet.rpartition('/')[0]}/{MANIFEST}")
+
+
+def test_only_and_rerun_on_s3_roots_and_identical_output_leaves_dependants_cached(s3_config, s3_bucket):
+    first = mnist_pipeline(config=s3_config)
+
+    rerun = mnist_pipeline(config=s3_config, rerun=["preprocess", "report"])
+    only = mnist_pipeline(config=s3_config, only="evaluate")
+
+    assert states(rerun) == {**dict.fromkeys(ALL, "cached"), "preprocess": "completed", "report": "completed"}
+    assert rerun["stages"]["preprocess"] == {**first["stages"]["preprocess"], "state": "completed"}
+    assert states(only) == {"evaluate": "completed"}
+    assert only["stages"]["evaluate"]["artifacts"] == first["stages"]["evaluate"]["artifacts"]
+
+
+def test_an_upload_cut_off_before_its_manifest_is_not_trusted_and_the_next_run_publishes_it(s3_config, monkeypatch):
+    import botocore.exceptions
+
+    fs = filesystem()
+    real = fs.put_file
+
+    def cut_off(lpath, rpath, *args, **kwargs):  # the connection drops as the model's manifest is uploaded
+        if "/models/" in rpath and rpath.endswith(MANIFEST):
+            raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        return real(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", cut_off)
+    with pytest.raises(PipelineError, match=r"^object storage at http://127\.0\.0\.1:\d+: Could not connect"):
+        mnist_pipeline(config=s3_config, until="evaluate")
+    models = f"{s3_config.artifacts_dir}/models"
+    (folder,) = fs.ls(models)
+    assert fs.exists(f"{folder}/model.keras") and not fs.exists(f"{folder}/{MANIFEST}")  # the objects, no manifest
+    records = {name.rpartition("/")[2].split("-")[0] for name in fs.ls(f"{s3_config.cache_dir}")}
+    assert records == {"download_mnist", "validate_mnist", "preprocess_mnist"}  # none for train, not even its failure
+    monkeypatch.undo()
+
+    again = mnist_pipeline(config=s3_config, until="evaluate")
+
+    assert states(again) == {**dict.fromkeys(ALL[:3], "cached"), "train": "completed", "evaluate": "completed"}
+    assert fs.exists(f"{folder}/{MANIFEST}") and fs.ls(models) == [folder]
+
+
+# --- two machines: processes that share no local disk, only the bucket, the Prefect server and Redis ---------------
+
+
+@pytest.fixture
+def machines(tmp_path, prefect_api_url, s3_bucket):
+    """Return (environment per machine, `run` arguments on the bucket's roots): separate HOME, TMPDIR, PREFECT_HOME.
+
+    The synthetic source is an input both reach (as a URL would be); the roots exist only in the bucket.
+    """
+    digests = write_source(tmp_path / "source")
+    envs = {}
+    for name in ("a", "b"):
+        for folder in ("home", "tmp", "prefect"):
+            (tmp_path / name / folder).mkdir(parents=True)
+        envs[name] = {
+            **os.environ, "HOME": str(tmp_path / name / "home"), "TMPDIR": str(tmp_path / name / "tmp"),
+            "PREFECT_HOME": str(tmp_path / name / "prefect"), "PREFECT_API_URL": prefect_api_url,
+            "MNIST_PIPELINE_DOWNLOAD__SHA256": json.dumps(digests), "MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]",
+            "MNIST_PIPELINE_DOWNLOAD__RETRIES": "0", "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
+            "MNIST_PIPELINE_VALIDATION__TEST_COUNT": "50", "MNIST_PIPELINE_TRAIN__JIT_COMPILE": "false",
+        }
+    args = ["run", "--json", "--source", str(tmp_path / "source"), "--data-dir", f"{s3_bucket}/team/data",
+            "--artifacts-dir", f"{s3_bucket}/team/artifacts", "--epochs", "2", "--hidden-units", "32", "--batch-size", "32"]
+    return envs, args
+
+
+def cli(env, args, code=None):
+    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "flows.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def test_a_run_on_one_machine_is_all_cached_on_another(machines, tmp_path, s3_bucket):
+    envs, args = machines
+
+    first = cli(envs["a"], args)
+    second = cli(envs["b"], args)
+
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    assert states(json.loads(first.stdout)) == dict.fromkeys(ALL, "completed")
+    assert states(json.loads(second.stdout)) == dict.fromkeys(ALL, "cached")
+    # One warning line each: no lock service was given for roots that other machines share.
+    assert first.stderr.count("roots on object storage without --locks") == 1
+    for name in ("a", "b"):
+        assert left_in(tmp_path / name / "tmp") == []
+
+
+def test_two_concurrent_cold_runs_with_redis_locks_compute_each_stage_once(machines, redis_url, s3_bucket):
+    envs, args = machines
+    args = [*args, "--locks", redis_url]
+
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=envs[name], cwd=REPO) for name in ("a", "b")]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    a, b = (states(json.loads(out)) for out, _ in outs)
+    for stage in ALL:
+        assert sorted([a[stage], b[stage]]) == ["cached", "completed"], (stage, a, b)
+    assert len(filesystem().ls(f"{s3_bucket}/team/artifacts/models")) == 1
+    assert "without --locks" not in outs[0][1] + outs[1][1]
+
+
+def test_a_killed_lock_holder_on_one_machine_lets_the_other_train_once_after_the_expiry(machines, redis_url, s3_bucket):
+    import redis
+    from test_reliability import KILLER
+
+    envs, args = machines
+    args = [*args, "--locks", redis_url, "--until", "train"]
+    env = {**envs["a"], "MNIST_PIPELINE_LOCK_EXPIRY_S": "3"}
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.keys())
+
+    killed = cli({**env, "KILL_IN_STAGE": "train"}, args, code=KILLER)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    (left,) = [k for k in client.keys() if k not in before]  # the train lock, its holder dead
+    assert b":lock:train_model-" in left
+    other = cli({**envs["b"], "MNIST_PIPELINE_LOCK_EXPIRY_S": "3"}, args)
+
+    assert other.returncode == 0, other.stderr
+    assert states(json.loads(other.stdout)) == {**dict.fromkeys(ALL[:3], "cached"), "train": "completed"}
+    assert len(filesystem().ls(f"{s3_bucket}/team/artifacts/models")) == 1
+    assert set(client.keys()) == before
+
+
+def test_an_endpoint_that_does_not_answer_is_one_line_before_anything_runs(machines, s3_bucket):
+    from conftest import free_port
+
+    envs, args = machines
+    down = f"http://127.0.0.1:{free_port()}"
+
+    result = cli({**envs["a"], "AWS_ENDPOINT_URL": down}, args)
+
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"mnist-pipeline: error: data-dir {s3_bucket}/team/data: expected an S3 API answering at "
+                           f"{down}, found none (Could not connect to the endpoint URL"), line
+
+
+def test_a_sweep_on_dask_workers_that_share_no_disk_trains_each_distinct_trial_once(tmp_path, prefect_api_url, s3_bucket,
+                                                                                      redis_url):
+    from distributed import Client
+    from test_sweep import DASK, start, sweep_config, worker_env
+
+    from conftest import free_port, stop_process
+    from flows.sweep import mnist_sweep
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    procs = [start([DASK, "scheduler", "--host", "127.0.0.1", "--port", address.rpartition(":")[2], "--no-dashboard"],
+                   tmp_path / "scheduler.log", worker_env(prefect_api_url, tmp_path))]
+    machines = [tmp_path / f"worker-{i}" for i in range(2)]
+    for i, machine in enumerate(machines):
+        for folder in ("home", "tmp"):
+            (machine / folder).mkdir(parents=True)
+        env = {**worker_env(prefect_api_url, machine), "HOME": str(machine / "home"), "TMPDIR": str(machine / "tmp")}
+        procs.append(start([DASK, "worker", address, "--nthreads", "1", "--nworkers", "1", "--name", f"w{i}",
+                            "--no-dashboard", "--host", "127.0.0.1"], machine / "worker.log", env))
+    try:
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(2, timeout=180)
+        config = sweep_config(tmp_path, address).model_copy(update={
+            "data_dir": as_root(f"{s3_bucket}/team/data"), "artifacts_dir": as_root(f"{s3_bucket}/team/artifacts"),
+            "locks": redis_url})
+        space = {"grid": {"hidden_units": [16, 24, 32, 32]}}
+
+        first = mnist_sweep(space=space, config=config)
+        again = mnist_sweep(space=space, config=config)
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+    assert [row["state"] for row in first["trials"]] == ["trained"] * 4, first["trials"]
+    assert len({row["model_digest"] for row in first["trials"]}) == 3
+    models = filesystem().ls(f"{s3_bucket}/team/artifacts/models")
+    assert sorted(m.rpartition("/")[2] for m in models) == sorted({r["model_digest"][:16] for r in first["trials"]})
+    assert read_champion(config.registry_dir).model_digest == first["best"]["model_digest"]
+    assert first["report"].startswith(f"{s3_bucket}/team/artifacts/sweeps/")
+    assert "data:image/png;base64," in filesystem().cat_file(first["report"]).decode()
+    assert [row["state"] for row in again["trials"]] == ["cached"] * 4
+    for machine in machines:  # each trial's inputs and outputs went through the worker's own temp folder, and left
+        assert [p for p in left_in(machine / "tmp") if "/dask-scratch-space/" not in p] == []
+
+
+def test_predict_scores_with_the_champion_on_s3_roots_and_caches_by_content(s3_config, temp, tmp_path):
+    from flows.predict import mnist_predict
+    from tasks.predict import read_table
+
+    run = mnist_pipeline(config=s3_config)
+    images = [f"{s3_config.download.source}/t10k-images-idx3-ubyte.gz"]
+
+    first = mnist_predict(inputs=images, output=str(tmp_path / "out.csv"), config=s3_config)
+    again = mnist_predict(inputs=images, model=read_champion(s3_config.registry_dir).model_digest[:8], config=s3_config)
+
+    steps = ["load_inputs", "predict_classes", "write_predictions"]
+    assert first["stages"] == dict.fromkeys(steps, "completed") and again["stages"] == dict.fromkeys(steps, "cached")
+    assert first["predictions"].startswith(f"{s3_config.artifacts_dir}/predictions/")
+    table = read_table(first["predictions"])
+    assert len(table) == 50 and list(table["predicted"][:20]) == run["metrics"]["first_20_predictions"]
+    assert (tmp_path / "out.csv").is_file()
+    assert left_in(temp) == []
