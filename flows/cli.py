@@ -409,7 +409,7 @@ def serve(pipeline: Any, args: argparse.Namespace) -> int:
 
 def human_summary(summary: dict[str, Any]) -> str:
     """Return a few lines for people: each stage's state, the headline metrics, and the report's path last."""
-    lines = [f"{stage:<11} {info['state']:<9} {Path(info['artifacts'][0]).parent}" for stage, info in summary["stages"].items()]
+    lines = [f"{stage:<11} {info['state']:<9} {info['artifacts'][0].rpartition('/')[0]}" for stage, info in summary["stages"].items()]
     if "metrics" in summary:
         m = summary["metrics"]
         lines.append(f"test accuracy {m['test_accuracy']:.4f}, test loss {m['test_loss']:.4f}")

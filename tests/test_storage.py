@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from synthetic import write_source
 
+from flows.cli import human_summary
 from flows.pipeline import mnist_pipeline
 from tasks.core import MANIFEST, PipelineError
 from tasks.promote import read_champion, read_history
@@ -71,6 +72,8 @@ def test_every_stage_publishes_on_s3_roots_and_a_rerun_is_all_cached(s3_config, 
         assert filesystem().exists(f"{folder}/{MANIFEST}")
     assert not synthetic_config.data_dir.exists() and not synthetic_config.artifacts_dir.exists()
     assert left_in(temp) == []  # inputs copied and outputs staged in the temp folder, removed after each stage
+    assert human_summary(first).splitlines()[3].split() == ["train", "completed", artifact(first, "train", "model.keras")
+                                                            .rpartition("/")[0]]  # s3://..., as given
     (decision,) = read_history(s3_config.registry_dir)
     assert read_champion(s3_config.registry_dir).model_path == artifact(first, "train", "model.keras")
     before = objects(s3_bucket)
