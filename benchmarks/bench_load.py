@@ -13,7 +13,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.download import SNAPSHOT_DIR, download_files  # noqa: E402
+from tasks.dataset import SNAPSHOT_DIR  # noqa: E402
+from tasks.download import download_files  # noqa: E402
 from tasks.preprocess import SPLIT_FILES, load_split, preprocess_files  # noqa: E402
 from tasks.validate import validate_files  # noqa: E402
 

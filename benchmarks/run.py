@@ -259,7 +259,7 @@ class Bench:
 
     def preprocess(self, repeat: int) -> None:
         """Time the preprocess stage's function in-process on the last run's raw and validation artifacts."""
-        from tasks.caching import read_record
+        from tasks.keys import read_record
         from tasks.preprocess import preprocess_files
 
         cache = self.previous / "artifacts" / "cache"  # the last pipeline run's roots

@@ -27,9 +27,8 @@ from pydantic import BaseModel  # noqa: E402
 from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES  # noqa: E402
 from tasks.dataset import DatasetConfig  # noqa: E402
-from tasks.models import MODEL_DEFAULTS  # noqa: E402
+from tasks.models import MODEL_DEFAULTS, TrainConfig  # noqa: E402
 from tasks.storage import as_root, explained  # noqa: E402
-from tasks.train import TrainConfig  # noqa: E402
 
 # Per setting that each model defaults on its own: {model: default}, for the help text.
 MODEL_DEFAULTS_BY_KNOB = {
@@ -57,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="run every stage, as if each were given to --rerun")
     run.add_argument("--json", action="store_true", help="print the run summary as one JSON object on stdout")
     _add_config_arguments(run)
+    status = commands.add_parser(
+        "status", help="say which stages are up to date for a configuration, and why the others are not (runs nothing)",
+        description="For the configuration given (the flags of `run`), one line per stage: up to date (a cached result "
+        "whose files are intact), stale (with why: an input, a parameter, the code, or a damaged file) or missing. "
+        "Starts no Prefect server and imports neither Prefect nor TensorFlow. Exit 0 when every stage is up to date, "
+        "1 otherwise.",
+    )
+    status.add_argument("--until", choices=STAGES, default=STAGES[-1], metavar="STAGE",
+                        help="only the stages up to STAGE (default: %(default)s)")
+    status.add_argument("--json", action="store_true", help="print one JSON object: up_to_date, and per stage its "
+                        "state, why, key and artifacts")
+    _add_config_arguments(status)
     cron, timezone = weekly_schedule()
     serve = commands.add_parser(
         "serve",
@@ -215,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "server":
         return server_command(args.action)
+    if args.command == "status":
+        return status_command(args)
     # First, so that a server being started comes up while the project's modules are imported.
     local = _local_server()
 
@@ -284,6 +297,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Prefect UI: {local.url}/runs/flow-run/{summary['run_id']} (the local server; "
               "`mnist-pipeline server stop` stops it)", file=sys.stderr)
     return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    """Print the status of each stage for the configuration the flags give; exit 0 if all are up to date, else 1."""
+    from pydantic import ValidationError
+
+    from flows.config import PipelineConfig
+    from flows.status import UP_TO_DATE, pipeline_status, status_json, status_summary
+    from tasks.core import PipelineError, validation_problems
+
+    try:
+        rows = pipeline_status(PipelineConfig(**config_overrides(args)), until=args.until)
+    except ValidationError as exc:
+        print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
+        return 1
+    except PipelineError as exc:
+        print(f"mnist-pipeline: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status_json(rows), indent=2) if args.json else status_summary(rows), flush=True)
+    return 0 if all(row.state == UP_TO_DATE for row in rows) else 1
 
 
 def predict_overrides(args: argparse.Namespace) -> dict[str, Any]:

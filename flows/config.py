@@ -10,13 +10,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks import storage
 from tasks.core import Log, quiet
-from tasks.dataset import DatasetConfig
-from tasks.download import DownloadConfig
-from tasks.locks import FlockLockManager, RedisLockManager, stage_locks
-from tasks.promote import PromotionConfig
+from tasks.dataset import DatasetConfig, DownloadConfig, ValidateConfig
+from tasks.models import TrainConfig
+from tasks.registry import PromotionConfig
 from tasks.sweep import SweepConfig
-from tasks.train import TrainConfig
-from tasks.validate import ValidateConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 Stage = Literal["download", "validate", "preprocess", "train", "evaluate", "report"]
@@ -57,8 +54,10 @@ class PipelineConfig(BaseSettings):
         """Where stage results (artifact references) are recorded for reuse across runs."""
         return self.artifacts_dir / "cache"
 
-    def lock_manager(self) -> FlockLockManager | RedisLockManager:
-        """Return the lock manager of the stages of this config's cache."""
+    def lock_manager(self) -> Any:
+        """Return the lock manager of the stages of this config's cache (a manager of tasks.locks)."""
+        from tasks.locks import stage_locks  # here: reading the config imports no Prefect (`status` is fast)
+
         return stage_locks(self.locks, self.cache_dir, self.lock_expiry_s)
 
     def check_services(self, log: Log = quiet) -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -13,37 +12,15 @@ from prefect.states import State
 from prefect.tasks import Task
 
 from flows.config import STAGES, PipelineConfig, Stage
-from tasks import download, evaluate, keras_runtime, preprocess, promote, report, storage, train, validate
+from flows.stages import STEPS
+from tasks import keras_runtime, promote, report, storage
 from tasks.caching import cached, stage_key, trusted_result
 from tasks.core import ArtifactRef, PipelineError
 
 
-@dataclass(frozen=True)
-class Step:
-    """A stage of the flow: its task and how its inputs are built from the config and the results before it."""
-
-    task: Task
-    inputs: Callable[[PipelineConfig, dict[str, Any]], dict[str, Any]]
-
-
-STEPS: dict[Stage, Step] = {
-    "download": Step(download.download_mnist, lambda c, r: {
-        "config": c.download, "data_dir": c.data_dir, "fingerprint": download.source_fingerprint(c.download.source)}),
-    "validate": Step(validate.validate_mnist, lambda c, r: {
-        "raw": r["download"], "config": c.validation, "num_classes": c.dataset.num_classes, "artifacts_dir": c.artifacts_dir}),
-    "preprocess": Step(preprocess.preprocess_mnist, lambda c, r: {
-        "raw": r["download"], "validation": r["validate"], "data_dir": c.data_dir}),
-    "train": Step(train.train_model, lambda c, r: {
-        # Resolved: the cache key holds the chosen model's settings only, defaults filled in.
-        "processed": r["preprocess"], "config": c.train.resolved(), "num_classes": c.dataset.num_classes,
-        "artifacts_dir": c.artifacts_dir}),
-    "evaluate": Step(evaluate.evaluate_model, lambda c, r: {
-        "model": r["train"], "processed": r["preprocess"], "artifacts_dir": c.artifacts_dir}),
-    "report": Step(report.report_results, lambda c, r: {
-        "validation": r["validate"], "processed": r["preprocess"], "model": r["train"], "evaluation": r["evaluate"],
-        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": c.dataset}),
-}
-assert tuple(STEPS) == STAGES, "every stage has exactly one step, in order"
+# The task of each stage, imported.
+TASKS: dict[Stage, Task] = {name: getattr(importlib.import_module(step.module), step.name) for name, step in STEPS.items()}
+assert all(TASKS[s].name == step.name and TASKS[s].fn.__module__ == step.module for s, step in STEPS.items())
 
 
 @flow(name="mnist-pipeline")
@@ -64,10 +41,10 @@ def mnist_pipeline(
         step = STEPS[name]
         inputs = step.inputs(config, results)
         if only and name != only:
-            results[name] = _existing_artifact(name, step.task, inputs, config.cache_dir, only)
+            results[name] = _existing_artifact(name, TASKS[name], inputs, config.cache_dir, only)
         else:
             refresh = name in (rerun or ()) or name == only
-            results[name], computed = run_stage(step.task, inputs, config, refresh)
+            results[name], computed = run_stage(TASKS[name], inputs, config, refresh)
             summary["stages"][name] = {
                 "state": "completed" if computed else "cached",
                 "artifacts": [f.path for f in results[name].files.values()],

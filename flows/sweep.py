@@ -21,7 +21,8 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.config import PipelineConfig
-from flows.pipeline import STEPS, discard_failure_record, run_stage
+from flows.pipeline import TASKS, discard_failure_record, run_stage
+from flows.stages import STEPS
 from tasks import evaluate, promote, storage, sweep, train
 from tasks.caching import cached, stage_key, trusted_result
 from tasks.core import ArtifactRef, PipelineError
@@ -72,7 +73,7 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     runner = task_runner(config)  # first: a scheduler or lock server that does not answer fails before any work
     results: dict[str, Any] = {}
     for name in ("download", "validate", "preprocess"):
-        results[name], _ = run_stage(STEPS[name].task, STEPS[name].inputs(config, results), config)
+        results[name], _ = run_stage(TASKS[name], STEPS[name].inputs(config, results), config)
 
     unique = {sweep.trial_id(t): t for t in trials}
     stages = {"train": cached(train.train_model, config.cache_dir, locks=locks),

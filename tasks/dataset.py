@@ -1,10 +1,71 @@
-"""What the pipeline knows about the dataset beyond its files: how many classes, their names, its title."""
+"""The dataset's settings: where its files come from, how many rows each split has, its classes and their names.
+
+Kept apart from the stages (no Prefect, no TensorFlow), so that the config is read, and `mnist-pipeline status`
+answers, without importing them.
+"""
 
 from __future__ import annotations
 
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.core import sha256_file, sha256_json
 from tasks.idx import NUM_CLASSES
+
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPLITS = {"train": FILES[:2], "test": FILES[2:]}
+SUMS_FILE = "SHA256SUMS"
+PUBLIC_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "data" / "snapshot" / "mnist"
+
+
+class DownloadConfig(BaseModel):
+    """Where the raw files come from and how they are checked."""
+
+    source: str = "auto"
+    mirrors: list[str] = list(PUBLIC_MIRRORS)
+    snapshot_dir: Path | None = SNAPSHOT_DIR
+    # Explicit pins (`--sha256 FILE`, see read_sums): payload or served file name -> SHA-256. None: `auto` is pinned
+    # to MNIST's digests, any other source only by a SHA256SUMS file it carries.
+    sha256: dict[str, str] | None = None
+    retries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 30.0
+
+
+def source_fingerprint(source: str) -> str:
+    """Return a digest of a local source's files (so a changed folder is downloaded again), or the source as is."""
+    folder = local_folder(source)
+    if folder is None or not folder.is_dir():
+        return source
+    found = {}
+    for name in (*[f + s for f in FILES for s in (".gz", "")], SUMS_FILE):
+        path = folder / name
+        if path.is_file():
+            found[name] = sha256_file(path)  # in chunks: the folder is not trusted to hold small files
+    return sha256_json({"source": str(folder), "files": found})
+
+
+def local_folder(source: str) -> Path | None:
+    """Return the folder a source names (a path or a file:// URL), or None for a remote URL."""
+    if source.startswith("file://"):
+        return Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path))
+    return None if "://" in source else Path(source)
+
+
+class ValidateConfig(BaseModel):
+    """Expected size of each split (None: MNIST's for MNIST's files, any size for other data)."""
+
+    train_count: int | None = None
+    test_count: int | None = None
+
 
 MNIST_TITLE = "MNIST digits"
 OTHER_TITLE = "dataset"

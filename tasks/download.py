@@ -14,7 +14,6 @@ from functools import partial
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from pydantic import BaseModel
 
 from tasks.core import (
     ArtifactRef,
@@ -23,15 +22,13 @@ from tasks.core import (
     publish,
     quiet,
     sha256_bytes,
-    sha256_file,
     sha256_json,
     workdir,
 )
+from tasks.dataset import FILES, SPLITS, SUMS_FILE, DownloadConfig, local_folder
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_split, decode_payload
 from tasks.storage import staged
 
-FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-SPLITS = {"train": FILES[:2], "test": FILES[2:]}
 # Payload digests of the original MNIST files (SHA-256 of the uncompressed IDX bytes).
 MNIST_SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -39,7 +36,6 @@ MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-SUMS_FILE = "SHA256SUMS"
 # What can pin a source's payloads (recorded in the artifact's meta["pinned_by"]), and the check each one names.
 BY_MNIST, BY_SUMS, BY_USER = "MNIST digests", SUMS_FILE, "--sha256"
 PIN_CHECKS = {BY_MNIST: "MNIST SHA-256", BY_SUMS: f"{SUMS_FILE} digest", BY_USER: "--sha256 digest"}
@@ -47,28 +43,6 @@ PIN_CHECKS = {BY_MNIST: "MNIST SHA-256", BY_SUMS: f"{SUMS_FILE} digest", BY_USER
 _SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]?(\S.*)")
 # A gzip of the largest payload is about 10 MB; a plain file at most the payload limit.
 MAX_FILE_BYTES = MAX_PAYLOAD_BYTES + 4096
-
-PUBLIC_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "https://storage.googleapis.com/cvdf-datasets/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-)
-SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "data" / "snapshot" / "mnist"
-
-
-class DownloadConfig(BaseModel):
-    """Where the raw files come from and how they are checked."""
-
-    source: str = "auto"
-    mirrors: list[str] = list(PUBLIC_MIRRORS)
-    snapshot_dir: Path | None = SNAPSHOT_DIR
-    # Explicit pins (`--sha256 FILE`, see read_sums): payload or served file name -> SHA-256. None: `auto` is pinned
-    # to MNIST's digests, any other source only by a SHA256SUMS file it carries.
-    sha256: dict[str, str] | None = None
-    retries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 30.0
-
 
 class Unreachable(Exception):
     """A source did not answer (after retries); another source may be tried."""
@@ -173,31 +147,12 @@ def parse_sums(text: str, where: str) -> dict[str, str]:
     return sums
 
 
-def source_fingerprint(source: str) -> str:
-    """Return a digest of a local source's files (so a changed folder is downloaded again), or the source as is."""
-    folder = _local_folder(source)
-    if folder is None or not folder.is_dir():
-        return source
-    found = {}
-    for name in (*[f + s for f in FILES for s in (".gz", "")], SUMS_FILE):
-        path = folder / name
-        if path.is_file():
-            found[name] = sha256_file(path)  # in chunks: the folder is not trusted to hold small files
-    return sha256_json({"source": str(folder), "files": found})
-
-
-def _local_folder(source: str) -> Path | None:
-    if source.startswith("file://"):
-        return Path(urllib.request.url2pathname(urllib.parse.urlparse(source).path))
-    return None if "://" in source else Path(source)
-
-
 def _fetch_all(
     source: str, retries: int, backoff_s: float, timeout_s: float, log: Log, give_up_on_dns: bool
 ) -> tuple[dict[str, bytes], dict[str, bytes], bytes | None]:
     """Return the four payloads from one source, the files as served (by name) and its SHA256SUMS file (or None)."""
     parsed = urllib.parse.urlparse(source)
-    folder = _local_folder(source)
+    folder = local_folder(source)
     if folder is not None:
         if not folder.is_dir():
             raise PipelineError(f"source {source}: expected a folder holding the four MNIST files, found no such folder")

@@ -1,4 +1,5 @@
-"""The networks the train stage can fit, with each one's defaults, and a description of a built model from Keras.
+"""The networks the train stage can fit, each one's defaults, the training config, and a description of a built model
+from Keras.
 
 Every model takes the flat rows of preprocessing (784 floats in [0, 1]) and ends in a softmax over the classes, so
 evaluation, prediction and the report work the same for all of them.
@@ -6,11 +7,12 @@ evaluation, prediction and the report work the same for all of them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.idx import IMAGE_SHAPE
 from tasks.keras_runtime import import_tensorflow
-from tasks.preprocess import PIXELS
 
 # Per model: its training defaults and its size knobs, each with its default. The train config's fields of the same
 # names override them; a knob belongs to the models that list it.
@@ -26,11 +28,67 @@ MODEL_HELP = {
     "cnn": "two convolution blocks with max pooling, a dense ReLU head with dropout, then a softmax",
 }
 
+# Settings every model has; the other entries of MODEL_DEFAULTS are size knobs of one model or another.
+COMMON = ("epochs", "batch_size", "learning_rate", "jit_compile")
+KNOBS = sorted({name for defaults in MODEL_DEFAULTS.values() for name in defaults} - set(COMMON))
+
+
+class TrainConfig(BaseModel):
+    """Which model to train, its hyperparameters, and the knobs that only change how fast it trains.
+
+    Epochs, batch size, learning rate and the size knobs default to the chosen model's (tasks.models.MODEL_DEFAULTS);
+    `resolved()` fills them in, and the train stage is keyed by the resolved config only.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Literal["mlp", "cnn"] = Field("mlp", description="the network: " + "; ".join(f"{k}: {v}" for k, v in MODEL_HELP.items()))
+    epochs: int | None = Field(None, ge=1, description="training epochs")
+    batch_size: int | None = Field(None, ge=1, description="training batch size")
+    learning_rate: float | None = Field(None, gt=0, description="Adam learning rate")
+    hidden_units: int | None = Field(None, ge=1, description="mlp: units of the hidden dense layer")
+    filters: int | None = Field(None, ge=1, description="cnn: filters of the first convolution (the second has twice as many)")
+    dense_units: int | None = Field(None, ge=1, description="cnn: units of the dense head")
+    dropout: float | None = Field(None, ge=0, lt=1, description="cnn: dropout rate before the output layer")
+    # NumPy's seed range; keras.utils.set_random_seed seeds Python, NumPy and TensorFlow from it.
+    seed: int = Field(42, ge=0, lt=2**32, description="random seed (same seed and data: same model)")
+    validation_split: float = Field(
+        0.0, ge=0, lt=1, description="fraction of the training rows held out for validation (the last rows)"
+    )
+    patience: int | None = Field(
+        None, ge=1, description="stop when the validation loss has not improved for N epochs and keep the best weights "
+        "(needs --validation-split)"
+    )
+    # Speed only: both are repeatable; they differ in the last bits of the weights (BENCHMARKS.md has the timings).
+    jit_compile: bool | None = Field(None, description="XLA-compile the training step")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        foreign = [name for name in KNOBS if getattr(self, name) is not None and name not in MODEL_DEFAULTS[self.model]]
+        if foreign:
+            owners = [kind for kind, defaults in MODEL_DEFAULTS.items() if foreign[0] in defaults]
+            raise ValueError(f"{foreign[0]}: a knob of model {' and '.join(owners)}, not of model {self.model}")
+        if self.patience is not None and self.validation_split == 0:
+            raise ValueError("patience: early stopping watches the validation loss; it needs validation_split > 0")
+        return self
+
+    def resolved(self) -> TrainConfig:
+        """Return this config with the model's defaults filled in (what the train stage runs and is keyed by)."""
+        defaults = MODEL_DEFAULTS[self.model]
+        return self.model_copy(update={name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults})
+
+    def knobs(self) -> dict[str, Any]:
+        """Return the size knobs of the resolved model, by name."""
+        resolved = self.resolved()
+        return {name: getattr(resolved, name) for name in MODEL_DEFAULTS[self.model] if name not in COMMON}
+
 
 def build_model(kind: str, num_classes: int, **knobs: Any) -> Any:
     """Return the uncompiled Keras model `kind` ('mlp' or 'cnn') with its size knobs, for `num_classes` classes."""
     _, keras = import_tensorflow()
     from keras import layers
+
+    from tasks.preprocess import PIXELS  # here: the config above is read without importing the stages (Prefect)
 
     if kind == "mlp":
         body = [layers.Dense(knobs["hidden_units"], activation="relu")]

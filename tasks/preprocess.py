@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 
 from tasks.core import ArtifactRef, publish, workdir
-from tasks.download import SPLITS
+from tasks.dataset import SPLITS
 from tasks.idx import read_payload
 from tasks.storage import staged
 

@@ -1,6 +1,6 @@
 """Promote stage: decide whether an evaluated model becomes the champion, and keep a registry of every decision.
 
-The registry is a folder holding `champion.json` (the current champion) and `history.jsonl` (one decision per line,
+The registry (read by tasks/registry.py) is a folder holding `champion.json` (the current champion) and `history.jsonl` (one decision per line,
 appended). Deciding is idempotent: a rerun on the same model with nothing changed returns the recorded decision and
 writes nothing, so the flow can call it on every run and hand the result to cached stages.
 """
@@ -13,79 +13,30 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from tasks.core import ArtifactRef, Log, PipelineError, atomic_write, flocked, fsync_path, quiet, validation_problems
+from tasks.core import ArtifactRef, Log, PipelineError, flocked, fsync_path, quiet
 from tasks.evaluate import METRICS_FILE
 from tasks.locks import FlockLockManager, RedisLockManager, lock_dir
-from tasks.storage import as_root, is_remote
+from tasks.registry import (
+    CHAMPION_FILE,
+    HISTORY_FILE,
+    Champion,
+    Decision,
+    PromotionConfig,
+    Scores,
+    read_champion,
+    read_history,
+    read_text,
+    recorded_decision,
+)
+from tasks.storage import as_root, is_remote, write_text
 from tasks.train import MODEL_FILE
 
-SCHEMA_VERSION = 1
-CHAMPION_FILE = "champion.json"
-HISTORY_FILE = "history.jsonl"
 LOCK_FILE = ".lock"
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
 # image in ten thousand, so that a model exactly at the gate or exactly at the tolerance passes as the rules say.
 SLACK = 1e-6
-
-
-class PromotionConfig(BaseModel):
-    """When a newly evaluated model replaces the champion."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_test_accuracy: float = Field(0.97, ge=0, le=1, description="Absolute gate: no model below it is promoted.")
-    tolerance: float = Field(
-        0.002, ge=0, le=1, description="How much lower than the champion's a new model's test accuracy may be."
-    )
-
-
-class Scores(BaseModel):
-    """A model (by digest) and its test scores."""
-
-    # Strict: a registry file with a string or a boolean where a number belongs is damaged, not converted.
-    model_config = ConfigDict(strict=True, frozen=True)
-
-    model_digest: str
-    test_accuracy: float
-    test_loss: float
-
-
-class Champion(Scores):
-    """The record in `champion.json`: the model currently promoted."""
-
-    schema_version: int = SCHEMA_VERSION
-    model_path: str
-    promoted_at: str
-    run_id: str | None
-    # The names of the model's classes (label order) when its dataset has them; predictions name their classes.
-    class_names: list[str] | None = None
-
-
-class Decision(Scores):
-    """One line of `history.jsonl`: whether a model was promoted, why, and against which champion."""
-
-    schema_version: int = SCHEMA_VERSION
-    model_path: str
-    promoted: bool
-    reason: str
-    champion_before: Scores | None
-    gate: float
-    tolerance: float
-    decided_at: str
-    run_id: str | None
-    class_names: list[str] | None = None
-
-    @property
-    def verdict(self) -> str:
-        """Return the decision in words: promoted or not, and why."""
-        return ("promoted" if self.promoted else "not promoted") + f": {self.reason}"
-
-
-Record = TypeVar("Record", bound=BaseModel)
 
 
 def decide_promotion(
@@ -109,7 +60,7 @@ def decide_promotion(
         registry_dir.mkdir(parents=True, exist_ok=True)
     with _registry_lock(registry_dir, locks):
         champion = read_champion(registry_dir)
-        recorded = _recorded_decision(model.digest, read_history(registry_dir), champion, config)
+        recorded = recorded_decision(model.digest, read_history(registry_dir), champion, config)
         if recorded is not None:
             log(f"model {model.digest[:16]}: decision of {recorded.decided_at} still holds: {recorded.verdict}")
             return recorded
@@ -139,7 +90,7 @@ def decide_promotion(
         if promoted and (champion is None or champion.model_digest != model.digest):
             record = Champion(**decision.model_dump(include=set(Scores.model_fields) | {"model_path", "run_id", "class_names"}),
                               promoted_at=decision.decided_at)
-            _replace(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
+            write_text(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
     log(f"model {model.digest[:16]}: {decision.verdict}")
     return decision
 
@@ -152,14 +103,6 @@ def _registry_lock(registry_dir: Any, locks: Any) -> Any:
     if is_remote(registry_dir):
         return FlockLockManager(lock_dir(registry_dir)).held("registry")
     return flocked(registry_dir / LOCK_FILE)
-
-
-def _replace(path: Any, text: str) -> None:
-    # An object is replaced whole by one PUT; a file by a rename.
-    if is_remote(path):
-        path.write_text(text)
-    else:
-        atomic_write(path, text)
 
 
 def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig) -> tuple[bool, str]:
@@ -185,38 +128,6 @@ def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig
     return True, f"test accuracy {acc:.4f} beats the champion's {best:.4f} by {-drop:.4f}"
 
 
-def read_champion(registry_dir: Path) -> Champion | None:
-    """Return the current champion record, or None if there is none yet."""
-    path = as_root(registry_dir) / CHAMPION_FILE
-    text = _read_text(path, "the champion record")
-    return None if text is None else _parse(Champion, text, str(path), "the champion record")
-
-
-def read_history(registry_dir: Path) -> list[Decision]:
-    """Return every recorded decision, oldest first."""
-    path = as_root(registry_dir) / HISTORY_FILE
-    text = _read_text(path, "the decision history") or ""
-    if text and not text.endswith("\n"):
-        raise PipelineError(f"{path}: line {text.count(chr(10)) + 1}: incomplete (no line end); the history is damaged")
-    return [_parse(Decision, line, f"{path}: line {n}", "a decision") for n, line in enumerate(text.splitlines(), 1)]
-
-
-def _read_text(path: Path, what: str) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: cannot read {what} ({exc})") from None
-
-
-def _parse(kind: type[Record], text: str, where: str, what: str) -> Record:
-    try:
-        return kind.model_validate_json(text)
-    except ValidationError as exc:
-        raise PipelineError(f"{where}: expected {what}, found {validation_problems(exc)}") from None
-
-
 def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float]:
     path = evaluation.path(METRICS_FILE)
     try:
@@ -233,23 +144,9 @@ def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float]:
     return scores
 
 
-def _recorded_decision(digest: str, history: list[Decision], champion: Champion | None,
-                       config: PromotionConfig) -> Decision | None:
-    # Only the latest decision on this model counts; an earlier one was overtaken by events.
-    latest = next((d for d in reversed(history) if d.model_digest == digest), None)
-    if latest is None:
-        return None
-    champion_digest = None if champion is None else champion.model_digest
-    if latest.promoted:
-        return latest if champion_digest == digest else None
-    before_digest = None if latest.champion_before is None else latest.champion_before.model_digest
-    same_rules = latest.gate == config.min_test_accuracy and latest.tolerance == config.tolerance
-    return latest if before_digest == champion_digest and same_rules else None
-
-
 def _append_line(path: Any, line: str) -> None:
     if is_remote(path):  # objects cannot be appended to: the whole history again, under the registry's lock
-        path.write_text((_read_text(path, "the decision history") or "") + line)
+        path.write_text((read_text(path, "the decision history") or "") + line)
         return
     # One write of the whole line to a file opened for appending: no line is interleaved with another or split.
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

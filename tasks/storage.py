@@ -21,7 +21,17 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tasks.core import MANIFEST, ArtifactRef, FileRef, PipelineError, intact_files, new_workdir, sha256_bytes, sha256_file
+from tasks.core import (
+    MANIFEST,
+    ArtifactRef,
+    FileRef,
+    PipelineError,
+    atomic_write,
+    intact_files,
+    new_workdir,
+    sha256_bytes,
+    sha256_file,
+)
 
 SCHEME = "s3://"
 # No listings cache: another machine may publish or delete between two looks. Few, quick retries: an endpoint that
@@ -80,6 +90,24 @@ def read_bytes(location: Any) -> bytes:
         return Path(location).read_bytes()
     with _explained():
         return filesystem().cat_file(str(location))
+
+
+def exists(location: Any) -> bool:
+    """Return whether a local file or an object exists."""
+    if not is_remote(location):
+        return Path(location).exists()
+    with _explained():
+        return filesystem().exists(str(location))
+
+
+def write_text(location: Any, text: str) -> None:
+    """Replace a local file (by one rename, its folder made if needed) or an object (by one PUT) with `text`."""
+    if is_remote(location):
+        with _explained():
+            filesystem().pipe_file(str(location), text.encode())
+    else:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(location), text)
 
 
 def remove(location: Any) -> None:

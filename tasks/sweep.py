@@ -19,8 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.core import ArtifactRef, PipelineError, publish, sha256_json, validation_problems, workdir
-from tasks.models import MODEL_DEFAULTS
-from tasks.train import KNOBS, TrainConfig
+from tasks.models import KNOBS, MODEL_DEFAULTS, TrainConfig
 
 PARAMETERS = tuple(TrainConfig.model_fields)
 REPORT_MD = "sweep.md"

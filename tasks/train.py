@@ -10,13 +10,11 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from tasks.core import (
     ArtifactRef,
     Log,
@@ -29,7 +27,7 @@ from tasks.core import (
 )
 from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
-from tasks.models import MODEL_DEFAULTS, MODEL_HELP, build_model, describe_model
+from tasks.models import KNOBS, TrainConfig, build_model, describe_model
 from tasks.preprocess import SPLIT_FILES, load_split
 from tasks.storage import staged
 
@@ -41,61 +39,6 @@ LOSS = "sparse_categorical_crossentropy"
 PROGRESS_KEY = "mnist-training-progress"
 
 Progress = Callable[[int, int, dict[str, float]], None]
-# Settings every model has; the other entries of MODEL_DEFAULTS are size knobs of one model or another.
-COMMON = ("epochs", "batch_size", "learning_rate", "jit_compile")
-KNOBS = sorted({name for defaults in MODEL_DEFAULTS.values() for name in defaults} - set(COMMON))
-
-
-class TrainConfig(BaseModel):
-    """Which model to train, its hyperparameters, and the knobs that only change how fast it trains.
-
-    Epochs, batch size, learning rate and the size knobs default to the chosen model's (tasks.models.MODEL_DEFAULTS);
-    `resolved()` fills them in, and the train stage is keyed by the resolved config only.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: Literal["mlp", "cnn"] = Field("mlp", description="the network: " + "; ".join(f"{k}: {v}" for k, v in MODEL_HELP.items()))
-    epochs: int | None = Field(None, ge=1, description="training epochs")
-    batch_size: int | None = Field(None, ge=1, description="training batch size")
-    learning_rate: float | None = Field(None, gt=0, description="Adam learning rate")
-    hidden_units: int | None = Field(None, ge=1, description="mlp: units of the hidden dense layer")
-    filters: int | None = Field(None, ge=1, description="cnn: filters of the first convolution (the second has twice as many)")
-    dense_units: int | None = Field(None, ge=1, description="cnn: units of the dense head")
-    dropout: float | None = Field(None, ge=0, lt=1, description="cnn: dropout rate before the output layer")
-    # NumPy's seed range; keras.utils.set_random_seed seeds Python, NumPy and TensorFlow from it.
-    seed: int = Field(42, ge=0, lt=2**32, description="random seed (same seed and data: same model)")
-    validation_split: float = Field(
-        0.0, ge=0, lt=1, description="fraction of the training rows held out for validation (the last rows)"
-    )
-    patience: int | None = Field(
-        None, ge=1, description="stop when the validation loss has not improved for N epochs and keep the best weights "
-        "(needs --validation-split)"
-    )
-    # Speed only: both are repeatable; they differ in the last bits of the weights (BENCHMARKS.md has the timings).
-    jit_compile: bool | None = Field(None, description="XLA-compile the training step")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
-        foreign = [name for name in KNOBS if getattr(self, name) is not None and name not in MODEL_DEFAULTS[self.model]]
-        if foreign:
-            owners = [kind for kind, defaults in MODEL_DEFAULTS.items() if foreign[0] in defaults]
-            raise ValueError(f"{foreign[0]}: a knob of model {' and '.join(owners)}, not of model {self.model}")
-        if self.patience is not None and self.validation_split == 0:
-            raise ValueError("patience: early stopping watches the validation loss; it needs validation_split > 0")
-        return self
-
-    def resolved(self) -> TrainConfig:
-        """Return this config with the model's defaults filled in (what the train stage runs and is keyed by)."""
-        defaults = MODEL_DEFAULTS[self.model]
-        return self.model_copy(update={name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults})
-
-    def knobs(self) -> dict[str, Any]:
-        """Return the size knobs of the resolved model, by name."""
-        resolved = self.resolved()
-        return {name: getattr(resolved, name) for name in MODEL_DEFAULTS[self.model] if name not in COMMON}
-
-
 def _no_progress(_done: int, _total: int, _logs: dict[str, float]) -> None:
     pass
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 from prefect import get_run_logger, task
-from pydantic import BaseModel
 
 from tasks.core import ArtifactRef, publish, workdir, write_json
-from tasks.download import SPLITS
+from tasks.dataset import SPLITS, ValidateConfig
 from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
 from tasks.storage import staged
 
@@ -18,13 +17,6 @@ VALIDATION_FILE = "validation.json"
 SCHEMA_VERSION = 2
 # The size of each MNIST split, checked when the raw files are MNIST's and the config sets no count.
 MNIST_COUNTS = {"train": 60000, "test": 10000}
-
-
-class ValidateConfig(BaseModel):
-    """Expected size of each split (None: MNIST's for MNIST's files, any size for other data)."""
-
-    train_count: int | None = None
-    test_count: int | None = None
 
 
 def validate_files(

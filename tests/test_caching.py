@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.caching import code_components, project_modules
+from tasks.keys import code_components, project_modules
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,13 +27,15 @@ print(json.dumps({stage: info["state"] for stage, info in summary["stages"].item
 
 def test_closure_holds_every_project_module_a_stage_imports_and_no_other():
     train = set(project_modules("tasks.train"))
-    # train imports preprocess, which imports idx and download: none of them is imported by train directly.
-    assert {"tasks.train", "tasks.preprocess", "tasks.idx", "tasks.download", "tasks.core", "tasks.keras_runtime"} \
-        <= train
-    assert not {"tasks.evaluate", "tasks.report", "tasks.promote", "flows.pipeline", "flows.config"} & train
-    assert "tasks.download" in project_modules("tasks.validate")
+    # train imports preprocess, which imports dataset (the split names): not imported by train directly.
+    assert {"tasks.train", "tasks.preprocess", "tasks.idx", "tasks.dataset", "tasks.core", "tasks.keras_runtime",
+            "tasks.models"} <= train
+    assert not {"tasks.download", "tasks.evaluate", "tasks.report", "tasks.promote", "flows.pipeline",
+                "flows.config"} & train
+    assert "tasks.dataset" in project_modules("tasks.validate") and "tasks.download" not in project_modules("tasks.validate")
     assert "tasks.train" in project_modules("tasks.evaluate")  # its loss and file names are defined by train
-    assert set(project_modules("tasks.download")) == {"tasks.download", "tasks.core", "tasks.idx", "tasks.storage"}
+    assert set(project_modules("tasks.download")) == {"tasks.download", "tasks.dataset", "tasks.core", "tasks.idx",
+                                                      "tasks.storage"}
 
 
 def test_libraries_that_shape_a_stage_output_are_in_its_code_version():
@@ -105,7 +107,7 @@ def test_a_library_version_is_part_of_the_key(package_copy, prefect_api_url, tmp
 
 def test_a_template_is_code_of_the_stage_that_renders_it(package_copy):
     copy, _ = package_copy
-    versions = ("import json; from tasks.caching import code_version as v; "
+    versions = ("import json; from tasks.keys import code_version as v; "
                 "print(json.dumps([v('tasks.report'), v('tasks.train')]))")
     read = lambda: json.loads(subprocess.run([sys.executable, "-c", versions], cwd=copy, capture_output=True,  # noqa: E731
                                              text=True, check=True).stdout)
@@ -118,8 +120,8 @@ def test_a_template_is_code_of_the_stage_that_renders_it(package_copy):
 def test_deriving_a_code_version_imports_none_of_the_stage_code():
     # `from tasks.callbacks import EpochBackup` inside a function: resolving the name must not import the module
     # (which imports Keras), or every cached run would pay TensorFlow's import.
-    code = ("import sys; from tasks.caching import code_version; code_version('tasks.train'); "
-            "assert 'tasks.callbacks' in __import__('tasks.caching').caching.project_modules('tasks.train'); "
+    code = ("import sys; from tasks.keys import code_version, project_modules; code_version('tasks.train'); "
+            "assert 'tasks.callbacks' in project_modules('tasks.train'); "
             "assert 'keras' not in sys.modules and 'tensorflow' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 

@@ -294,7 +294,7 @@ def test_garbage_or_hostile_cache_record_is_discarded_never_decoded(synthetic_co
 
 @pytest.mark.parametrize("case", ["calls-a-function", "nested-call", "pickle"])
 def test_hostile_cache_record_is_refused_without_running_it(tmp_path, case):
-    from tasks.caching import read_record
+    from tasks.keys import read_record
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -370,7 +370,7 @@ def run_cli(env, args, code=None):
 
 
 def records(cache_dir: Path) -> set[str]:
-    return {p.name.split("-")[0] for p in cache_dir.iterdir() } if cache_dir.exists() else set()
+    return {p.name.split("-")[0] for p in cache_dir.iterdir() if p.is_file()} if cache_dir.exists() else set()
 
 
 def test_sigkill_inside_download_preprocess_and_train_then_the_next_run_completes(tmp_path, cli_env):

@@ -137,7 +137,8 @@ def test_an_upload_cut_off_before_its_manifest_is_not_trusted_and_the_next_run_p
     models = f"{s3_config.artifacts_dir}/models"
     (folder,) = fs.ls(models)
     assert fs.exists(f"{folder}/model.keras") and not fs.exists(f"{folder}/{MANIFEST}")  # the objects, no manifest
-    records = {name.rpartition("/")[2].split("-")[0] for name in fs.ls(f"{s3_config.cache_dir}")}
+    records = {info["name"].rpartition("/")[2].split("-")[0] for info in fs.ls(f"{s3_config.cache_dir}", detail=True)
+               if info["type"] == "file"}
     assert records == {"download_mnist", "validate_mnist", "preprocess_mnist"}  # none for train, not even its failure
     monkeypatch.undo()
 

@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from tasks.core import ArtifactRef, publish, workdir
 from tasks.dataset import DatasetConfig
 from tasks.preprocess import SPLIT_FILES
-from tasks.promote import Decision
+from tasks.registry import Decision
 from tasks.report.context import load_context
 from tasks.report.figures import draw_figures, to_png
 from tasks.report.render import (

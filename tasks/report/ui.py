@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from tasks.core import ArtifactRef
 from tasks.dataset import OTHER_TITLE
 from tasks.evaluate import METRICS_FILE
-from tasks.promote import Decision
+from tasks.registry import Decision
 from tasks.report.context import Classes, per_class_frame, read_json
 from tasks.report.figures import KEY_FIGURES
 from tasks.report.render import REPORT_HTML, data_uri, render

@@ -1,0 +1,190 @@
+"""`mnist-pipeline status`: for a configuration, which stages have an intact cached result and why the others do not,
+without a run: no Prefect, no TensorFlow. A stage's key is computed as the flow computes it (flows/stages.py); a
+result recorded under it whose files are intact is up to date. Otherwise the key's components are compared with those
+recorded for the closest earlier key of the same stage (tasks.caching records them), which says what changed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows.config import PROJECT_ROOT, STAGES, PipelineConfig, Stage
+from flows.stages import STEPS
+from tasks import storage
+from tasks.core import PipelineError
+from tasks.keys import KEYS_DIR, components_path, key_components, key_of, parse_record, source_file
+from tasks.registry import read_champion, read_history, recorded_decision
+
+UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
+# Differences named per stage; the rest are counted.
+SHOWN = 4
+
+
+@dataclass
+class StageStatus:
+    stage: Stage
+    state: str
+    why: list[str] = field(default_factory=list)
+    key: str | None = None
+    artifacts: list[str] = field(default_factory=list)
+
+
+def pipeline_status(config: PipelineConfig, until: Stage = STAGES[-1]) -> list[StageStatus]:
+    """Return the status of each stage up to `until`, in order; nothing is written."""
+    results: dict[str, Any] = {}
+    rows = []
+    for name in STAGES[: STAGES.index(until) + 1]:
+        step = STEPS[name]
+        try:
+            inputs = step.inputs(config, results)
+        except KeyError as absent:  # an input that is not up to date: this stage's key is not known yet
+            rows.append(_after(name, absent.args[0], {row.stage: row for row in rows}))
+            continue
+        components = key_components(step.name, step.module, inputs)
+        row = _stage_status(name, config.cache_dir, components)
+        if row.state == UP_TO_DATE:
+            results[name] = parse_record(storage.read_bytes(f"{config.cache_dir}/{row.key}"))
+            row.artifacts = [f.path for f in results[name].files.values()]
+        if name == "evaluate" and "evaluate" in results:
+            decision = recorded_decision(results["train"].digest, read_history(config.registry_dir),
+                                         read_champion(config.registry_dir), config.promotion)
+            if decision is not None:
+                results["promotion"] = decision
+        rows.append(row)
+    return rows
+
+
+def _after(stage: Stage, result: str, rows: dict[str, StageStatus]) -> StageStatus:
+    """Return the status of a stage whose input `result` is not up to date (its key is not known before that runs)."""
+    if result == "promotion":
+        return StageStatus(stage, STALE, ["no promotion decision on record for this model (a run decides it)"])
+    upstream = rows[result]
+    return StageStatus(stage, MISSING if upstream.state == MISSING else STALE, [f"after {result}, which is {upstream.state}"])
+
+
+def _stage_status(name: Stage, cache_dir: Any, components: dict[str, Any]) -> StageStatus:
+    key = key_of(components)
+    record = f"{cache_dir}/{key}"
+    try:
+        data = storage.read_bytes(record)
+    except FileNotFoundError:
+        data = None
+    if data is not None:
+        try:
+            problem = parse_record(data).problem(trust_unchanged=True)
+        except Exception as exc:  # noqa: BLE001  (any damage of a record is reported, as the flow distrusts it)
+            problem = f"unreadable cache record {record} ({exc})"
+        return StageStatus(name, STALE, [problem], key) if problem else StageStatus(name, UP_TO_DATE, [], key)
+    earlier = _closest_earlier(name, cache_dir, components)
+    if earlier is None:
+        return StageStatus(name, MISSING, ["no result for this stage yet"], key)
+    why = differences(name, earlier, components)
+    return StageStatus(name, STALE, why or [f"no result under its key {key} (its record was removed)"], key)
+
+
+def _closest_earlier(name: Stage, cache_dir: Any, components: dict[str, Any]) -> dict[str, Any] | None:
+    """Return the recorded components of this stage's key that differ least from `components` (ties: the newest)."""
+    folder = f"{cache_dir}/{KEYS_DIR}"
+    prefix = components["stage"] + "-"
+    if storage.is_remote(folder):
+        try:
+            names = [n.rpartition("/")[2] for n in storage.filesystem().ls(folder)]
+        except FileNotFoundError:
+            names = []
+    else:
+        names = [p.name for p in Path(folder).iterdir()] if Path(folder).is_dir() else []
+    candidates = []
+    for file in names:
+        if not file.startswith(prefix) or not file.endswith(".json"):
+            continue
+        path = components_path(cache_dir, file.removesuffix(".json"))
+        try:
+            recorded = json.loads(storage.read_bytes(path))
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{path}: expected the recorded components of a cache key, found unreadable JSON ({exc})") from None
+        if not isinstance(recorded, dict) or not {"inputs", "code"} <= set(recorded):
+            raise PipelineError(f"{path}: expected the recorded components of a cache key (inputs, code), found others")
+        candidates.append(recorded)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (-len(differences(name, r, components)), r.get("recorded_at", "")))
+
+
+def differences(stage: str, earlier: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Return what changed from the earlier components of a stage's key to these, in words: inputs (upstream digests,
+    parameters by their config name), then code (project files, library versions)."""
+    found = []
+    for name in sorted(set(earlier["inputs"]) | set(now["inputs"])):
+        before, after = earlier["inputs"].get(name), now["inputs"].get(name)
+        found += _value_differences(stage if name == "config" else name, before, after)
+    code_before, code_now = earlier["code"], now["code"]
+    for module in sorted(set(code_before["sources"]) | set(code_now["sources"])):
+        before, after = code_before["sources"].get(module), code_now["sources"].get(module)
+        if before != after:
+            where = _source_name(module)
+            found.append(f"{where} changed" if before and after else f"{where} {'added' if after else 'removed'}")
+    for library in sorted(set(code_before["libraries"]) | set(code_now["libraries"])):
+        before, after = code_before["libraries"].get(library), code_now["libraries"].get(library)
+        if before != after:
+            found.append(f"library {before or library + ' (none)'} -> {after or '(none)'}")
+    return found
+
+
+def _value_differences(path: str, before: Any, after: Any) -> list[str]:
+    if before == after:
+        return []
+    if _is_artifact(before) or _is_artifact(after):
+        stage = (after or before)["artifact"]
+        return [f"the output of {stage} changed: {_digest(before)} -> {_digest(after)}"]
+    if isinstance(before, dict) and isinstance(after, dict):
+        if path == "decision":
+            return [f"the promotion decision changed: {before.get('reason')!r} -> {after.get('reason')!r}"]
+        return [line for key in sorted(set(before) | set(after))
+                for line in _value_differences(f"{path}.{key}", before.get(key), after.get(key))]
+    return [f"{path}: {_short(before)} -> {_short(after)}"]
+
+
+def _is_artifact(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"artifact", "digest"}
+
+
+def _digest(value: Any) -> str:
+    return value["digest"][:16] if _is_artifact(value) else "(none)"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _source_name(module: str) -> str:
+    """Return a project module's file (or a package's data file, `tasks.report:templates/x.j2`) relative to the
+    checkout."""
+    name, _, data = module.partition(":")
+    path = Path(source_file(name))
+    if data:
+        path = path.parent / data
+    try:
+        return str(path.relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def status_summary(rows: list[StageStatus]) -> str:
+    """Return one line per stage for people, each reason indented below its stage."""
+    lines = []
+    for row in rows:
+        where = row.artifacts[0].rpartition("/")[0] if row.artifacts else ""
+        lines.append(f"{row.stage:<11} {row.state:<11} {where}".rstrip())
+        shown = row.why[:SHOWN] + ([f"and {len(row.why) - SHOWN} more"] if len(row.why) > SHOWN else [])
+        lines += [f"    {line}" for line in shown]
+    return "\n".join(lines)
+
+
+def status_json(rows: list[StageStatus]) -> dict[str, Any]:
+    return {"up_to_date": all(r.state == UP_TO_DATE for r in rows),
+            "stages": {r.stage: {"state": r.state, "why": r.why, "key": r.key, "artifacts": r.artifacts} for r in rows}}
+
