@@ -60,7 +60,7 @@ def pipeline_status(config: PipelineConfig, until: Stage = STAGES[-1]) -> list[S
 def _after(stage: Stage, result: str, rows: dict[str, StageStatus]) -> StageStatus:
     """Return the status of a stage whose input `result` is not up to date (its key is not known before that runs)."""
     if result == "promotion":
-        return StageStatus(stage, STALE, ["no promotion decision on record for this model (a run decides it)"])
+        return StageStatus(stage, STALE, ["no promotion decision for this model against the current champion (a run decides it)"])
     upstream = rows[result]
     return StageStatus(stage, MISSING if upstream.state == MISSING else STALE, [f"after {result}, which is {upstream.state}"])
 

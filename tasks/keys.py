@@ -6,6 +6,7 @@ reads them to say what is up to date and why, without importing Prefect or the s
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
@@ -103,20 +104,28 @@ def _package_data(name: str) -> dict[str, Path]:
 
 
 def source_file(name: str) -> str:
-    spec = importlib.util.find_spec(name)
+    spec = _spec(name)
     if spec is None or not spec.origin:
         raise ModuleNotFoundError(f"no source for module {name!r}")
     return spec.origin
 
 
+def _spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Find a module without importing anything: `importlib.util.find_spec("a.b")` imports the package `a` (for
+    `tasks.report`: Prefect), so walk the packages' search paths instead. None for a name inside a module
+    (`tasks.core.ArtifactRef`) and for no module at all."""
+    top, *parts = name.split(".")
+    spec = importlib.util.find_spec(top)
+    for depth in range(1, len(parts) + 1):
+        if spec is None or spec.submodule_search_locations is None:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(".".join([top, *parts[:depth]]), spec.submodule_search_locations)
+    return spec
+
+
 def _is_module(name: str) -> bool:
-    # `tasks.core.ArtifactRef` is a name inside a module. Asked about it, find_spec would import `tasks.core` (and
-    # whatever that imports: TensorFlow, for some): only ask once the parent is known to be a package.
-    parent = name.rpartition(".")[0]
     try:
-        if parent and getattr(importlib.util.find_spec(parent), "submodule_search_locations", None) is None:
-            return False
-        return importlib.util.find_spec(name) is not None
+        return _spec(name) is not None
     except ModuleNotFoundError:
         return False
 
