@@ -68,6 +68,30 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object: up_to_date, and per stage its "
                         "state, why, key and artifacts")
     _add_config_arguments(status)
+    history = commands.add_parser(
+        "history", help="list the models the registry knows: scores, settings, promoted or not and why (runs nothing)",
+        description="Every model the promotion registry has a decision on, oldest first: digest, date of its latest "
+        "decision, the settings that differ from its model's defaults, test accuracy and loss, the decision; the "
+        "champion marked with *.")
+    _add_store_arguments(history, "print one JSON list: per model its digest, champion, date, settings changed, "
+                         "scores and decision")
+    diff = commands.add_parser(
+        "diff", help="compare two models: settings and metrics side by side, with the deltas (runs nothing)",
+        description="Compare two models (digests, unique prefixes of at least 4 hex digits, or champion): the training "
+        "settings that differ, then test and train accuracy and loss and each class's recall, with B - A.")
+    diff.add_argument("a", metavar="A", help="a model: champion, a digest or a unique prefix")
+    diff.add_argument("b", metavar="B", help="the other model")
+    _add_store_arguments(diff, "print one JSON object: a, b, params (name, a, b), metrics (name, a, b, delta)")
+    collect = commands.add_parser(
+        "gc", help="list (and with --yes remove) the artifact folders and cache records a configuration no longer uses",
+        description="For the configuration given (the flags of `run`), list the published artifact folders and cache "
+        "records that neither its stages nor the promotion registry use, with their sizes; --yes removes them. Kept: "
+        "the configuration's results (a run with it stays all cached), the champion and every model of the registry, "
+        "sweep reports, the shipped snapshot; nothing at all while a stage lock is held (a run in progress).")
+    collect.add_argument("--yes", action="store_true", help="remove what is listed (default: only list it)")
+    collect.add_argument("--json", action="store_true", help="print one JSON object: removed, folders (path: bytes), "
+                    "bytes, records, kept_folders, kept_records, locks_held")
+    _add_config_arguments(collect)
     cron, timezone = weekly_schedule()
     serve = commands.add_parser(
         "serve",
@@ -98,10 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "and parquet inputs are taken as they are unless yes")
     predict.add_argument("--class-names", metavar="A,B,...", help="names of the model's classes in label order "
                          "(default: those recorded with the model, else the labels)")
-    predict.add_argument("--artifacts-dir", help="root of models, the registry and the cache (env "
-                         "MNIST_PIPELINE_ARTIFACTS_DIR)")
-    predict.add_argument("--locks", metavar="redis://HOST:PORT/DB", help=LOCKS_HELP)
-    predict.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    _add_store_arguments(predict, "print the summary as one JSON object on stdout")
     sweep = commands.add_parser(
         "sweep",
         help="train and evaluate many configurations on Dask, promote the best",
@@ -140,6 +161,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     _add_fields(dataset, DatasetConfig, "dataset_", flags={"name": "--dataset-name"})
     training = parser.add_argument_group("training (defaults: the chosen model's; mlp is the reference network)")
     _add_fields(training, TrainConfig, "")
+
+
+def _add_store_arguments(parser: argparse.ArgumentParser, json_help: str) -> None:
+    parser.add_argument("--artifacts-dir", help="root of models, the registry and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
+    parser.add_argument("--locks", metavar="redis://HOST:PORT/DB", help=LOCKS_HELP)
+    parser.add_argument("--json", action="store_true", help=json_help)
 
 
 def _add_fields(group: argparse._ArgumentGroup, model: type[BaseModel], prefix: str, flags: dict[str, str] | None = None) -> None:
@@ -226,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "server":
         return server_command(args.action)
-    if args.command == "status":
-        return status_command(args)
+    if args.command in INSPECTORS:
+        return inspect_command(args)
     # First, so that a server being started comes up while the project's modules are imported.
     local = _local_server()
 
@@ -299,24 +326,78 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def status_command(args: argparse.Namespace) -> int:
-    """Print the status of each stage for the configuration the flags give; exit 0 if all are up to date, else 1."""
+def inspect_command(args: argparse.Namespace) -> int:
+    """Answer `status`, `history`, `diff` or `gc` from the store: no server, no run; bad input is one line, exit 1."""
     from pydantic import ValidationError
 
     from flows.config import PipelineConfig
-    from flows.status import UP_TO_DATE, pipeline_status, status_json, status_summary
     from tasks.core import PipelineError, validation_problems
 
     try:
-        rows = pipeline_status(PipelineConfig(**config_overrides(args)), until=args.until)
+        config = PipelineConfig(**(predict_overrides(args) if args.command in ("history", "diff") else config_overrides(args)))
+        return INSPECTORS[args.command](args, config)
     except ValidationError as exc:
         print(f"mnist-pipeline: error: invalid configuration: {validation_problems(exc)}", file=sys.stderr)
-        return 1
     except PipelineError as exc:
         print(f"mnist-pipeline: error: {exc}", file=sys.stderr)
-        return 1
+    return 1
+
+
+def _status(args: argparse.Namespace, config: Any) -> int:
+    """Print the status of each stage; exit 0 if all are up to date, else 1."""
+    from flows.status import UP_TO_DATE, pipeline_status, status_json, status_summary
+
+    rows = pipeline_status(config, until=args.until)
     print(json.dumps(status_json(rows), indent=2) if args.json else status_summary(rows), flush=True)
     return 0 if all(row.state == UP_TO_DATE for row in rows) else 1
+
+
+def _history(args: argparse.Namespace, config: Any) -> int:
+    from flows.history import history, history_table
+
+    rows = history(config)
+    if args.json:
+        print(json.dumps(rows, indent=2), flush=True)
+    elif rows:
+        _print_tables([history_table(rows)])
+    else:
+        print(f"no model in the registry yet ({config.registry_dir}): `mnist-pipeline run` trains and judges one")
+    return 0
+
+
+def _diff(args: argparse.Namespace, config: Any) -> int:
+    from flows.history import diff, diff_tables
+
+    result = diff(config, args.a, args.b)
+    if args.json:
+        print(json.dumps(result, indent=2), flush=True)
+    else:
+        _print_tables(diff_tables(result))
+    return 0
+
+
+def _gc(args: argparse.Namespace, config: Any) -> int:
+    """List what gc would remove; with --yes remove it. Exit 1 when a run in progress holds it back."""
+    from flows import gc as store
+
+    planned = store.plan(config)
+    removing = args.yes and not planned.held
+    if removing:
+        store.collect(config, planned)
+    print(json.dumps(store.plan_json(planned, removing), indent=2) if args.json else store.summary(planned, removing),
+          flush=True)
+    return 1 if planned.held else 0
+
+
+def _print_tables(tables: list[Any]) -> None:
+    from rich.console import Console
+
+    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: rows whole, for files and greps
+    for table in tables:
+        console.print(table)
+
+
+INSPECTORS = {"status": _status, "history": _history, "diff": _diff, "gc": _gc}
 
 
 def predict_overrides(args: argparse.Namespace) -> dict[str, Any]:

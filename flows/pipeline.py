@@ -14,7 +14,7 @@ from prefect.tasks import Task
 from flows.config import STAGES, PipelineConfig, Stage
 from flows.stages import STEPS
 from tasks import keras_runtime, promote, report, storage
-from tasks.caching import cached, stage_key, trusted_result
+from tasks.caching import cached, record_components, stage_key, trusted_result
 from tasks.core import ArtifactRef, PipelineError
 
 
@@ -65,7 +65,9 @@ def run_stage(stage_task: Task, inputs: dict[str, Any], config: PipelineConfig, 
     state = cached(stage_task, config.cache_dir, refresh, config.lock_manager())(**inputs, return_state=True)
     if state.is_failed():
         discard_failure_record(state, config.cache_dir)
-    return state.result(), state.name != "Cached"  # result() re-raises the stage's error
+    result = state.result()  # re-raises the stage's error
+    record_components(stage_task, inputs, config.cache_dir)
+    return result, state.name != "Cached"
 
 
 def _existing_artifact(name: str, stage_task: Task, inputs: dict[str, Any], cache_dir: Path, only: str) -> ArtifactRef:

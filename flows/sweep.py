@@ -24,7 +24,7 @@ from flows.config import PipelineConfig
 from flows.pipeline import TASKS, discard_failure_record, run_stage
 from flows.stages import STEPS
 from tasks import evaluate, promote, storage, sweep, train
-from tasks.caching import cached, stage_key, trusted_result
+from tasks.caching import cached, record_components, stage_key, trusted_result
 from tasks.core import ArtifactRef, PipelineError
 
 TABLE_KEY = "mnist-sweep"
@@ -89,7 +89,7 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
                                            config.cache_dir, locks) is not None:
             trained = _Here(stages["train"](**train_inputs[key], return_state=True))
             scored = _Here(stages["evaluate"](model=trained.result(), **evaluate_inputs, return_state=True))
-            outcomes[key] = _outcome(trained, scored, config.cache_dir)
+            outcomes[key] = _outcome(trained, scored, train_inputs[key], evaluate_inputs, config.cache_dir)
     pending = [key for key in unique if key not in outcomes]
     logger.info("sweep of %d trials (%d distinct, %d to compute on %s)", len(trials), len(unique), len(pending),
                 config.sweep.dask_address or "a local Dask cluster")
@@ -101,7 +101,7 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
                 trained = runner.submit(stages["train"], parameters=train_inputs[key])
                 futures[key] = (trained, runner.submit(stages["evaluate"], parameters={"model": trained, **evaluate_inputs}))
             for key, (trained, scored) in futures.items():
-                outcomes[key] = _outcome(trained, scored, config.cache_dir)
+                outcomes[key] = _outcome(trained, scored, train_inputs[key], evaluate_inputs, config.cache_dir)
     wall = time.perf_counter() - started
 
     columns = [name for name in sweep.PARAMETERS if name in checked.grid or name in checked.random]
@@ -115,7 +115,7 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
                                         config.promotion, run_id=str(flow_run.get_id()), log=logger.info,
                                         class_names=config.dataset.class_names, locks=locks)
     with storage.staged(config.artifacts_dir) as stage:
-        report = stage.publish(sweep.write_report(rows, columns, best, decision, stage.root / "sweeps"))
+        report = stage.publish(sweep.write_report(rows, columns, best, decision, stage.root / sweep.SWEEPS_DIR))
     _publish_ui_artifacts(rows, columns, report)
     return {
         "run_id": str(flow_run.get_id()),
@@ -147,7 +147,8 @@ class _Here:
         return self.state.result()
 
 
-def _outcome(trained: Any, scored: Any, cache_dir: Path) -> dict[str, Any]:
+def _outcome(trained: Any, scored: Any, train_inputs: dict[str, Any], evaluate_inputs: dict[str, Any],
+             cache_dir: Path) -> dict[str, Any]:
     """Wait for one trial's futures; return its row for the table, and its artifacts (None where it failed)."""
     scored.wait()
     states = {"train": trained.state, "evaluate": scored.state}
@@ -163,6 +164,8 @@ def _outcome(trained: Any, scored: Any, cache_dir: Path) -> dict[str, Any]:
         error = str(failed.result(raise_on_failure=False))
         return {"row": {"state": "failed", "error": error, **parameters}, "model": None, "evaluation": None, "error": error}
     evaluation = scored.result()
+    record_components(train.train_model, train_inputs, cache_dir)
+    record_components(evaluate.evaluate_model, {"model": model, **evaluate_inputs}, cache_dir)
     state = "cached" if states["train"].name == "Cached" else "trained"
     row = {"state": state, "test_accuracy": evaluation.meta["test_accuracy"], "test_loss": evaluation.meta["test_loss"],
            **parameters, "evaluate_seconds": evaluation.meta.get("seconds")}

@@ -44,12 +44,11 @@ class StageCache(CachePolicy):
             self.lock_manager = FlockLockManager(lock_dir(self.cache_dir))
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
-        components = key_components(task_ctx.task.name, task_ctx.task.fn.__module__, inputs)
-        key = key_of(components)
+        key = stage_key(task_ctx.task, inputs)
         # Under the stage's lock: a record another run is writing right now is not half-read and thrown away.
         with self.lock_manager.held(key) if self.lock_manager else nullcontext():
-            if trusted_result(self.cache_dir, key) is None and self.cache_dir:
-                record_components(self.cache_dir, key, components)
+            if self.cache_dir:
+                trusted_result(self.cache_dir, key)
         return key
 
 
@@ -77,10 +76,11 @@ def trusted_result(cache_dir: str | Path, key: str) -> ArtifactRef | None:
     return None
 
 
-def record_components(cache_dir: str | Path, key: str, components: dict[str, Any]) -> None:
-    """Record what a key covers, once, as its stage is about to be computed: `status` compares a configuration's keys
-    with these to say why a stage is stale."""
-    path = components_path(cache_dir, key)
+def record_components(stage_task: Task, inputs: dict[str, Any], cache_dir: str | Path) -> None:
+    """Record what the key of a stage whose result is recorded covers, once: `status` compares a configuration's
+    keys with these to say why a stage is stale."""
+    components = key_components(stage_task.name, stage_task.fn.__module__, inputs)
+    path = components_path(cache_dir, key_of(components))
     if not storage.exists(path):
         storage.write_text(path, json.dumps({**components, "recorded_at": datetime.now(timezone.utc).isoformat(
             timespec="seconds")}, indent=1, sort_keys=True))

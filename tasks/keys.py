@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks import storage
-from tasks.core import ArtifactRef, sha256_bytes, sha256_json
+from tasks.core import ArtifactRef, PipelineError, sha256_bytes, sha256_json
 
 # Libraries that orchestrate the stages without shaping their outputs: a new release of them reruns nothing.
 NOT_IN_KEY = {"prefect"}
@@ -168,6 +168,21 @@ def key_of(components: dict[str, Any]) -> str:
 def components_path(cache_dir: Any, key: str) -> str:
     """Return where the components of a key are recorded (beside the result records, in `keys/`)."""
     return f"{cache_dir}/{KEYS_DIR}/{key}.json"
+
+
+def read_records(cache_dir: Any) -> dict[str, ArtifactRef]:
+    """Return every cache record of a cache folder by key; one line naming a record that cannot be read."""
+    root = storage.as_root(cache_dir)
+    if not storage.exists(root):
+        return {}
+    records = {}
+    for path in sorted(p for p in root.iterdir() if p.is_file()):
+        try:
+            records[path.name] = read_record(path)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PipelineError(f"{path}: expected a cache record holding an artifact reference, found {exc} (remove "
+                                "that file, or rerun its stage with --rerun)") from None
+    return records
 
 
 def read_record(path: str | Path) -> ArtifactRef:

@@ -118,6 +118,12 @@ class FlockLockManager:
         """Return whether `holder` holds the lock of `key` in this process."""
         return self._held.get(key, ("", -1))[0] == holder
 
+    def held_keys(self) -> list[str]:
+        """Return the keys whose lock some process holds now."""
+        if not self.lock_files_directory.is_dir():
+            return []
+        return [p.stem for p in sorted(self.lock_files_directory.glob("*.lock")) if self.is_locked(p.stem)]
+
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
         return _wait(lambda: self.is_locked(key), timeout)
@@ -171,6 +177,11 @@ class RedisLockManager:
 
     def _name(self, key: str) -> str:
         return f"mnist-pipeline:{self.namespace}:lock:{key}"
+
+    def held_keys(self) -> list[str]:
+        """Return the keys whose lock some holder has now (and has not let expire)."""
+        prefix = self._name("")
+        return sorted(name.decode().removeprefix(prefix) for name in self.client.scan_iter(match=prefix + "*"))
 
     def _lock(self, key: str, acquire_timeout: float | None) -> Any:
         return self.client.lock(self._name(key), timeout=self.expiry_s, sleep=0.05, blocking_timeout=acquire_timeout,

@@ -22,6 +22,7 @@ from tasks.core import ArtifactRef, PipelineError, publish, sha256_json, validat
 from tasks.models import KNOBS, MODEL_DEFAULTS, TrainConfig
 
 PARAMETERS = tuple(TrainConfig.model_fields)
+SWEEPS_DIR = "sweeps"  # under the artifacts root: one folder per sweep report
 REPORT_MD = "sweep.md"
 REPORT_HTML = "sweep.html"
 FIGURE_PNG = "accuracy.png"

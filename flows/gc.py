@@ -1,0 +1,126 @@
+"""`mnist-pipeline gc`: the artifact folders and cache records that the configuration given no longer uses.
+
+Kept: the results of the configuration's stages (the keys `status` computes: a run with it stays all cached), the
+champion and every model of the registry with its evaluations, the cache records that reference only kept folders,
+sweep reports, the shipped snapshot, and everything while any stage lock is held (a run in progress publishes folders
+before it records them). Removed, with `--yes`: the other published folders and the other records, each folder's manifest first
+so that a half-removed folder is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flows.config import PipelineConfig
+from flows.history import evaluations
+from flows.status import pipeline_status
+from tasks import storage
+from tasks.core import MANIFEST, scratch_name
+from tasks.dataset import SNAPSHOT_DIR
+from tasks.keys import components_path, read_records
+from tasks.registry import read_champion, read_history
+from tasks.sweep import SWEEPS_DIR
+
+
+@dataclass
+class Plan:
+    """What gc would remove (folders with their sizes, records by key) and what held it back."""
+
+    folders: dict[str, int] = field(default_factory=dict)
+    records: list[str] = field(default_factory=list)
+    kept_folders: int = 0
+    kept_records: int = 0
+    held: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(self.folders.values())
+
+
+def plan(config: PipelineConfig) -> Plan:
+    """Return what gc would remove; nothing is changed. One line naming a record or registry file that is damaged."""
+    # In this order: a folder listed here whose record is not written yet belongs to a stage whose lock is held now.
+    published = _published(config)
+    held = config.lock_manager().held_keys()
+    if held:
+        return Plan(kept_folders=len(published), held=held)
+    records = read_records(config.cache_dir)
+    current = {row.key for row in pipeline_status(config) if row.key}
+    registry = [entry for entry in [read_champion(config.registry_dir), *read_history(config.registry_dir)] if entry]
+    # The registry's models with their evaluations (`history` and `diff` read them).
+    scored = evaluations(records)
+    current |= {key for entry in registry for key, _ in scored.get(entry.model_digest, [])}
+    kept = {_folder(entry.model_path) for entry in registry}
+    kept |= {_folder(f.path) for key in current & set(records) for f in records[key].files.values()}
+    kept_records = {key for key, ref in records.items()
+                    if key in current or {_folder(f.path) for f in ref.files.values()} <= kept}
+    return Plan(folders={folder: size for folder, size in published.items() if folder not in kept},
+                records=sorted(set(records) - kept_records), kept_folders=len(set(published) & kept),
+                kept_records=len(kept_records))
+
+
+def collect(config: PipelineConfig, planned: Plan) -> None:
+    """Remove what `planned` lists: each folder's manifest first, then its files; each record, then its components."""
+    for folder in planned.folders:
+        storage.remove(f"{folder}/{MANIFEST}")
+        if storage.is_remote(folder):
+            storage.filesystem().rm(folder, recursive=True)
+        else:
+            trash = Path(folder).parent / scratch_name("trash")
+            Path(folder).rename(trash)
+            shutil.rmtree(trash)
+    for key in planned.records:
+        storage.remove(f"{config.cache_dir}/{key}")
+        storage.remove(components_path(config.cache_dir, key))
+
+
+def _published(config: PipelineConfig) -> dict[str, int]:
+    """Return every published artifact folder under the roots (a folder holding a manifest), with its size in bytes."""
+    found = {}
+    for root in (config.data_dir, config.artifacts_dir):
+        root = storage.as_root(root)
+        if not storage.exists(root):
+            continue
+        for kind in root.iterdir():
+            if kind.name in (SWEEPS_DIR,) or not kind.is_dir():
+                continue
+            for folder in kind.iterdir():
+                if not storage.exists(folder / MANIFEST) or _within(folder, SNAPSHOT_DIR):
+                    continue
+                data = storage.read_bytes(folder / MANIFEST)
+                try:
+                    found[str(folder)] = len(data) + sum(entry["size"] for entry in json.loads(data).values())
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    found[str(folder)] = len(data)  # a damaged manifest: no run trusts the folder; its size unknown
+    return found
+
+
+def _folder(path: Any) -> str:
+    return str(storage.as_root(path).parent)
+
+
+def _within(folder: Any, parent: Path) -> bool:
+    return not storage.is_remote(folder) and Path(folder).resolve().is_relative_to(parent.resolve())
+
+
+def summary(planned: Plan, removed: bool) -> str:
+    """Return gc's report for people: what it removes (or would), and what it keeps."""
+    if planned.held:
+        return (f"a run is in progress (stage lock {planned.held[0]} held"
+                + (f", and {len(planned.held) - 1} more" if len(planned.held) > 1 else "")
+                + "): nothing removed; run gc again when it has finished")
+    verb = "removed" if removed else "would remove"
+    lines = [f"{size / 1e6:10.2f} MB  {folder}" for folder, size in sorted(planned.folders.items())]
+    lines.append(f"{verb} {len(planned.folders)} folders ({planned.size / 1e6:.2f} MB) and {len(planned.records)} "
+                 f"cache records; kept {planned.kept_folders} folders and {planned.kept_records} records"
+                 + ("" if removed or not (planned.folders or planned.records) else " (--yes removes them)"))
+    return "\n".join(lines)
+
+
+def plan_json(planned: Plan, removed: bool) -> dict[str, Any]:
+    return {"removed": removed, "folders": planned.folders, "bytes": planned.size, "records": planned.records,
+            "kept_folders": planned.kept_folders, "kept_records": planned.kept_records, "locks_held": planned.held}
