@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(status)
     history = commands.add_parser(
         "history", help="list the models the registry knows: scores, settings, promoted or not and why (runs nothing)",
-        description="Every model the promotion registry has a decision on, oldest first: digest, date of its latest "
-        "decision, the settings that differ from its model's defaults, test accuracy and loss, the decision; the "
+        description="Every model the promotion registry has a decision on, in the order of their latest decisions: "
+        "digest, date of its latest decision, the settings that differ from its model's defaults, test accuracy and loss, the decision; the "
         "champion marked with *.")
     _add_store_arguments(history, "print one JSON list: per model its digest, champion, date, settings changed, "
                          "scores and decision")
@@ -217,7 +217,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["artifacts_dir"] = str(as_root(args.artifacts_dir))
     download = {"source": args.source} if args.source else {}
     if args.sha256:
-        from tasks.download import read_sums
+        from tasks.dataset import read_sums
 
         download["sha256"] = read_sums(Path(args.sha256).expanduser().absolute())
     if download:
@@ -392,7 +392,8 @@ def _gc(args: argparse.Namespace, config: Any) -> int:
 def _print_tables(tables: list[Any]) -> None:
     from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 200)  # piped: rows whole, for files and greps
+    # Piped without COLUMNS: wide enough to keep rows whole, for files and greps.
+    console = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
     for table in tables:
         console.print(table)
 

@@ -25,11 +25,12 @@ SETTINGS = tuple(TrainConfig.model_fields)
 
 
 def history(config: PipelineConfig) -> list[dict[str, Any]]:
-    """Return one row per model of the registry, oldest first, with its latest decision; the champion marked."""
+    """Return one row per model of the registry with its latest decision, in the order of those decisions; the
+    champion marked."""
     champion = read_champion(config.registry_dir)
-    latest = {d.model_digest: d for d in read_history(config.registry_dir)}  # later decisions win, order of first
+    latest = {d.model_digest: d for d in read_history(config.registry_dir)}  # later decisions win
     rows = []
-    for digest, decision in latest.items():
+    for digest, decision in sorted(latest.items(), key=lambda item: item[1].decided_at):
         settings = model_settings(decision.model_path)
         rows.append({
             "model_digest": digest,
@@ -71,14 +72,14 @@ def history_table(rows: list[dict[str, Any]]) -> Any:
     table = Table(title="models in the registry (* champion)", title_justify="left")
     for name, justify in (("", "left"), ("model", "left"), ("decided (UTC)", "left"), ("kind", "left"),
                           ("changed from the defaults", "left"), ("test acc", "right"), ("test loss", "right"),
-                          ("decision", "left")):
+                          ("promoted", "left"), ("why", "left")):
         table.add_column(name, justify=justify, overflow="fold")
     for row in rows:
         changed = "(model folder gone)" if row["changed"] is None else (
             ", ".join(f"{k}={v}" for k, v in row["changed"].items()) or "-")
-        table.add_row("*" if row["champion"] else "", row["model_digest"][:16], row["decided_at"][:19].replace("T", " "),
+        table.add_row("*" if row["champion"] else "", row["model_digest"][:16], row["decided_at"][:16].replace("T", " "),
                       row["model"] or "?", changed, f"{row['test_accuracy']:.4f}", f"{row['test_loss']:.4f}",
-                      ("promoted: " if row["promoted"] else "not promoted: ") + row["reason"])
+                      "yes" if row["promoted"] else "no", row["reason"])
     return table
 
 

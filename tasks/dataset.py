@@ -6,13 +6,14 @@ answers, without importing them.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.core import sha256_file, sha256_json
+from tasks.core import PipelineError, sha256_file, sha256_json
 from tasks.idx import NUM_CLASSES
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -118,3 +119,31 @@ class DatasetConfig(BaseModel):
     def title(self, is_mnist: bool) -> str:
         """Return the dataset's title: its configured name, else MNIST's or a neutral one."""
         return self.name or (MNIST_TITLE if is_mnist else OTHER_TITLE)
+
+
+_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]?(\S.*)")
+
+
+def read_sums(path: Path) -> dict[str, str]:
+    """Read a `sha256sum`-format file into {file name: SHA-256}; raise PipelineError naming a bad line."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: read: expected a readable sha256sum file, found {getattr(exc, 'strerror', None) or exc}") from None
+    return parse_sums(text, str(path))
+
+
+def parse_sums(text: str, where: str) -> dict[str, str]:
+    """Parse `sha256sum` output (blank and # lines skipped) into {file name: lower-case SHA-256}."""
+    sums: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        match = _SUMS_LINE.fullmatch(line.rstrip())
+        if match is None:
+            raise PipelineError(f"{where}: line {number}: expected '<64 hex digits>  <file name>', found {line[:100]!r}")
+        digest, name = match[1].lower(), match[2]
+        # Two different digests for one name cannot both hold; keeping either would hide the other.
+        if sums.setdefault(name, digest) != digest:
+            raise PipelineError(f"{where}: line {number}: expected one digest for {name}, found {sums[name]} and {digest}")
+    return sums

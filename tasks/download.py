@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import re
 import socket
 import time
 import urllib.error
@@ -25,7 +24,7 @@ from tasks.core import (
     sha256_json,
     workdir,
 )
-from tasks.dataset import FILES, SPLITS, SUMS_FILE, DownloadConfig, local_folder
+from tasks.dataset import FILES, SPLITS, SUMS_FILE, DownloadConfig, local_folder, parse_sums
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_split, decode_payload
 from tasks.storage import staged
 
@@ -40,7 +39,6 @@ MNIST_SHA256 = {
 BY_MNIST, BY_SUMS, BY_USER = "MNIST digests", SUMS_FILE, "--sha256"
 PIN_CHECKS = {BY_MNIST: "MNIST SHA-256", BY_SUMS: f"{SUMS_FILE} digest", BY_USER: "--sha256 digest"}
 # A `sha256sum` line: digest, a space, then a space (text mode) or `*` (binary mode), then the name.
-_SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]?(\S.*)")
 # A gzip of the largest payload is about 10 MB; a plain file at most the payload limit.
 MAX_FILE_BYTES = MAX_PAYLOAD_BYTES + 4096
 
@@ -120,31 +118,6 @@ def _download_from(
             f"payload SHA-256 recorded: " + ", ".join(f"{name} {digests[name]}" for name in FILES))
     log(f"served by {source}")
     return _store(payloads, digests, raw_dir, source, list(pins))
-
-
-def read_sums(path: Path) -> dict[str, str]:
-    """Read a `sha256sum`-format file into {file name: SHA-256}; raise PipelineError naming a bad line."""
-    try:
-        text = Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PipelineError(f"{path}: read: expected a readable sha256sum file, found {getattr(exc, 'strerror', None) or exc}") from None
-    return parse_sums(text, str(path))
-
-
-def parse_sums(text: str, where: str) -> dict[str, str]:
-    """Parse `sha256sum` output (blank and # lines skipped) into {file name: lower-case SHA-256}."""
-    sums: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        match = _SUMS_LINE.fullmatch(line.rstrip())
-        if match is None:
-            raise PipelineError(f"{where}: line {number}: expected '<64 hex digits>  <file name>', found {line[:100]!r}")
-        digest, name = match[1].lower(), match[2]
-        # Two different digests for one name cannot both hold; keeping either would hide the other.
-        if sums.setdefault(name, digest) != digest:
-            raise PipelineError(f"{where}: line {number}: expected one digest for {name}, found {sums[name]} and {digest}")
-    return sums
 
 
 def _fetch_all(

@@ -21,7 +21,8 @@ from synthetic import (
 
 from tasks.core import PipelineError, sha256_json
 from tasks.dataset import FILES, SNAPSHOT_DIR, SUMS_FILE, DownloadConfig, source_fingerprint
-from tasks.download import MNIST_SHA256, download_files, read_sums
+from tasks.dataset import read_sums
+from tasks.download import MNIST_SHA256, download_files
 
 GOOD = payloads()
 GOOD_SHA = {name: hashlib.sha256(data).hexdigest() for name, data in GOOD.items()}
