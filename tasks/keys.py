@@ -42,9 +42,8 @@ def canonical(value: Any) -> Any:
         return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    # Anything else that is not plain JSON (a Path, an s3:// UPath) counts by its text, as sha256_json's default.
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def code_version(module_name: str) -> str:

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from synthetic import write_source
 
+from flows import gc
 from flows.cli import human_summary
+from flows.history import history
 from flows.pipeline import mnist_pipeline
+from flows.status import UP_TO_DATE, pipeline_status
 from tasks.core import MANIFEST, PipelineError
 from tasks.promote import read_champion, read_history
 from tasks.storage import as_root, filesystem
@@ -87,6 +90,15 @@ def test_every_stage_publishes_on_s3_roots_and_a_rerun_is_all_cached(s3_config, 
     expected = {"mnist-report", "mnist-metrics", "mnist-confusion-matrix", "mnist-promotion"}
     assert expected <= run_artifact_keys(second["run_id"])  # the cached report's UI artifacts, read from the bucket
     assert left_in(temp) == []
+
+    # status, history and gc read the bucket as they read local roots.
+    assert {row.state for row in pipeline_status(s3_config)} == {UP_TO_DATE}
+    changed = s3_config.model_copy(update={"train": s3_config.train.model_copy(update={"epochs": 3})})
+    assert next(row.why for row in pipeline_status(changed) if row.stage == "train") == ["train.epochs: 2 -> 3"]
+    assert [row["model_digest"] for row in history(s3_config)] == [decision.model_digest]
+    planned = gc.plan(s3_config)
+    assert (planned.folders, planned.records, planned.kept_folders) == ({}, [], len({p.rpartition("/")[0] for p in paths}))
+    assert objects(s3_bucket) == before
 
 
 @pytest.mark.parametrize("damage", ["delete", "flip", "no-manifest"])
