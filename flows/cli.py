@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser(
         "history", help="list the models the registry knows: scores, settings, promoted or not and why (runs nothing)",
         description="Every model the promotion registry has a decision on, in the order of their latest decisions: "
-        "digest, date of its latest decision, the settings that differ from its model's defaults, test accuracy and loss, the decision; the "
-        "champion marked with *.")
+        "digest, date of its latest decision, the settings that differ from its model's defaults, test accuracy and "
+        "loss, the decision; the champion marked with *.")
     _add_store_arguments(history, "print one JSON list: per model its digest, champion, date, settings changed, "
                          "scores and decision")
     diff = commands.add_parser(

@@ -3,8 +3,8 @@
 Kept: the results of the configuration's stages (the keys `status` computes: a run with it stays all cached), the
 champion and every model of the registry with its evaluations, the cache records that reference only kept folders,
 sweep reports, the shipped snapshot, and everything while any stage lock is held (a run in progress publishes folders
-before it records them). Removed, with `--yes`: the other published folders and the other records, each folder's manifest first
-so that a half-removed folder is never trusted.
+before it records them). Removed, with `--yes`: the other published folders and the other records, each folder's
+manifest first so that a half-removed folder is never trusted.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _published(config: PipelineConfig) -> dict[str, int]:
         if not storage.exists(root):
             continue
         for kind in root.iterdir():
-            if kind.name in (SWEEPS_DIR,) or not kind.is_dir():
+            if kind.name == SWEEPS_DIR or not kind.is_dir():
                 continue
             for folder in kind.iterdir():
                 if not storage.exists(folder / MANIFEST) or _within(folder, SNAPSHOT_DIR):

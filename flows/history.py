@@ -13,12 +13,9 @@ from typing import Any
 from flows.config import PipelineConfig
 from tasks import storage
 from tasks.core import ArtifactRef, PipelineError
-from tasks.evaluate import METRICS_FILE
 from tasks.keys import read_records
-from tasks.models import TrainConfig
-from tasks.promote import find_model
-from tasks.registry import read_champion, read_history
-from tasks.train import CONFIG_FILE
+from tasks.models import CONFIG_FILE, METRICS_FILE, TrainConfig
+from tasks.registry import find_model, read_champion, read_history
 
 # The settings of a trained model that config.json records and TrainConfig defines (architecture and versions aside).
 SETTINGS = tuple(TrainConfig.model_fields)
@@ -104,13 +101,14 @@ def evaluations(records: dict[str, ArtifactRef]) -> dict[str, list[tuple[str, di
 
 def diff(config: PipelineConfig, a: str, b: str) -> dict[str, Any]:
     """Return two models' settings and metrics side by side, with the deltas of the metrics (B - A)."""
+    scored_by_model = evaluations(read_records(config.cache_dir))
     sides = []
     for spec in (a, b):
         known = find_model(config.registry_dir, config.artifacts_dir / "models", spec)
         settings = model_settings(known.path)
         if settings is None:
             raise PipelineError(f"model {spec}: its folder {storage.as_root(known.path).parent} is gone")
-        scored = evaluations(read_records(config.cache_dir)).get(known.digest)
+        scored = scored_by_model.get(known.digest)
         if not scored:
             raise PipelineError(f"model {spec} ({known.digest[:16]}): no evaluation of it in {config.cache_dir} "
                                 "(`mnist-pipeline run` evaluates the models it trains)")

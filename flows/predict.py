@@ -13,7 +13,7 @@ from flows.config import PipelineConfig
 from flows.pipeline import run_stage
 from tasks import predict, storage
 from tasks.core import PipelineError, sha256_file
-from tasks.promote import KnownModel, find_model, read_history
+from tasks.registry import KnownModel, find_model, read_history
 
 TABLE_KEY = "mnist-predictions"
 STRIP_KEY = "mnist-predictions-strip"

@@ -121,6 +121,7 @@ class DatasetConfig(BaseModel):
         return self.name or (MNIST_TITLE if is_mnist else OTHER_TITLE)
 
 
+# A `sha256sum` line: digest, a space, then a space (text mode) or `*` (binary mode), then the name.
 _SUMS_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *]?(\S.*)")
 
 

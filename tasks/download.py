@@ -38,7 +38,6 @@ MNIST_SHA256 = {
 # What can pin a source's payloads (recorded in the artifact's meta["pinned_by"]), and the check each one names.
 BY_MNIST, BY_SUMS, BY_USER = "MNIST digests", SUMS_FILE, "--sha256"
 PIN_CHECKS = {BY_MNIST: "MNIST SHA-256", BY_SUMS: f"{SUMS_FILE} digest", BY_USER: "--sha256 digest"}
-# A `sha256sum` line: digest, a space, then a space (text mode) or `*` (binary mode), then the name.
 # A gzip of the largest payload is about 10 MB; a plain file at most the payload limit.
 MAX_FILE_BYTES = MAX_PAYLOAD_BYTES + 4096
 

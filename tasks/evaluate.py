@@ -20,10 +20,10 @@ from tasks.core import ArtifactRef, Log, publish, quiet, workdir, write_json
 from tasks.keras_runtime import deterministic_after, import_tensorflow
 from tasks.preprocess import SPLIT_FILES, load_split
 from tasks.storage import staged
-from tasks.train import HISTORY_FILE, LOSS, MODEL_FILE
+from tasks.models import METRICS_FILE, MODEL_FILE
+from tasks.train import HISTORY_FILE, LOSS
 
 SCHEMA_VERSION = 1
-METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
 FIRST = 20
 MAX_MISCLASSIFIED = 25

@@ -28,6 +28,12 @@ MODEL_HELP = {
     "cnn": "two convolution blocks with max pooling, a dense ReLU head with dropout, then a softmax",
 }
 
+# The files of a trained model's folder (the train stage writes them) and of its evaluation's (the evaluate stage),
+# here so that readers that must not import the stages (the registry, `history`, `diff`) find them.
+MODEL_FILE = "model.keras"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
 # Settings every model has; the other entries of MODEL_DEFAULTS are size knobs of one model or another.
 COMMON = ("epochs", "batch_size", "learning_rate", "jit_compile")
 KNOBS = sorted({name for defaults in MODEL_DEFAULTS.values() for name in defaults} - set(COMMON))

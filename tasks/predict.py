@@ -24,6 +24,7 @@ from prefect import get_run_logger, task
 
 from tasks.core import ArtifactRef, PipelineError
 from tasks.idx import IMAGE_SHAPE, IMAGES_MAGIC
+from tasks.models import MODEL_FILE
 from tasks.preprocess import PIXEL_COLUMNS, PIXELS
 from tasks.storage import is_remote, read_bytes, staged
 
@@ -343,7 +344,6 @@ COUNTS_FILE = "counts.json"
 PROBABILITIES_FILE = "probabilities.parquet"
 PREDICTIONS_FILE = "predictions.parquet"
 STRIP = 20
-MODEL_FILE = "model.keras"
 
 
 def model_ref(path: Path, digest: str) -> ArtifactRef:

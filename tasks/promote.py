@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from tasks.core import ArtifactRef, Log, PipelineError, flocked, fsync_path, quiet
-from tasks.evaluate import METRICS_FILE
 from tasks.locks import FlockLockManager, RedisLockManager, lock_dir
+from tasks.models import METRICS_FILE, MODEL_FILE
 from tasks.registry import (
     CHAMPION_FILE,
     HISTORY_FILE,
@@ -31,7 +30,6 @@ from tasks.registry import (
     recorded_decision,
 )
 from tasks.storage import as_root, is_remote, write_text
-from tasks.train import MODEL_FILE
 
 LOCK_FILE = ".lock"
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
@@ -158,46 +156,3 @@ def _append_line(path: Any, line: str) -> None:
     finally:
         os.close(fd)
     fsync_path(path.parent)
-
-
-@dataclass(frozen=True)
-class KnownModel:
-    """A model the registry or the models folder knows: its digest, its file and its class names if recorded."""
-
-    digest: str
-    path: Path
-    class_names: list[str] | None = None
-
-
-def find_model(registry_dir: Path, models_dir: Path, spec: str) -> KnownModel:
-    """Return the model that `spec` names: `champion`, a digest or a unique prefix of one (at least 4 hex digits).
-
-    Digests are those of the registry's decisions and of the published folders in `models_dir` (named by their
-    first 16 hex digits).
-    """
-    registry_dir, models_dir = as_root(registry_dir), as_root(models_dir)
-    if spec == "champion":
-        champion = read_champion(registry_dir)
-        if champion is None:
-            raise PipelineError(f"{registry_dir / CHAMPION_FILE}: no champion yet: run `mnist-pipeline run` first "
-                                "(a model that passes the promotion gate becomes the champion), or name a model by "
-                                "digest or path")
-        return KnownModel(champion.model_digest, as_root(champion.model_path), champion.class_names)
-    prefix = spec.lower()
-    if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
-        raise PipelineError(f"model {spec!r}: expected `champion`, a model digest (at least 4 hex digits) or a path "
-                            "to a model.keras file")
-    known: dict[str, KnownModel] = {}
-    for decision in read_history(registry_dir):  # later decisions (and their class names) win
-        known[decision.model_digest] = KnownModel(decision.model_digest, as_root(decision.model_path), decision.class_names)
-    folders = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
-    for folder in folders:
-        if not any(d.startswith(folder.name) for d in known) and (folder / MODEL_FILE).is_file():
-            known[folder.name] = KnownModel(folder.name, folder / MODEL_FILE)
-    matches = sorted(d for d in known if d.startswith(prefix))
-    if not matches:
-        raise PipelineError(f"model {spec}: no model with this digest in {registry_dir / HISTORY_FILE} or {models_dir}")
-    if len(matches) > 1:
-        raise PipelineError(f"model {spec}: ambiguous prefix, matches {len(matches)} models: "
-                            + ", ".join(d[:16] for d in matches[:5]) + "; give more digits")
-    return known[matches[0]]

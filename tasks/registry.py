@@ -1,16 +1,19 @@
-"""The promotion registry, read: the champion (`champion.json`) and every decision (`history.jsonl`), and which
-recorded decision still holds. Writing it is the promote stage's (tasks/promote.py); this module imports no stage, so
-`mnist-pipeline status`, `history` and `diff` read the registry without Prefect or TensorFlow.
+"""The promotion registry, read: the champion (`champion.json`) and every decision (`history.jsonl`), which recorded
+decision still holds, and which model a name (`champion`, a digest prefix) means. Writing it is the promote stage's
+(tasks/promote.py); this module imports no stage, so `status`, `history`, `diff` and `predict` read the registry
+without Prefect or TensorFlow.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.core import PipelineError, validation_problems
+from tasks.models import MODEL_FILE
 from tasks.storage import as_root
 
 SCHEMA_VERSION = 1
@@ -119,3 +122,46 @@ def recorded_decision(digest: str, history: list[Decision], champion: Champion |
     before_digest = None if latest.champion_before is None else latest.champion_before.model_digest
     same_rules = latest.gate == config.min_test_accuracy and latest.tolerance == config.tolerance
     return latest if before_digest == champion_digest and same_rules else None
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model the registry or the models folder knows: its digest, its file and its class names if recorded."""
+
+    digest: str
+    path: Path
+    class_names: list[str] | None = None
+
+
+def find_model(registry_dir: Path, models_dir: Path, spec: str) -> KnownModel:
+    """Return the model that `spec` names: `champion`, a digest or a unique prefix of one (at least 4 hex digits).
+
+    Digests are those of the registry's decisions and of the published folders in `models_dir` (named by their
+    first 16 hex digits).
+    """
+    registry_dir, models_dir = as_root(registry_dir), as_root(models_dir)
+    if spec == "champion":
+        champion = read_champion(registry_dir)
+        if champion is None:
+            raise PipelineError(f"{registry_dir / CHAMPION_FILE}: no champion yet: run `mnist-pipeline run` first "
+                                "(a model that passes the promotion gate becomes the champion), or name a model by "
+                                "digest or path")
+        return KnownModel(champion.model_digest, as_root(champion.model_path), champion.class_names)
+    prefix = spec.lower()
+    if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):
+        raise PipelineError(f"model {spec!r}: expected `champion`, a model digest (at least 4 hex digits) or a path "
+                            "to a model.keras file")
+    known: dict[str, KnownModel] = {}
+    for decision in read_history(registry_dir):  # later decisions (and their class names) win
+        known[decision.model_digest] = KnownModel(decision.model_digest, as_root(decision.model_path), decision.class_names)
+    folders = sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []
+    for folder in folders:
+        if not any(d.startswith(folder.name) for d in known) and (folder / MODEL_FILE).is_file():
+            known[folder.name] = KnownModel(folder.name, folder / MODEL_FILE)
+    matches = sorted(d for d in known if d.startswith(prefix))
+    if not matches:
+        raise PipelineError(f"model {spec}: no model with this digest in {registry_dir / HISTORY_FILE} or {models_dir}")
+    if len(matches) > 1:
+        raise PipelineError(f"model {spec}: ambiguous prefix, matches {len(matches)} models: "
+                            + ", ".join(d[:16] for d in matches[:5]) + "; give more digits")
+    return known[matches[0]]

@@ -27,13 +27,11 @@ from tasks.core import (
 )
 from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
-from tasks.models import KNOBS, TrainConfig, build_model, describe_model
+from tasks.models import CONFIG_FILE, KNOBS, MODEL_FILE, TrainConfig, build_model, describe_model
 from tasks.preprocess import SPLIT_FILES, load_split
 from tasks.storage import staged
 
-MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"
-CONFIG_FILE = "config.json"
 # The loss the model is trained with; evaluate scores with the same function.
 LOSS = "sparse_categorical_crossentropy"
 PROGRESS_KEY = "mnist-training-progress"

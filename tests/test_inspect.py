@@ -18,7 +18,7 @@ from flows.history import diff, history
 from flows.pipeline import mnist_pipeline
 from flows.status import UP_TO_DATE, pipeline_status
 from tasks.core import PipelineError
-from tasks.registry import HISTORY_FILE
+from tasks.registry import HISTORY_FILE, read_champion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,12 +32,12 @@ def with_train(config, **values):
     return config.model_copy(update={"train": config.train.model_copy(update=values)})
 
 
-def cli(config, *args):
+def cli(config, *args, python=False):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     fields = config.model_dump(mode="json", include={"data_dir", "artifacts_dir", "download", "validation", "train"})
     env.update({f"MNIST_PIPELINE_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, cwd=REPO,
-                          timeout=120)
+    command = list(args) if python else ["-m", "flows.cli", *args]
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
 
 def metrics_of(summary):
@@ -72,6 +72,13 @@ def test_history_lists_every_model_with_its_decision_and_the_champion(two_models
     assert table.returncode == 0, table.stderr
     champion_line = next(line for line in table.stdout.splitlines() if b["model_digest"][:16] in line)
     assert "*" in champion_line and "learning_rate=0.003" in champion_line and f"{b['test_loss']:.4f}" in champion_line
+
+    # Reading the registry imports neither Prefect nor TensorFlow.
+    code = ("import sys; from flows import cli; code = cli.main(['history', '--json']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'tensorflow', 'keras', 'pyarrow'}), "
+            "file=sys.stderr)")
+    probe = cli(config, "-c", code, python=True)
+    assert probe.returncode == 0 and probe.stderr.strip().splitlines()[-1] == "[]", probe.stderr
 
 
 def test_diff_puts_settings_and_metrics_side_by_side(two_models):
@@ -156,7 +163,10 @@ def test_gc_removes_what_neither_the_config_nor_the_registry_uses(synthetic_conf
 
     again = mnist_pipeline(config=config_a)
     assert {s: i["state"] for s, i in again["stages"].items()} == dict.fromkeys(again["stages"], "cached")
-    assert diff(config_a, "champion", b["stages"]["train"]["artifacts"][0].split("/")[-2])["params"]
+    assert read_champion(config_a.registry_dir).model_path == next(
+        p for p in a["stages"]["train"]["artifacts"] if p.endswith("model.keras"))  # A, decided last
+    assert diff(config_a, "champion", b["stages"]["train"]["artifacts"][0].split("/")[-2])["params"] == [
+        {"name": "epochs", "a": 2, "b": 3}]
     # What gc removed is computed again when asked for.
     rerun_d = mnist_pipeline(config=config_d, until="preprocess")
     assert {i["state"] for i in rerun_d["stages"].values()} == {"completed"}

@@ -103,8 +103,7 @@ def test_an_altered_or_deleted_file_is_named(ran):
     after = {row.stage: row for row in pipeline_status(ran)}
     assert after["train"].state == STALE and str(model) in after["train"].why[0]
     assert after["evaluate"].why == ["after train, which is stale"]
-    rows_eval_only = pipeline_status(ran, until="train")
-    assert len(rows_eval_only) == 4
+    assert [row.stage for row in pipeline_status(ran, until="train")] == ["download", "validate", "preprocess", "train"]
     mnist_pipeline(config=ran)  # the flow heals what status said
     assert set(states(pipeline_status(ran)).values()) == {UP_TO_DATE}
     metrics.write_text(metrics.read_text() + " ")
