@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.dataset import SNAPSHOT_DIR  # noqa: E402
 from tasks.download import download_files  # noqa: E402
-from tasks.preprocess import SPLIT_FILES, load_split, preprocess_files  # noqa: E402
+from tasks.layout import SPLIT_FILES  # noqa: E402
+from tasks.preprocess import load_split, preprocess_files  # noqa: E402
 from tasks.validate import validate_files  # noqa: E402
 
 

@@ -52,7 +52,8 @@ def plain_pngs(model, paths: list[Path]) -> np.ndarray:
 
 
 def timings(model_path: Path, images_path: Path, parquet: Path, count: int, repeat: int, tmp: Path) -> dict:
-    from tasks.predict import load_model, predict_images
+    from tasks.models import load_model
+    from tasks.predict import predict_images
     from tasks.preprocess import load_split
 
     model = load_model(model_path)

@@ -31,8 +31,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 from flows import server as local_server  # noqa: E402
-from tasks.preprocess import SPLIT_FILES  # noqa: E402
-from tasks.train import HISTORY_FILE, MODEL_FILE  # noqa: E402
+from tasks.layout import HISTORY_FILE, MODEL_FILE, SPLIT_FILES  # noqa: E402
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 ROWS = [

@@ -233,7 +233,7 @@ class _ExpectedErrorsWithoutTraceback(logging.Filter):
     """Log expected pipeline errors as their one-line message; keep tracebacks for real bugs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.core import PipelineError
+        from tasks.errors import PipelineError
 
         if record.exc_info and isinstance(record.exc_info[1], PipelineError):
             record.exc_info = None
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from flows.config import PipelineConfig
-    from tasks.core import PipelineError, validation_problems
+    from tasks.errors import PipelineError, validation_problems
 
     # Bad values are bad input, as a bad source is: exit 1 (2 is left to argparse for malformed command lines).
     try:
@@ -331,7 +331,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flows.config import PipelineConfig
-    from tasks.core import PipelineError, validation_problems
+    from tasks.errors import PipelineError, validation_problems
 
     try:
         config = PipelineConfig(**(predict_overrides(args) if args.command in ("history", "diff") else config_overrides(args)))

@@ -9,8 +9,10 @@ from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, fi
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks import storage
-from tasks.core import Log, quiet
 from tasks.dataset import DatasetConfig, DownloadConfig, ValidateConfig
+from tasks.errors import Log, quiet
+from tasks.layout import CACHE_DIR, REGISTRY_DIR
+from tasks.locks import LOCK_EXPIRY_S, stage_locks
 from tasks.models import TrainConfig
 from tasks.registry import PromotionConfig
 from tasks.sweep import SweepConfig
@@ -39,7 +41,7 @@ class PipelineConfig(BaseSettings):
     sweep: SweepConfig = SweepConfig()
     locks: str | None = Field(None, description="Stage locks from a Redis server that several machines share "
                               "(redis://HOST:PORT/DB); default: flock on this machine.")
-    lock_expiry_s: float = Field(15.0, gt=0, description="A Redis stage lock expires this many seconds after its "
+    lock_expiry_s: float = Field(LOCK_EXPIRY_S, gt=0, description="A Redis stage lock expires this many seconds after its "
                                  "holder stopped renewing it (it renews every third of that while it lives).")
 
     @field_validator("locks")
@@ -52,25 +54,19 @@ class PipelineConfig(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         """Where stage results (artifact references) are recorded for reuse across runs."""
-        return self.artifacts_dir / "cache"
+        return self.artifacts_dir / CACHE_DIR
 
     def lock_manager(self) -> Any:
         """Return the lock manager of the stages of this config's cache (a manager of tasks.locks)."""
-        from tasks.locks import stage_locks  # here: reading the config imports no Prefect (`status` is fast)
-
         return stage_locks(self.locks, self.cache_dir, self.lock_expiry_s)
 
     def check_services(self, log: Log = quiet) -> None:
         """Fail with one line unless the lock server and the object storage of the roots answer; warn (through `log`)
         when roots on object storage have no lock server to share."""
         self.lock_manager().check()
-        storage.check(self.data_dir, "data-dir")
-        storage.check(self.artifacts_dir, "artifacts-dir")
-        if not self.locks and (storage.is_remote(self.data_dir) or storage.is_remote(self.artifacts_dir)):
-            log("roots on object storage without --locks: stage locks hold on this machine only, so runs on other "
-                "machines at the same time may compute the same stages again")
+        storage.check_roots({"data-dir": self.data_dir, "artifacts-dir": self.artifacts_dir}, bool(self.locks), log)
 
     @property
     def registry_dir(self) -> Path:
         """Where the champion model and the history of promotion decisions are kept."""
-        return self.artifacts_dir / "registry"
+        return self.artifacts_dir / REGISTRY_DIR

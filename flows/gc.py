@@ -10,20 +10,17 @@ manifest first so that a half-removed folder is never trusted.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from flows.config import PipelineConfig
 from flows.history import evaluations
 from flows.status import pipeline_status
 from tasks import storage
-from tasks.core import MANIFEST, scratch_name
 from tasks.dataset import SNAPSHOT_DIR
 from tasks.keys import components_path, read_records
+from tasks.layout import MANIFEST, SWEEPS_DIR
 from tasks.registry import read_champion, read_history
-from tasks.sweep import SWEEPS_DIR
 
 
 @dataclass
@@ -67,12 +64,7 @@ def collect(config: PipelineConfig, planned: Plan) -> None:
     """Remove what `planned` lists: each folder's manifest first, then its files; each record, then its components."""
     for folder in planned.folders:
         storage.remove(f"{folder}/{MANIFEST}")
-        if storage.is_remote(folder):
-            storage.filesystem().rm(folder, recursive=True)
-        else:
-            trash = Path(folder).parent / scratch_name("trash")
-            Path(folder).rename(trash)
-            shutil.rmtree(trash)
+        storage.remove_tree(folder)
     for key in planned.records:
         storage.remove(f"{config.cache_dir}/{key}")
         storage.remove(components_path(config.cache_dir, key))
@@ -81,6 +73,7 @@ def collect(config: PipelineConfig, planned: Plan) -> None:
 def _published(config: PipelineConfig) -> dict[str, int]:
     """Return every published artifact folder under the roots (a folder holding a manifest), with its size in bytes."""
     found = {}
+    snapshot = f"{storage.identity(SNAPSHOT_DIR)}/"  # the copy shipped with the project: never collected
     for root in (config.data_dir, config.artifacts_dir):
         root = storage.as_root(root)
         if not storage.exists(root):
@@ -89,7 +82,7 @@ def _published(config: PipelineConfig) -> dict[str, int]:
             if kind.name == SWEEPS_DIR or not kind.is_dir():
                 continue
             for folder in kind.iterdir():
-                if not storage.exists(folder / MANIFEST) or _within(folder, SNAPSHOT_DIR):
+                if not storage.exists(folder / MANIFEST) or f"{storage.identity(folder)}/".startswith(snapshot):
                     continue
                 data = storage.read_bytes(folder / MANIFEST)
                 try:
@@ -101,10 +94,6 @@ def _published(config: PipelineConfig) -> dict[str, int]:
 
 def _folder(path: Any) -> str:
     return str(storage.as_root(path).parent)
-
-
-def _within(folder: Any, parent: Path) -> bool:
-    return not storage.is_remote(folder) and Path(folder).resolve().is_relative_to(parent.resolve())
 
 
 def summary(planned: Plan, removed: bool) -> str:

@@ -12,9 +12,11 @@ from typing import Any
 
 from flows.config import PipelineConfig
 from tasks import storage
-from tasks.core import ArtifactRef, PipelineError
+from tasks.artifacts import ArtifactRef
+from tasks.errors import PipelineError
 from tasks.keys import read_records
-from tasks.models import CONFIG_FILE, METRICS_FILE, TrainConfig
+from tasks.layout import CONFIG_FILE, METRICS_FILE, MODELS_DIR
+from tasks.models import TrainConfig
 from tasks.registry import find_model, read_champion, read_history
 
 # The settings of a trained model that config.json records and TrainConfig defines (architecture and versions aside).
@@ -104,7 +106,7 @@ def diff(config: PipelineConfig, a: str, b: str) -> dict[str, Any]:
     scored_by_model = evaluations(read_records(config.cache_dir))
     sides = []
     for spec in (a, b):
-        known = find_model(config.registry_dir, config.artifacts_dir / "models", spec)
+        known = find_model(config.registry_dir, config.artifacts_dir / MODELS_DIR, spec)
         settings = model_settings(known.path)
         if settings is None:
             raise PipelineError(f"model {spec}: its folder {storage.as_root(known.path).parent} is gone")

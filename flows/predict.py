@@ -6,27 +6,26 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from flows import ui
 from flows.config import PipelineConfig
-from flows.pipeline import run_stage
-from tasks import predict, storage
-from tasks.core import PipelineError, sha256_file
+from flows.runner import TASKS, run_stage
+from tasks import predict
+from tasks.artifacts import ArtifactRef, file_ref, published_problem
+from tasks.errors import PipelineError
+from tasks.files import sha256_file
+from tasks.layout import MODEL_FILE, MODELS_DIR, PREDICTIONS_FILE
 from tasks.registry import KnownModel, find_model, read_history
-
-TABLE_KEY = "mnist-predictions"
-STRIP_KEY = "mnist-predictions-strip"
-TABLE_ROWS = 50
 
 
 def resolve_model(spec: str, config: PipelineConfig) -> KnownModel:
     """Return the model that `spec` names: `champion`, a digest prefix, or a path to a model.keras file."""
-    models_dir = config.artifacts_dir / "models"
+    models_dir = config.artifacts_dir / MODELS_DIR
     path = Path(spec).expanduser()
     if spec not in ("champion",) and (path.suffix == ".keras" or path.is_dir() or "/" in spec):
         if path.is_dir():
-            path = path / predict.MODEL_FILE
+            path = path / MODEL_FILE
         if not path.is_file():
             raise PipelineError(f"{path}: model file: expected a model.keras file, found none")
         path = path.absolute()
@@ -37,7 +36,7 @@ def resolve_model(spec: str, config: PipelineConfig) -> KnownModel:
             return KnownModel(decision.model_digest, path, decision.class_names)
         return KnownModel(sha256_file(path), path)
     model = find_model(config.registry_dir, models_dir, spec)
-    if storage.published_problem(model.path.parent) is not None:
+    if published_problem(model.path.parent) is not None:
         raise PipelineError(f"{model.path}: model {model.digest[:16]}: its files differ from those published; "
                             "retrain it (`mnist-pipeline run --rerun train`) or name another model")
     return model
@@ -69,27 +68,27 @@ def mnist_predict(
     logger.info("scoring %d input files with model %s (%s)", len(files), chosen.digest[:16], chosen.path)
 
     stages: dict[str, str] = {}
-    fingerprint = [sha256_file(path) for path in files]
-    decoded, computed = run_stage(predict.load_inputs, {"files": files, "fingerprint": fingerprint, "invert": invert,
-                                                        "artifacts_dir": config.artifacts_dir}, config)
-    stages["load_inputs"] = "completed" if computed else "cached"
-    scores, computed = run_stage(predict.predict_classes, {
-        "inputs": decoded, "model": predict.model_ref(chosen.path, chosen.digest), "artifacts_dir": config.artifacts_dir},
-        config)
-    stages["predict_classes"] = "completed" if computed else "cached"
-    table, computed = run_stage(predict.write_predictions, {
-        "files": files, "inputs": decoded, "scores": scores, "model_digest": chosen.digest,
-        "class_names": list(names) if names else None, "artifacts_dir": config.artifacts_dir}, config)
-    stages["write_predictions"] = "completed" if computed else "cached"
 
-    frame = predict.read_table(table.path(predict.PREDICTIONS_FILE))
+    def run(name: str, inputs: dict[str, Any]) -> ArtifactRef:
+        ref, computed = run_stage(TASKS[name], {**inputs, "artifacts_dir": config.artifacts_dir}, config)
+        stages[name] = "completed" if computed else "cached"
+        return ref
+
+    # Keyed by the files' contents (`fingerprint`): the same images under other names are not decoded again.
+    decoded = run("load_inputs", {"files": files, "fingerprint": [sha256_file(path) for path in files],
+                                  "invert": invert})
+    scores = run("predict_classes", {"inputs": decoded, "model": model_ref(chosen)})
+    table = run("write_predictions", {"files": files, "inputs": decoded, "scores": scores, "model_digest": chosen.digest,
+                                      "class_names": list(names) if names else None})
+
+    frame = predict.read_table(table.path(PREDICTIONS_FILE))
     if output is not None:
         predict.write_table(frame, Path(output).expanduser().absolute())
-    _publish_ui_artifacts(frame, decoded)
+    ui.publish_predictions(frame, decoded)
     return {
         "run_id": str(flow_run.get_id()),
-        "output": str(Path(output).expanduser().absolute()) if output else str(table.path(predict.PREDICTIONS_FILE)),
-        "predictions": str(table.path(predict.PREDICTIONS_FILE)),
+        "output": str(Path(output).expanduser().absolute()) if output else str(table.path(PREDICTIONS_FILE)),
+        "predictions": str(table.path(PREDICTIONS_FILE)),
         "images": len(frame),
         "model": chosen.digest,
         "counts": table.meta["counts"],
@@ -97,18 +96,9 @@ def mnist_predict(
     }
 
 
-def _publish_ui_artifacts(frame: Any, decoded: Any) -> None:
-    """Publish the first predictions as a table and the first input images, titled, as a markdown strip."""
-    from tasks.report.figures import predictions_figure, to_png
-    from tasks.report.render import data_uri
-
-    head = frame.head(TABLE_ROWS).astype(object).where(frame.head(TABLE_ROWS).notna(), None)
-    rows = [{key: (round(value, 4) if isinstance(value, float) else value) for key, value in row.items()}
-            for row in head.to_dict(orient="records")]
-    create_table_artifact(rows, key=TABLE_KEY, description=f"First {len(rows)} of {len(frame)} predictions")
-    images = predict.strip_images(decoded)
-    label = frame["name"] if "name" in frame else frame["predicted"]
-    captions = [f"{predict_name}\n{p:.2f}" for predict_name, p in zip(label.astype(str), frame["probability"])]
-    png = to_png(predictions_figure(images, captions[: len(images)]))
-    create_markdown_artifact(f"## Predictions\n\n![First inputs with their predictions]({data_uri(png)})\n",
-                             key=STRIP_KEY, description="First inputs titled with their predicted class")
+def model_ref(model: KnownModel) -> ArtifactRef:
+    """Return a reference to a model file under the digest it is known by (its cache identity)."""
+    try:
+        return ArtifactRef(stage="model", digest=model.digest, files={MODEL_FILE: file_ref(model.path)})
+    except FileNotFoundError:
+        raise PipelineError(f"{model.path}: model file: expected a model.keras file, found none") from None

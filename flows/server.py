@@ -20,7 +20,8 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.core import PipelineError, atomic_write, flocked
+from tasks.errors import PipelineError
+from tasks.files import atomic_write, flocked
 
 RECORD = "mnist-pipeline-server.json"
 LOG = "mnist-pipeline-server.log"

@@ -1,49 +1,76 @@
-"""The stages of the pipeline, described without importing them: the task that computes each one and how its inputs
-are built. The flow (flows/pipeline.py) runs the tasks; `mnist-pipeline status` computes their keys without importing
-Prefect or the stage modules."""
+"""The stage table: per stage, the task that runs it, the plain function that computes it, where its output goes and
+how its inputs are built. Described without importing the stages or Prefect: the runner (flows/runner.py) makes
+each step a cached Prefect task; `mnist-pipeline status` computes the same keys without importing either.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flows.config import STAGES, PipelineConfig, Stage
+from tasks import layout
 from tasks.dataset import source_fingerprint
 
 
 @dataclass(frozen=True)
 class Step:
-    """A stage: the task that computes it, as `module:name` (the module's code is in the stage's key; the name is the
-    task's), and how its inputs are built from the config and the results before it."""
+    """One stage: its task's name (runs in the UI; the first part of its cache keys), its logic as `module:function`
+    (a plain function: local input paths and `out_dir` in, an artifact reference out; the module's import closure is
+    the code in its key), the root (`data_dir` or `artifacts_dir`) and folder its output is published under, and how
+    its inputs are built from the config and the results before it (for a pipeline stage).
+
+    The inputs are the task's parameters and its cache key; all but the root and `key_only` are passed to the
+    function, with `out_dir` and `log`. Artifact inputs are staged on this machine's disk first: all their files, or
+    those `files` names (none: the function reads only the reference).
+    """
 
     task: str
-    inputs: Callable[[PipelineConfig, dict[str, Any]], dict[str, Any]]
+    function: str
+    root: str
+    folder: str
+    inputs: Callable[[PipelineConfig, dict[str, Any]], dict[str, Any]] | None = None
+    files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    key_only: tuple[str, ...] = ()
 
     @property
     def module(self) -> str:
-        return self.task.partition(":")[0]
-
-    @property
-    def name(self) -> str:
-        return self.task.partition(":")[2]
+        return self.function.partition(":")[0]
 
 
 STEPS: dict[Stage, Step] = {
-    "download": Step("tasks.download:download_mnist", lambda c, r: {
-        "config": c.download, "data_dir": c.data_dir, "fingerprint": source_fingerprint(c.download.source)}),
-    "validate": Step("tasks.validate:validate_mnist", lambda c, r: {
-        "raw": r["download"], "config": c.validation, "num_classes": c.dataset.num_classes, "artifacts_dir": c.artifacts_dir}),
-    "preprocess": Step("tasks.preprocess:preprocess_mnist", lambda c, r: {
-        "raw": r["download"], "validation": r["validate"], "data_dir": c.data_dir}),
-    "train": Step("tasks.train:train_model", lambda c, r: {
+    "download": Step("download_mnist", "tasks.download:download_raw", "data_dir", layout.RAW_DIR, lambda c, r: {
+        # The fingerprint keys the cache on a local source's files, so a changed folder is downloaded again.
+        "config": c.download, "data_dir": c.data_dir, "fingerprint": source_fingerprint(c.download.source)},
+        key_only=("fingerprint",)),
+    "validate": Step("validate_mnist", "tasks.validate:validate_files", "artifacts_dir", layout.VALIDATION_DIR,
+                     lambda c, r: {"raw": r["download"], "config": c.validation, "num_classes": c.dataset.num_classes,
+                                   "artifacts_dir": c.artifacts_dir}),
+    "preprocess": Step("preprocess_mnist", "tasks.preprocess:preprocess_files", "data_dir", layout.PROCESSED_DIR,
+                       lambda c, r: {"raw": r["download"], "validation": r["validate"], "data_dir": c.data_dir},
+                       files={"validation": ()}),  # its digest only
+    "train": Step("train_model", "tasks.train:fit_model", "artifacts_dir", layout.MODELS_DIR, lambda c, r: {
         # Resolved: the cache key holds the chosen model's settings only, defaults filled in.
         "processed": r["preprocess"], "config": c.train.resolved(), "num_classes": c.dataset.num_classes,
-        "artifacts_dir": c.artifacts_dir}),
-    "evaluate": Step("tasks.evaluate:evaluate_model", lambda c, r: {
-        "model": r["train"], "processed": r["preprocess"], "artifacts_dir": c.artifacts_dir}),
-    "report": Step("tasks.report:report_results", lambda c, r: {
+        "artifacts_dir": c.artifacts_dir}, files={"processed": (layout.SPLIT_FILES["train"],)}),
+    "evaluate": Step("evaluate_model", "tasks.evaluate:score_model", "artifacts_dir", layout.EVALUATION_DIR,
+                     lambda c, r: {"model": r["train"], "processed": r["preprocess"], "artifacts_dir": c.artifacts_dir},
+                     files={"processed": (layout.SPLIT_FILES["test"],)}),
+    "report": Step("report_results", "tasks.report:write_report", "artifacts_dir", layout.REPORTS_DIR, lambda c, r: {
         "validation": r["validate"], "processed": r["preprocess"], "model": r["train"], "evaluation": r["evaluate"],
-        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": c.dataset}),
+        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": c.dataset},
+        files={"processed": (layout.SPLIT_FILES["test"],), "model": (layout.HISTORY_FILE, layout.CONFIG_FILE)}),
 }
 assert tuple(STEPS) == STAGES, "every stage has exactly one step, in order"
+
+# The steps of `mnist-pipeline predict` and the sweep's report (flows/predict.py and flows/sweep.py build their inputs).
+OTHER_STEPS: dict[str, Step] = {
+    "load_inputs": Step("load_inputs", "tasks.predict:decode_inputs", "artifacts_dir", layout.PREDICT_INPUTS_DIR,
+                        key_only=("fingerprint",)),
+    "predict_classes": Step("predict_classes", "tasks.predict:score_inputs", "artifacts_dir",
+                            layout.PREDICT_SCORES_DIR),
+    "write_predictions": Step("write_predictions", "tasks.predict:collect_predictions", "artifacts_dir",
+                              layout.PREDICTIONS_DIR, files={"inputs": (layout.COUNTS_FILE, layout.INPUTS_FILE)}),
+    "write_sweep_report": Step("write_sweep_report", "tasks.sweep:write_report", "artifacts_dir", layout.SWEEPS_DIR),
+}

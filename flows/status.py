@@ -1,7 +1,7 @@
 """`mnist-pipeline status`: for a configuration, which stages have an intact cached result and why the others do not,
 without a run: no Prefect, no TensorFlow. A stage's key is computed as the flow computes it (flows/stages.py); a
 result recorded under it whose files are intact is up to date. Otherwise the key's components are compared with those
-recorded for the closest earlier key of the same stage (tasks.caching records them), which says what changed.
+recorded for the closest earlier key of the same stage (flows/runner.py records them), which says what changed.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import Any
 from flows.config import PROJECT_ROOT, STAGES, PipelineConfig, Stage
 from flows.stages import STEPS
 from tasks import storage
-from tasks.core import PipelineError
-from tasks.keys import KEYS_DIR, components_path, key_components, key_of, parse_record, source_file
+from tasks.errors import PipelineError
+from tasks.artifacts import ArtifactRef
+from tasks.keys import check_record, components_path, key_components, key_of, source_file
+from tasks.layout import KEYS_DIR
 from tasks.registry import read_champion, read_history, recorded_decision
 
 UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
@@ -43,11 +45,11 @@ def pipeline_status(config: PipelineConfig, until: Stage = STAGES[-1]) -> list[S
         except KeyError as absent:  # an input that is not up to date: this stage's key is not known yet
             rows.append(_after(name, absent.args[0], {row.stage: row for row in rows}))
             continue
-        components = key_components(step.name, step.module, inputs)
-        row = _stage_status(name, config.cache_dir, components)
-        if row.state == UP_TO_DATE:
-            results[name] = parse_record(storage.read_bytes(f"{config.cache_dir}/{row.key}"))
-            row.artifacts = [f.path for f in results[name].files.values()]
+        components = key_components(step.task, step.module, inputs)
+        row, ref = _stage_status(name, config.cache_dir, components)
+        if ref is not None:
+            results[name] = ref
+            row.artifacts = [f.path for f in ref.files.values()]
         if name == "evaluate" and "evaluate" in results:
             decision = recorded_decision(results["train"].digest, read_history(config.registry_dir),
                                          read_champion(config.registry_dir), config.promotion)
@@ -65,39 +67,26 @@ def _after(stage: Stage, result: str, rows: dict[str, StageStatus]) -> StageStat
     return StageStatus(stage, MISSING if upstream.state == MISSING else STALE, [f"after {result}, which is {upstream.state}"])
 
 
-def _stage_status(name: Stage, cache_dir: Any, components: dict[str, Any]) -> StageStatus:
+def _stage_status(name: Stage, cache_dir: Any, components: dict[str, Any]) -> tuple[StageStatus, ArtifactRef | None]:
+    """Return a stage's status and, when it is up to date, its recorded artifact."""
     key = key_of(components)
-    record = f"{cache_dir}/{key}"
-    try:
-        data = storage.read_bytes(record)
-    except FileNotFoundError:
-        data = None
-    if data is not None:
-        try:
-            problem = parse_record(data).problem(trust_unchanged=True)
-        except Exception as exc:  # noqa: BLE001  (any damage of a record is reported, as the flow distrusts it)
-            problem = f"unreadable cache record {record} ({exc})"
-        return StageStatus(name, STALE, [problem], key) if problem else StageStatus(name, UP_TO_DATE, [], key)
+    ref, problem = check_record(cache_dir, key)
+    if problem is not None:
+        return StageStatus(name, STALE, [problem], key), None
+    if ref is not None:
+        return StageStatus(name, UP_TO_DATE, [], key), ref
     earlier = _closest_earlier(name, cache_dir, components)
     if earlier is None:
-        return StageStatus(name, MISSING, ["no result for this stage yet"], key)
+        return StageStatus(name, MISSING, ["no result for this stage yet"], key), None
     why = differences(name, earlier, components)
-    return StageStatus(name, STALE, why or [f"no result under its key {key} (its record was removed)"], key)
+    return StageStatus(name, STALE, why or [f"no result under its key {key} (its record was removed)"], key), None
 
 
 def _closest_earlier(name: Stage, cache_dir: Any, components: dict[str, Any]) -> dict[str, Any] | None:
     """Return the recorded components of this stage's key that differ least from `components` (ties: the newest)."""
-    folder = f"{cache_dir}/{KEYS_DIR}"
     prefix = components["stage"] + "-"
-    if storage.is_remote(folder):
-        try:
-            names = [n.rpartition("/")[2] for n in storage.filesystem().ls(folder)]
-        except FileNotFoundError:
-            names = []
-    else:
-        names = [p.name for p in Path(folder).iterdir()] if Path(folder).is_dir() else []
     candidates = []
-    for file in names:
+    for file in storage.list_names(f"{cache_dir}/{KEYS_DIR}"):
         if not file.startswith(prefix) or not file.endswith(".json"):
             continue
         path = components_path(cache_dir, file.removesuffix(".json"))

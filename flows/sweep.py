@@ -16,19 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import State
 
+from flows import ui
 from flows.config import PipelineConfig
-from flows.pipeline import TASKS, discard_failure_record, run_stage
-from flows.stages import STEPS
-from tasks import evaluate, promote, storage, sweep, train
-from tasks.caching import cached, record_components, stage_key, trusted_result
-from tasks.core import ArtifactRef, PipelineError
-
-TABLE_KEY = "mnist-sweep"
-FIGURE_KEY = "mnist-sweep-figure"
+from flows.runner import TASKS, cached, discard_failure_record, execute, record_components, recorded, run_stage
+from flows.stages import OTHER_STEPS, STEPS
+from tasks import promote, sweep
+from tasks.errors import PipelineError
+from tasks.layout import SWEEP_HTML
 
 
 def task_runner(config: PipelineConfig) -> Any:
@@ -76,17 +73,16 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
         results[name], _ = run_stage(TASKS[name], STEPS[name].inputs(config, results), config)
 
     unique = {sweep.trial_id(t): t for t in trials}
-    stages = {"train": cached(train.train_model, config.cache_dir, locks=locks),
-              "evaluate": cached(evaluate.evaluate_model, config.cache_dir, locks=locks)}
+    stages = {name: cached(TASKS[name], config, locks=locks) for name in ("train", "evaluate")}
     train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": config.dataset.num_classes,
                           "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
     evaluate_inputs = {"processed": results["preprocess"], "artifacts_dir": config.artifacts_dir}
     # A trial whose train and evaluate results are both recorded is looked up here: no cluster starts for it.
     outcomes: dict[str, dict[str, Any]] = {}
     for key in unique:
-        model = _recorded(train.train_model, train_inputs[key], config.cache_dir, locks)
-        if model is not None and _recorded(evaluate.evaluate_model, {"model": model, **evaluate_inputs},
-                                           config.cache_dir, locks) is not None:
+        model = recorded(STEPS["train"], train_inputs[key], config, locks)
+        if model is not None and recorded(STEPS["evaluate"], {"model": model, **evaluate_inputs}, config,
+                                          locks) is not None:
             trained = _Here(stages["train"](**train_inputs[key], return_state=True))
             scored = _Here(stages["evaluate"](model=trained.result(), **evaluate_inputs, return_state=True))
             outcomes[key] = _outcome(trained, scored, train_inputs[key], evaluate_inputs, config.cache_dir)
@@ -114,24 +110,17 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     decision = promote.decide_promotion(outcomes[best]["model"], outcomes[best]["evaluation"], config.registry_dir,
                                         config.promotion, run_id=str(flow_run.get_id()), log=logger.info,
                                         class_names=config.dataset.class_names, locks=locks)
-    with storage.staged(config.artifacts_dir) as stage:
-        report = stage.publish(sweep.write_report(rows, columns, best, decision, stage.root / sweep.SWEEPS_DIR))
-    _publish_ui_artifacts(rows, columns, report)
+    report = execute(OTHER_STEPS["write_sweep_report"], {"rows": rows, "columns": columns, "best_id": best,
+                                                         "decision": decision, "artifacts_dir": config.artifacts_dir})
+    ui.publish_sweep(rows, columns, report)
     return {
         "run_id": str(flow_run.get_id()),
         "trials": rows,
         "best": next(r for r in rows if r["id"] == best),
         "promotion": {"promoted": decision.promoted, "reason": decision.reason},
-        "report": str(report.path(sweep.REPORT_HTML)),
+        "report": str(report.path(SWEEP_HTML)),
         "wall_seconds": round(wall, 3),
     }
-
-
-def _recorded(stage_task: Any, inputs: dict[str, Any], cache_dir: Path, locks: Any) -> ArtifactRef | None:
-    """Return the recorded, intact result of a stage for these inputs, if there is one."""
-    key = stage_key(stage_task, inputs)
-    with locks.held(key):  # as in StageCache: a record being written is not half-read
-        return trusted_result(cache_dir, key)
 
 
 @dataclass(frozen=True)
@@ -164,21 +153,9 @@ def _outcome(trained: Any, scored: Any, train_inputs: dict[str, Any], evaluate_i
         error = str(failed.result(raise_on_failure=False))
         return {"row": {"state": "failed", "error": error, **parameters}, "model": None, "evaluation": None, "error": error}
     evaluation = scored.result()
-    record_components(train.train_model, train_inputs, cache_dir)
-    record_components(evaluate.evaluate_model, {"model": model, **evaluate_inputs}, cache_dir)
+    record_components(STEPS["train"], train_inputs, cache_dir)
+    record_components(STEPS["evaluate"], {"model": model, **evaluate_inputs}, cache_dir)
     state = "cached" if states["train"].name == "Cached" else "trained"
     row = {"state": state, "test_accuracy": evaluation.meta["test_accuracy"], "test_loss": evaluation.meta["test_loss"],
            **parameters, "evaluate_seconds": evaluation.meta.get("seconds")}
     return {"row": row, "model": model, "evaluation": evaluation, "error": None}
-
-
-def _publish_ui_artifacts(rows: list[dict[str, Any]], columns: list[str], report: Any) -> None:
-    """Publish the trials as a table artifact and the sweep figure as a markdown artifact."""
-    from tasks.report.render import data_uri
-
-    create_table_artifact([{k: v for k, v in row.items() if k != "error"} for row in rows], key=TABLE_KEY,
-                          description=f"{len(rows)} trials, swept: {', '.join(columns)}")
-    png = report.path(sweep.FIGURE_PNG).read_bytes()
-    create_markdown_artifact(f"## Sweep\n\n![Test accuracy per trial]({data_uri(png)})\n\nReport: "
-                             f"`{report.path(sweep.REPORT_HTML)}`\n", key=FIGURE_KEY,
-                             description="Test accuracy per trial, grouped by the swept parameters")

@@ -13,10 +13,10 @@ from typing import Any
 
 import keras
 
-from tasks.core import atomic_write, fsync_path
+from tasks.files import atomic_write, fsync_path
+from tasks.layout import TRAIN_STATE_FILE
 
 Progress = Callable[[int, int, dict[str, float]], None]
-STATE_FILE = "state.json"
 
 
 def format_metrics(values: dict[str, float]) -> str:
@@ -75,7 +75,7 @@ class EpochBackup(keras.callbacks.Callback):
     def restore(self, model: Any) -> int:
         """Load the last backed-up epoch into `model` (compiled) and the recorder; return the epochs done (0: none)."""
         try:
-            state = json.loads((self.folder / STATE_FILE).read_text())
+            state = json.loads((self.folder / TRAIN_STATE_FILE).read_text())
         except FileNotFoundError:
             return 0
         model.optimizer.build(model.trainable_variables)
@@ -90,7 +90,7 @@ class EpochBackup(keras.callbacks.Callback):
         fsync_path(self.folder / weights)  # on disk before the state file names it
         state = {"epoch": epoch + 1, "weights": weights, "metrics": self.recorder.metrics,
                  "epoch_seconds": self.recorder.epoch_seconds}
-        atomic_write(self.folder / STATE_FILE, json.dumps(state))
+        atomic_write(self.folder / TRAIN_STATE_FILE, json.dumps(state))
         for old in self.folder.glob("epoch-*.weights.h5"):
             if old.name != weights:
                 old.unlink()

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.core import PipelineError, sha256_file, sha256_json
+from tasks.errors import PipelineError
+from tasks.files import sha256_file, sha256_json
 from tasks.idx import NUM_CLASSES
+from tasks.layout import SNAPSHOT
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPLITS = {"train": FILES[:2], "test": FILES[2:]}
@@ -24,7 +26,12 @@ PUBLIC_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
-SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "data" / "snapshot" / "mnist"
+SNAPSHOT_DIR = Path(__file__).resolve().parents[1].joinpath("data", *SNAPSHOT)
+# What can pin a source's payloads (recorded in the download artifact's meta["pinned_by"] and in validation.json).
+BY_MNIST, BY_SUMS, BY_USER = "MNIST digests", SUMS_FILE, "--sha256"
+# How hard the download tries a source that does not answer: attempts after the first, the first wait (doubled each
+# time), and the timeout of one request.
+RETRIES, BACKOFF_S, TIMEOUT_S = 3, 1.0, 30.0
 
 
 class DownloadConfig(BaseModel):
@@ -36,9 +43,9 @@ class DownloadConfig(BaseModel):
     # Explicit pins (`--sha256 FILE`, see read_sums): payload or served file name -> SHA-256. None: `auto` is pinned
     # to MNIST's digests, any other source only by a SHA256SUMS file it carries.
     sha256: dict[str, str] | None = None
-    retries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 30.0
+    retries: int = RETRIES
+    backoff_s: float = BACKOFF_S
+    timeout_s: float = TIMEOUT_S
 
 
 def source_fingerprint(source: str) -> str:

@@ -12,21 +12,24 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from prefect import get_run_logger, task
-
-from tasks.core import (
-    ArtifactRef,
-    Log,
-    PipelineError,
-    publish,
-    quiet,
-    sha256_bytes,
-    sha256_json,
-    workdir,
+from tasks.artifacts import ArtifactRef, publish
+from tasks.dataset import (
+    BACKOFF_S,
+    BY_MNIST,
+    BY_SUMS,
+    BY_USER,
+    FILES,
+    RETRIES,
+    SPLITS,
+    SUMS_FILE,
+    TIMEOUT_S,
+    DownloadConfig,
+    local_folder,
+    parse_sums,
 )
-from tasks.dataset import FILES, SPLITS, SUMS_FILE, DownloadConfig, local_folder, parse_sums
+from tasks.errors import Log, PipelineError, quiet
+from tasks.files import sha256_bytes, sha256_json, workdir
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_split, decode_payload
-from tasks.storage import staged
 
 # Payload digests of the original MNIST files (SHA-256 of the uncompressed IDX bytes).
 MNIST_SHA256 = {
@@ -35,8 +38,7 @@ MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-# What can pin a source's payloads (recorded in the artifact's meta["pinned_by"]), and the check each one names.
-BY_MNIST, BY_SUMS, BY_USER = "MNIST digests", SUMS_FILE, "--sha256"
+# The check that each kind of pin names.
 PIN_CHECKS = {BY_MNIST: "MNIST SHA-256", BY_SUMS: f"{SUMS_FILE} digest", BY_USER: "--sha256 digest"}
 # A gzip of the largest payload is about 10 MB; a plain file at most the payload limit.
 MAX_FILE_BYTES = MAX_PAYLOAD_BYTES + 4096
@@ -52,9 +54,9 @@ def download_files(
     mirrors: Sequence[str] = (),
     snapshot_dir: Path | None = None,
     expected_sha256: dict[str, str] | None = None,
-    retries: int = 3,
-    backoff_s: float = 1.0,
-    timeout_s: float = 30.0,
+    retries: int = RETRIES,
+    backoff_s: float = BACKOFF_S,
+    timeout_s: float = TIMEOUT_S,
     log: Log = quiet,
 ) -> ArtifactRef:
     """Fetch the four IDX files from `source`, verify their payloads and publish them under `raw_dir`.
@@ -222,18 +224,8 @@ def _store(payloads: dict[str, bytes], digests: dict[str, str], raw_dir: Path, s
         return publish("download", work, digest=sha256_json(digests), meta=meta)
 
 
-@task(name="download_mnist")
-def download_mnist(config: DownloadConfig, data_dir: Path, fingerprint: str = "") -> ArtifactRef:
-    """Download and verify the raw IDX files into `data_dir/raw` (`fingerprint` keys the cache on local sources)."""
-    with staged(data_dir) as stage:
-        return stage.publish(download_files(
-            config.source,
-            stage.root / "raw",
-            mirrors=config.mirrors,
-            snapshot_dir=config.snapshot_dir,
-            expected_sha256=config.sha256,
-            retries=config.retries,
-            backoff_s=config.backoff_s,
-            timeout_s=config.timeout_s,
-            log=get_run_logger().info,
-        ))
+def download_raw(config: DownloadConfig, out_dir: Path, log: Log = quiet) -> ArtifactRef:
+    """Download and verify the raw IDX files that `config` names into `out_dir` (the download stage)."""
+    return download_files(config.source, out_dir, mirrors=config.mirrors, snapshot_dir=config.snapshot_dir,
+                          expected_sha256=config.sha256, retries=config.retries, backoff_s=config.backoff_s,
+                          timeout_s=config.timeout_s, log=log)

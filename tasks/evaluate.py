@@ -14,20 +14,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
 
-from tasks.core import ArtifactRef, Log, publish, quiet, workdir, write_json
-from tasks.keras_runtime import deterministic_after, import_tensorflow
-from tasks.preprocess import SPLIT_FILES, load_split
-from tasks.storage import staged
-from tasks.models import METRICS_FILE, MODEL_FILE
-from tasks.train import HISTORY_FILE, LOSS
+from tasks.artifacts import ArtifactRef, publish
+from tasks.errors import Log, quiet
+from tasks.files import workdir, write_json
+from tasks.keras_runtime import import_tensorflow
+from tasks.layout import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, SPLIT_FILES
+from tasks.models import LOSS, class_probabilities, load_model
+from tasks.preprocess import load_split
 
 SCHEMA_VERSION = 1
-PREDICTIONS_FILE = "predictions.parquet"
 FIRST = 20
 MAX_MISCLASSIFIED = 25
-BATCH_SIZE = 1024
 # A judgment call: the tutorial calls its gap of about 1 point overfitting; under half a point we do not. The train
 # accuracy Keras reports is a mean over the last epoch while the weights still move, so small gaps mean little.
 OVERFITTING_GAP = 0.005
@@ -45,16 +43,10 @@ PREDICTIONS_SCHEMA = pa.schema(
 def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: Log = quiet) -> ArtifactRef:
     """Evaluate the model of `model` on `test.parquet` of `processed`; publish metrics and predictions under `out_dir`."""
     started = time.perf_counter()
-    tf, keras = import_tensorflow()
+    _, keras = import_tensorflow()
     x, y = load_split(processed.path(SPLIT_FILES["test"]))
     history = json.loads(model.path(HISTORY_FILE).read_text())
-
-    # The same code path whatever ran before in this process (see tasks.keras_runtime.deterministic_after), so the metrics
-    # are byte-identical across reruns and downstream stages stay cached.
-    with deterministic_after(tf):
-        net = keras.saving.load_model(model.path(MODEL_FILE), safe_mode=True, compile=False)
-    # Plain forward passes: Keras's evaluate and predict would each compile the model with XLA first (seconds).
-    probabilities = np.concatenate([np.asarray(net(x[i : i + BATCH_SIZE], training=False)) for i in range(0, len(x), BATCH_SIZE)])
+    probabilities = class_probabilities(load_model(model.path(MODEL_FILE)), x)
     predicted = probabilities.argmax(axis=1).astype(np.uint8)
     confidence = probabilities.max(axis=1).astype(np.float32)
     # The loss the model was trained with (Keras's own function), averaged over the images.
@@ -164,14 +156,3 @@ def overfitting_remark(train_accuracy: float, test_accuracy: float) -> str:
     if gap > 0:
         return f"{head}: a gap of only {gap * 100:.2f} points, little sign of overfitting."
     return f"{head}: no gap, no sign of overfitting."
-
-
-@task(name="evaluate_model")
-def evaluate_model(model: ArtifactRef, processed: ArtifactRef, artifacts_dir: Path) -> ArtifactRef:
-    """Evaluate the trained model on the test split and write metrics and predictions under `artifacts_dir/evaluation`."""
-    logger = get_run_logger()
-    with staged(artifacts_dir) as stage:
-        ref = stage.publish(score_model(stage.local(model), stage.local(processed, SPLIT_FILES["test"]), stage.root / "evaluation",
-                                        log=logger.info))
-    logger.info("metrics %s", ref.path(METRICS_FILE))
-    return ref

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core import PipelineError
+from tasks.errors import PipelineError
 
 # The largest MNIST payload (train images) is 47,040,016 bytes; a payload far beyond is refused before it is inflated.
 MAX_PAYLOAD_BYTES = 64 << 20
 IMAGE_SHAPE = (28, 28)
+PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]  # values per image once flattened (784)
 NUM_CLASSES = 10
 UBYTE = 0x08
 IMAGES_MAGIC = 0x00000803
@@ -76,10 +77,27 @@ def describe(item: dict[str, Any]) -> str:
     return f"{item['file']}: {item['check']}: expected {item['expected']}, found {item['found']}"
 
 
+def header_size(ndim: int) -> int:
+    """Return the bytes of an IDX header with `ndim` dimensions: magic, then one 32-bit size per dimension."""
+    return 4 + 4 * ndim
+
+
+def dims_of(header: bytes, ndim: int) -> tuple[int, ...]:
+    """Return the sizes an IDX header declares (`header` holds at least `header_size(ndim)` bytes)."""
+    return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+
+
+def idx_array(payload: bytes) -> np.ndarray:
+    """Return a checked IDX payload (see `check_idx`) as uint8 data of the shape its header declares, without a copy."""
+    ndim = payload[3]
+    return np.frombuffer(payload, np.uint8, offset=header_size(ndim)).reshape(dims_of(payload, ndim))
+
+
 def check_idx(payload: bytes, file: str, magic: int, checks: Checks) -> np.ndarray | None:
     """Check an IDX header against `magic` and the payload length; return the data as an array, or None."""
     ndim = magic & 0xFF
-    if not checks.check(file, "header", len(payload) >= 4 + 4 * ndim, f">= {4 + 4 * ndim} bytes", f"{len(payload)} bytes"):
+    size = header_size(ndim)
+    if not checks.check(file, "header", len(payload) >= size, f">= {size} bytes", f"{len(payload)} bytes"):
         return None
     found = int.from_bytes(payload[:4], "big")
     if found != magic:
@@ -90,13 +108,13 @@ def check_idx(payload: bytes, file: str, magic: int, checks: Checks) -> np.ndarr
         return None
     checks.check(file, "magic number", True, f"0x{magic:08x}", f"0x{found:08x}")
     checks.check(file, "type code", True, f"0x{UBYTE:02x} (unsigned byte)", f"0x{payload[2]:02x}")
-    dims = tuple(int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    body = len(payload) - 4 - 4 * ndim
+    dims = dims_of(payload, ndim)
+    body = len(payload) - size
     # Compare the declared size with the bytes present before touching the data, so a lying header costs nothing.
     declared = int(np.prod(dims, dtype=object))
     if not checks.check(file, "payload size", declared == body, f"{declared} bytes for shape {dims}", f"{body} bytes"):
         return None
-    return np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return idx_array(payload)
 
 
 def check_images(payload: bytes, file: str, checks: Checks, expected_count: int | None = None) -> np.ndarray | None:
@@ -105,7 +123,7 @@ def check_images(payload: bytes, file: str, checks: Checks, expected_count: int 
     if images is None:
         return None
     size = images.shape[1:]
-    if not checks.check(file, "image size", size == IMAGE_SHAPE, "28x28", "x".join(map(str, size))):
+    if not checks.check(file, "image size", size == IMAGE_SHAPE, "x".join(map(str, IMAGE_SHAPE)), "x".join(map(str, size))):
         return None
     if expected_count is not None and not checks.check(file, "count", len(images) == expected_count, expected_count, len(images)):
         return None

@@ -1,6 +1,11 @@
 """Cache keys and result records, without Prefect: what a stage's key covers (its inputs, by content, and its code),
-and the artifact reference a record holds. tasks.caching keys Prefect's task runs with them; `mnist-pipeline status`
+and the artifact reference a record holds. flows/runner.py keys Prefect's task runs with them; `mnist-pipeline status`
 reads them to say what is up to date and why, without importing Prefect or the stages.
+
+A result record is Prefect's (JSON: the artifact reference a cache hit returns); `status`, `gc` and `history` read it
+here as plain JSON, never through Prefect's decoder, and Prefect itself reads only records this check accepted. The
+project's own record of a key (`cache/keys/<key>.json`) holds what the key covers, to say why a stage is stale; it
+does not repeat the reference, so that no second copy can disagree with what a cache hit returns.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from typing import Any
 from pydantic import BaseModel
 
 from tasks import storage
-from tasks.core import ArtifactRef, PipelineError, sha256_bytes, sha256_json
+from tasks.artifacts import ArtifactRef
+from tasks.errors import PipelineError
+from tasks.files import sha256_bytes, sha256_json
+from tasks.layout import KEYS_DIR
 
 # Libraries that orchestrate the stages without shaping their outputs: a new release of them reruns nothing.
 NOT_IN_KEY = {"prefect"}
-KEYS_DIR = "keys"
 _distributions = cache(importlib.metadata.packages_distributions)
-# How Prefect's JSONSerializer with its defaults describes itself in a result record (tasks.caching checks that it
+# How Prefect's JSONSerializer with its defaults describes itself in a result record (flows/runner.py checks that it
 # still does): a record naming anything else is refused.
 SERIALIZER = {"type": "json", "jsonlib": "json", "object_encoder": "prefect.serializers.prefect_json_object_encoder",
               "object_decoder": "prefect.serializers.prefect_json_object_decoder", "dumps_kwargs": {}, "loads_kwargs": {}}
@@ -58,12 +65,13 @@ def code_components(module_name: str) -> dict[str, dict[str, str]]:
     The closure follows every import statement (those inside functions too) of the module and, recursively, of each
     project module it reaches; a module is the project's when its top-level package belongs to the distribution that
     holds the stage's own package (mnist-pipeline: `tasks` and `flows`). A package's data files (the report's
-    templates) count with it. Libraries count by their installed version, except orchestration that shapes no output.
+    templates) count with each of its modules in the closure. Libraries count by their installed version, except orchestration that shapes no output.
     """
     modules = project_modules(module_name)
     sources = {name: sha256_bytes(Path(source_file(name)).read_bytes()) for name in modules}
+    packages = {name if Path(source_file(name)).name == "__init__.py" else name.rpartition(".")[0] for name in modules}
     sources.update({f"{name}:{data}": sha256_bytes(data_path.read_bytes())
-                    for name in modules for data, data_path in _package_data(name).items()})
+                    for name in sorted(packages) for data, data_path in _package_data(name).items()})
     libraries = {name.partition(".")[0] for module in modules for name in _imports(module)}
     libraries -= _project_packages(module_name) | set(sys.stdlib_module_names) | NOT_IN_KEY
     return {"sources": sources, "libraries": {top: _library_version(top) for top in sorted(libraries)}}
@@ -110,9 +118,9 @@ def source_file(name: str) -> str:
 
 
 def _spec(name: str) -> importlib.machinery.ModuleSpec | None:
-    """Find a module without importing anything: `importlib.util.find_spec("a.b")` imports the package `a` (for
-    `tasks.report`: Prefect), so walk the packages' search paths instead. None for a name inside a module
-    (`tasks.core.ArtifactRef`) and for no module at all."""
+    """Find a module without importing anything: `importlib.util.find_spec("a.b")` imports `a` (and, for a name
+    inside a module such as `tasks.train.fit_model`, the module with its libraries), so walk the packages' search
+    paths instead. None for a name inside a module and for no module at all."""
     top, *parts = name.split(".")
     spec = importlib.util.find_spec(top)
     for depth in range(1, len(parts) + 1):
@@ -182,6 +190,26 @@ def read_records(cache_dir: Any) -> dict[str, ArtifactRef]:
             raise PipelineError(f"{path}: expected a cache record holding an artifact reference, found {exc} (remove "
                                 "that file, or rerun its stage with --rerun)") from None
     return records
+
+
+def check_record(cache_dir: Any, key: str) -> tuple[ArtifactRef | None, str | None]:
+    """Return the artifact recorded under `key` and why it is not to be trusted (None: it is): its files missing or
+    changed, or the record unreadable. (None, None) when there is no record.
+
+    Files untouched since they were published (same inode, size, mtime and ctime; on object storage, the same ETag)
+    are not re-hashed.
+    """
+    path = f"{cache_dir}/{key}"
+    try:
+        data = storage.read_bytes(path)
+    except FileNotFoundError:
+        return None, None
+    try:
+        ref = parse_record(data)
+    except Exception as exc:  # any damage of a record: as good as none
+        # Name the record: it is the file to look at (or delete) when this repeats.
+        return None, f"unreadable cache record {path} ({exc})"
+    return ref, ref.problem(trust_unchanged=True)
 
 
 def read_record(path: str | Path) -> ArtifactRef:

@@ -8,6 +8,7 @@ third of that while the holder lives), and a holder that lost its lock does not 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -18,10 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect.logging import get_logger
+from tasks.errors import PipelineError
+from tasks.files import flocked, sha256_bytes, take_flock
+from tasks.layout import LOCKS_DIR
+from tasks.storage import identity
 
-from tasks.core import PipelineError, flocked, sha256_bytes, take_flock
-from tasks.storage import is_remote
+# How long a Redis lock outlives its holder's last renewal (PipelineConfig.lock_expiry_s).
+LOCK_EXPIRY_S = 15.0
+# A child of Prefect's logger: its handlers show the line in the run log (where Prefect's own lines go).
+_log = logging.getLogger("prefect.mnist_pipeline.locks")
 
 
 def stage_locks(url: str | None, cache_dir: str | Path, expiry_s: float) -> FlockLockManager | RedisLockManager:
@@ -32,7 +38,7 @@ def stage_locks(url: str | None, cache_dir: str | Path, expiry_s: float) -> Floc
 
 
 def _root_id(cache_dir: str | Path) -> str:
-    return sha256_bytes((str(cache_dir) if is_remote(cache_dir) else str(Path(cache_dir).resolve())).encode())[:16]
+    return sha256_bytes(identity(cache_dir).encode())[:16]
 
 
 def lock_dir(cache_dir: str | Path) -> Path:
@@ -41,7 +47,7 @@ def lock_dir(cache_dir: str | Path) -> Path:
     Locks are this machine's run-time state (as flocks are), not artifacts: kept outside the roots, a failed run
     leaves the artifact tree exactly as it was.
     """
-    return Path(tempfile.gettempdir()) / "mnist-pipeline-locks" / _root_id(cache_dir)
+    return Path(tempfile.gettempdir()) / LOCKS_DIR / _root_id(cache_dir)
 
 
 class FlockLockManager:
@@ -142,7 +148,7 @@ class RedisLockManager:
     its cache record over the result of whoever took the lock next.
     """
 
-    def __init__(self, url: str, namespace: str, expiry_s: float = 15.0) -> None:
+    def __init__(self, url: str, namespace: str, expiry_s: float = LOCK_EXPIRY_S) -> None:
         self.url, self.namespace, self.expiry_s = url, namespace, expiry_s
         self._client: Any = None
         self._held: dict[str, tuple[str, Any, threading.Event]] = {}
@@ -246,7 +252,7 @@ class RedisLockManager:
         return first
 
     def _warn_lost(self, key: str) -> None:
-        get_logger("mnist_pipeline.locks").warning(
+        _log.warning(
             "stage lock %s expired before it was renewed (this process was stopped or cut off from Redis for over "
             "%g s); another run may compute the stage, and this one will not record its result", key, self.expiry_s)
 

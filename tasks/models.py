@@ -7,12 +7,15 @@ evaluation, prediction and the report work the same for all of them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.idx import IMAGE_SHAPE
-from tasks.keras_runtime import import_tensorflow
+from tasks.errors import PipelineError
+from tasks.idx import IMAGE_SHAPE, PIXELS
+from tasks.keras_runtime import deterministic_after, import_tensorflow
 
 # Per model: its training defaults and its size knobs, each with its default. The train config's fields of the same
 # names override them; a knob belongs to the models that list it.
@@ -28,11 +31,10 @@ MODEL_HELP = {
     "cnn": "two convolution blocks with max pooling, a dense ReLU head with dropout, then a softmax",
 }
 
-# The files of a trained model's folder (the train stage writes them) and of its evaluation's (the evaluate stage),
-# here so that readers that must not import the stages (the registry, `history`, `diff`) find them.
-MODEL_FILE = "model.keras"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
+# The loss every model is trained with; evaluate scores with the same function.
+LOSS = "sparse_categorical_crossentropy"
+# Images per call when scoring: each call is one run of Keras's compiled predict step; memory stays bounded by it.
+SCORE_BATCH = 2048
 
 # Settings every model has; the other entries of MODEL_DEFAULTS are size knobs of one model or another.
 COMMON = ("epochs", "batch_size", "learning_rate", "jit_compile")
@@ -94,8 +96,6 @@ def build_model(kind: str, num_classes: int, **knobs: Any) -> Any:
     _, keras = import_tensorflow()
     from keras import layers
 
-    from tasks.preprocess import PIXELS  # here: the config above is read without importing the stages (Prefect)
-
     if kind == "mlp":
         body = [layers.Dense(knobs["hidden_units"], activation="relu")]
     elif kind == "cnn":
@@ -128,3 +128,21 @@ def describe_model(model: Any) -> dict[str, Any]:
     ]
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
     return {"layers": layers, "parameters": int(model.count_params()), "trainable_parameters": trainable}
+
+
+def load_model(path: Path) -> Any:
+    """Load a saved `model.keras` for scoring (safe mode: no code from the file is run)."""
+    tf, keras = import_tensorflow()
+    try:
+        # The same code path whatever ran before in this process (see tasks.keras_runtime.deterministic_after), so
+        # scores are byte-identical across reruns and the stages after evaluate stay cached.
+        with deterministic_after(tf):
+            return keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as exc:  # Keras raises several kinds for a file that is not a model
+        raise PipelineError(f"{path}: model: expected a Keras model file (.keras), could not load it ({exc})") from None
+
+
+def class_probabilities(net: Any, pixels: np.ndarray) -> np.ndarray:
+    """Return the class probabilities of images (n, 784) in [0, 1]: what evaluate and predict both score with."""
+    return np.concatenate([np.asarray(net.predict_on_batch(pixels[start : start + SCORE_BATCH]))
+                           for start in range(0, len(pixels), SCORE_BATCH)])

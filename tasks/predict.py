@@ -1,14 +1,18 @@
 """Batch prediction: bring new images to the model's input (28x28, light on dark, [0, 1]) and score them.
 
-Pure functions: `predict_images(model_path, inputs)` is what notebooks and tests call, without Prefect; the
-`mnist-predict` flow (flows/predict.py) runs the same steps as the cached tasks at the end of this module. Inputs are decoded and scored in batches, so memory
-stays bounded by the batch, not by the number of images.
+One path for both uses: `iter_batches` decodes the inputs (each row with its source file and index inside it),
+`tasks.models.class_probabilities` scores them as evaluate does, `predictions_frame` writes the table.
+`predict_images(model_path, inputs)` runs them in memory, without Prefect (notebooks, tests); the `mnist-predict` flow
+(flows/predict.py) runs them as the three cached stages at the end of this module, each a content-addressed
+artifact. Inputs are decoded and scored in batches, so memory stays bounded by the batch, not by the number of
+images.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,16 +24,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
 
-from tasks.core import ArtifactRef, PipelineError
-from tasks.idx import IMAGE_SHAPE, IMAGES_MAGIC
-from tasks.models import MODEL_FILE
-from tasks.preprocess import PIXEL_COLUMNS, PIXELS
-from tasks.storage import is_remote, read_bytes, staged
+from tasks.artifacts import ArtifactRef, publish
+from tasks.errors import Log, PipelineError, quiet
+from tasks.files import atomic_file, sha256_file, workdir, write_json
+from tasks.idx import IMAGE_SHAPE, IMAGES_MAGIC, PIXELS, dims_of, header_size
+from tasks.layout import COUNTS_FILE, INPUTS_FILE, MODEL_FILE, PREDICTIONS_FILE, PROBABILITIES_FILE
+from tasks.models import SCORE_BATCH, class_probabilities, load_model
+from tasks.preprocess import PIXEL_COLUMNS, SCHEMA
+from tasks.storage import read_bytes
 
 Invert = Literal["auto", "yes", "no"]
-BATCH_SIZE = 2048
 TOP_K = 3
 # Refused from the header, before decoding: 40 megapixels is a large photo; a decoded bomb would take gigabytes.
 MAX_IMAGE_PIXELS = 40_000_000
@@ -39,7 +44,7 @@ PARQUET_SUFFIXES = (".parquet",)
 # A dark-on-light image has a light border: MNIST's digits sit on black, their border is 0.
 LIGHT_BORDER = 127
 _PARQUET_MAGIC = b"PAR1"
-_IDX_HEADER = 16
+_IDX_HEADER = header_size(3)  # images: count, rows, columns
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ def kind_of(path: Path) -> Literal["image", "idx", "parquet"]:
     return "image"
 
 
-def iter_batches(files: Sequence[Path], invert: Invert = "auto", batch_size: int = BATCH_SIZE) -> Iterator[Batch]:
+def iter_batches(files: Sequence[Path], invert: Invert = "auto", batch_size: int = SCORE_BATCH) -> Iterator[Batch]:
     """Yield the inputs of `files` as model-ready batches of at most `batch_size` images, in order."""
     pending: list[Batch] = []
     count = 0
@@ -208,9 +213,10 @@ def _read_idx(path: Path, invert: Invert, batch_size: int) -> Iterator[Batch]:
                 found = "a short file" if magic is None else f"magic 0x{magic:08x}"
                 raise PipelineError(f"{path}: IDX header: expected an IDX images file (magic 0x{IMAGES_MAGIC:08x}, "
                                     f"unsigned bytes, 3 dimensions), found {found}")
-            count, rows, cols = (int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in (1, 2, 3))
+            count, rows, cols = dims_of(header, 3)
             if (rows, cols) != IMAGE_SHAPE:
-                raise PipelineError(f"{path}: image size: expected 28x28 images, found {rows}x{cols} in its header")
+                raise PipelineError(f"{path}: image size: expected {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} images, found "
+                                    f"{rows}x{cols} in its header")
             if opener is open and (size := path.stat().st_size - _IDX_HEADER) != count * PIXELS:
                 raise PipelineError(f"{path}: payload size: expected {count * PIXELS} bytes for {count} images, "
                                     f"found {size}")
@@ -238,7 +244,7 @@ def _read_parquet(path: Path, invert: Invert, batch_size: int) -> Iterator[Batch
     missing = [name for name in PIXEL_COLUMNS if name not in types]
     wrong = [name for name in PIXEL_COLUMNS if name in types and types[name] != pa.float32()]
     if missing or wrong:
-        found = f"{len(missing)} of the 784 pixel columns missing" if missing else f"{wrong[0]} of type {types[wrong[0]]}"
+        found = f"{len(missing)} of the {PIXELS} pixel columns missing" if missing else f"{wrong[0]} of type {types[wrong[0]]}"
         raise PipelineError(f"{path}: parquet layout: expected the pipeline's columns pixel_000..pixel_783 (float32), "
                             f"found {found}")
     start = 0
@@ -253,22 +259,6 @@ def _read_parquet(path: Path, invert: Invert, batch_size: int) -> Iterator[Batch
         n = len(pixels)
         yield Batch(pixels, [str(path)] * n, list(range(start, start + n)))
         start += n
-
-
-def load_model(model_path: Path) -> Any:
-    """Load a saved `model.keras` for scoring (safe mode: no code from the file is run)."""
-    from tasks.keras_runtime import import_tensorflow
-
-    _, keras = import_tensorflow()
-    try:
-        return keras.saving.load_model(model_path, safe_mode=True, compile=False)
-    except Exception as exc:  # Keras raises several kinds for a file that is not a model
-        raise PipelineError(f"{model_path}: model: expected a Keras model file (.keras), could not load it ({exc})") from None
-
-
-def score(net: Any, pixels: np.ndarray) -> np.ndarray:
-    """Return the class probabilities of a batch (n, 784): one call of Keras's compiled predict step."""
-    return np.asarray(net.predict_on_batch(pixels))
 
 
 def top_classes(probabilities: np.ndarray, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
@@ -305,8 +295,6 @@ def predict_images(model: str | Path | Any, inputs: Sequence[str | Path], *, inv
     `model`: a path to a saved `model.keras` (its digest defaults to the file's SHA-256), or a Keras model already
     loaded (then `model_digest` names it), to score many inputs with one load.
     """
-    from tasks.core import sha256_file
-
     if isinstance(model, (str, Path)):
         net, model_digest = load_model(Path(model)), model_digest or sha256_file(Path(model))
     elif model_digest is None:
@@ -316,8 +304,8 @@ def predict_images(model: str | Path | Any, inputs: Sequence[str | Path], *, inv
     sources: list[str] = []
     indexes: list[int | None] = []
     chunks = []
-    for batch in iter_batches(list_inputs(inputs), invert):
-        chunks.append(score(net, batch.pixels))
+    for batch in iter_batches(list_inputs(inputs), invert):  # only the scores are kept, not the pixels
+        chunks.append(class_probabilities(net, batch.pixels))
         sources += batch.sources
         indexes += batch.indexes
     return predictions_frame(sources, indexes, np.concatenate(chunks), model_digest, class_names)
@@ -325,8 +313,6 @@ def predict_images(model: str | Path | Any, inputs: Sequence[str | Path], *, inv
 
 def write_table(frame: pd.DataFrame, output: Path) -> None:
     """Write predictions to `output` atomically: CSV when it ends in .csv, parquet otherwise."""
-    from tasks.core import atomic_file
-
     output = Path(output)
     if not output.parent.is_dir():
         raise PipelineError(f"{output}: output folder {output.parent} does not exist: expected an existing folder")
@@ -339,65 +325,40 @@ def write_table(frame: pd.DataFrame, output: Path) -> None:
 
 # --- Stages of the mnist-predict flow: each publishes a content-addressed artifact, as the training stages do. ---
 
-INPUTS_FILE = "pixels.parquet"
-COUNTS_FILE = "counts.json"
-PROBABILITIES_FILE = "probabilities.parquet"
-PREDICTIONS_FILE = "predictions.parquet"
 STRIP = 20
+# The decoded inputs: the pixels of each image and its index inside a multi-image file (null for an image file).
+INPUTS_SCHEMA = pa.schema([*(SCHEMA.field(name) for name in PIXEL_COLUMNS), pa.field("index", pa.int32())])
 
 
-def model_ref(path: Path, digest: str) -> ArtifactRef:
-    """Return a reference to a model file under the digest it is known by (its cache identity)."""
-    from tasks.core import FileRef, sha256_file
-
-    from tasks.core import sha256_bytes
-
-    if is_remote(path):  # a model on object storage: hashed as it is read; the stage copies it to local disk
-        try:
-            data = read_bytes(path)
-        except FileNotFoundError:
-            raise PipelineError(f"{path}: model file: expected a model.keras object, found none") from None
-        return ArtifactRef(stage="model", digest=digest,
-                           files={MODEL_FILE: FileRef(path=str(path), sha256=sha256_bytes(data), size=len(data))})
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: model file: expected a model.keras file, found none")
-    return ArtifactRef(stage="model", digest=digest,
-                       files={MODEL_FILE: FileRef(path=str(path), sha256=sha256_file(path), size=path.stat().st_size)})
-
-
-def decode_inputs(files: Sequence[Path], invert: Invert, out_dir: Path) -> ArtifactRef:
+def decode_inputs(files: Sequence[Path], invert: Invert, out_dir: Path, log: Log = quiet) -> ArtifactRef:
     """Decode the inputs into one parquet file of model-ready pixels (written batch by batch) and publish it.
 
-    The artifact holds pixels and the number of images per file, not the file names: the same content under other
-    names is the same artifact, and is not scored again.
+    The artifact holds pixels, indexes and the number of images per file, not the file names: the same content under
+    other names is the same artifact, and is not scored again.
     """
-    from tasks.core import publish, workdir, write_json
-    from tasks.preprocess import SCHEMA
-
-    schema = pa.schema([SCHEMA.field(name) for name in PIXEL_COLUMNS])
     counts = {str(path): 0 for path in files}
     with workdir(out_dir) as work:
-        with pq.ParquetWriter(work / INPUTS_FILE, schema, compression="none", use_dictionary=False) as writer:
+        with pq.ParquetWriter(work / INPUTS_FILE, INPUTS_SCHEMA, compression="none", use_dictionary=False) as writer:
             for batch in iter_batches(files, invert):
-                pixels = np.ascontiguousarray(batch.pixels.T)
-                writer.write_table(pa.Table.from_arrays([pa.array(column) for column in pixels], schema=schema))
+                columns = [pa.array(column) for column in np.ascontiguousarray(batch.pixels.T)]
+                writer.write_table(pa.Table.from_arrays([*columns, pa.array(batch.indexes, pa.int32())],
+                                                        schema=INPUTS_SCHEMA))
                 for source in batch.sources:
                     counts[source] += 1
         write_json(work / COUNTS_FILE, list(counts.values()))
-        return publish("predict-inputs", work, meta={"images": sum(counts.values()), "files": len(files)})
+        ref = publish("predict-inputs", work, meta={"images": sum(counts.values()), "files": len(files)})
+    log(f"decoded {ref.meta['images']} images from {len(files)} files")
+    return ref
 
 
-def score_inputs(inputs: ArtifactRef, model: ArtifactRef, out_dir: Path) -> ArtifactRef:
+def score_inputs(inputs: ArtifactRef, model: ArtifactRef, out_dir: Path, log: Log = quiet) -> ArtifactRef:
     """Score the decoded inputs with the model, batch by batch; publish the class probabilities of every image."""
-    from tasks.core import publish, workdir
-
     net = load_model(model.path(MODEL_FILE))
     parquet = pq.ParquetFile(inputs.path(INPUTS_FILE))
     with workdir(out_dir) as work:
         writer = None
-        for record_batch in parquet.iter_batches(batch_size=BATCH_SIZE):
-            probabilities = score(net, np.asarray(record_batch.to_tensor(row_major=False)))
+        for record_batch in parquet.iter_batches(batch_size=SCORE_BATCH, columns=PIXEL_COLUMNS):
+            probabilities = class_probabilities(net, np.asarray(record_batch.to_tensor(row_major=False)))
             table = pa.Table.from_arrays([pa.array(column) for column in np.ascontiguousarray(probabilities.T)],
                                          names=[f"p_{c}" for c in range(probabilities.shape[1])])
             writer = writer or pq.ParquetWriter(work / PROBABILITIES_FILE, table.schema, compression="none")
@@ -405,30 +366,25 @@ def score_inputs(inputs: ArtifactRef, model: ArtifactRef, out_dir: Path) -> Arti
         if writer is None:
             raise PipelineError(f"{inputs.path(INPUTS_FILE)}: expected at least one image to score, found none")
         writer.close()
-        return publish("predict-scores", work, meta={"images": inputs.meta["images"], "model_digest": model.digest})
+        ref = publish("predict-scores", work, meta={"images": inputs.meta["images"], "model_digest": model.digest})
+    log(f"scored {ref.meta['images']} images with model {model.digest[:16]}")
+    return ref
 
 
 def collect_predictions(files: Sequence[Path], inputs: ArtifactRef, scores: ArtifactRef, model_digest: str,
-                        class_names: Sequence[str] | None, out_dir: Path) -> ArtifactRef:
-    """Join the scores with the file names and class names into the predictions table; publish it."""
-    import json
-
-    from tasks.core import publish, workdir
-
+                        class_names: Sequence[str] | None, out_dir: Path, log: Log = quiet) -> ArtifactRef:
+    """Join the scores with the file names, indexes and class names into the predictions table; publish it."""
     counts = json.loads(inputs.path(COUNTS_FILE).read_text())
-    sources: list[str] = []
-    indexes: list[int | None] = []
-    for path, count in zip(files, counts):
-        single = kind_of(Path(path)) == "image"
-        sources += [str(path)] * count
-        indexes += [None] * count if single else list(range(count))
+    sources = [str(path) for path, count in zip(files, counts) for _ in range(count)]
+    indexes = pq.read_table(inputs.path(INPUTS_FILE), columns=["index"]).column("index").to_pylist()
     frame = predictions_frame(sources, indexes, _concat_probabilities(scores), model_digest, class_names)
     per_class = frame["predicted"].value_counts().sort_index()
     counts = {(class_names[c] if class_names else str(c)): int(n) for c, n in per_class.items()}
     with workdir(out_dir) as work:
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), work / PREDICTIONS_FILE)
-        return publish("predict", work, meta={"images": len(frame), "model_digest": model_digest,
-                                              "counts": counts})
+        ref = publish("predict", work, meta={"images": len(frame), "model_digest": model_digest, "counts": counts})
+    log(f"wrote {len(frame)} predictions")
+    return ref
 
 
 def _concat_probabilities(scores: ArtifactRef) -> np.ndarray:
@@ -439,39 +395,10 @@ def _concat_probabilities(scores: ArtifactRef) -> np.ndarray:
 def strip_images(inputs: ArtifactRef, count: int = STRIP) -> np.ndarray:
     """Return the first `count` decoded inputs as (n, 784) floats, for the strip in the UI."""
     with inputs.path(INPUTS_FILE).open("rb") as fh:  # a local file or an object
-        first = next(pq.ParquetFile(fh).iter_batches(batch_size=count), None)
+        first = next(pq.ParquetFile(fh).iter_batches(batch_size=count, columns=PIXEL_COLUMNS), None)
     return np.zeros((0, PIXELS), np.float32) if first is None else np.asarray(first.to_tensor(row_major=True))
-
-
-@task(name="load_inputs")
-def load_inputs(files: list[Path], fingerprint: list[str], invert: Invert, artifacts_dir: Path) -> ArtifactRef:
-    """Decode the input files (`fingerprint`: their content digests, for the cache key) under `artifacts_dir`."""
-    with staged(artifacts_dir) as stage:
-        ref = stage.publish(decode_inputs(files, invert, stage.root / "predict-inputs"))
-    get_run_logger().info("decoded %d images from %d files", ref.meta["images"], ref.meta["files"])
-    return ref
-
-
-@task(name="predict_classes")
-def predict_classes(inputs: ArtifactRef, model: ArtifactRef, artifacts_dir: Path) -> ArtifactRef:
-    """Score the decoded inputs with the model under `artifacts_dir`."""
-    with staged(artifacts_dir) as stage:
-        ref = stage.publish(score_inputs(stage.local(inputs), stage.local(model), stage.root / "predict-scores"))
-    get_run_logger().info("scored %d images with model %s", ref.meta["images"], model.digest[:16])
-    return ref
-
-
-@task(name="write_predictions")
-def write_predictions(files: list[Path], inputs: ArtifactRef, scores: ArtifactRef, model_digest: str,
-                      class_names: list[str] | None, artifacts_dir: Path) -> ArtifactRef:
-    """Write the predictions table (file names, classes, probabilities) under `artifacts_dir/predictions`."""
-    with staged(artifacts_dir) as stage:
-        ref = stage.publish(collect_predictions(files, stage.local(inputs, COUNTS_FILE), stage.local(scores), model_digest,
-                                                class_names, stage.root / "predictions"))
-    get_run_logger().info("wrote %d predictions to %s", ref.meta["images"], ref.path(PREDICTIONS_FILE))
-    return ref
 
 
 def read_table(path: Path) -> pd.DataFrame:
     """Read a predictions table written by `write_table` or the flow (parquet; a local file or an object)."""
-    return pd.read_parquet(io.BytesIO(read_bytes(path)) if is_remote(path) else path)
+    return pd.read_parquet(io.BytesIO(read_bytes(path)))

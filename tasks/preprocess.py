@@ -8,18 +8,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
 
-from tasks.core import ArtifactRef, publish, workdir
+from tasks.artifacts import ArtifactRef, publish
 from tasks.dataset import SPLITS
-from tasks.idx import read_payload
-from tasks.storage import staged
+from tasks.errors import Log, quiet
+from tasks.files import workdir
+from tasks.idx import IMAGE_SHAPE, PIXELS, idx_array, read_payload
+from tasks.layout import SPLIT_FILES
 
 SCHEMA_VERSION = 1
-PIXELS = 28 * 28
 PIXEL_COLUMNS = [f"pixel_{i:03d}" for i in range(PIXELS)]
 METADATA_KEY = b"mnist_pipeline"
-SPLIT_FILES = {"train": "train.parquet", "test": "test.parquet"}
 # One non-nullable, uncompressed float32 column per pixel in a single row group: any parquet reader sees plain named
 # float columns, and a memory-mapped read goes straight into one column-major buffer. Chosen by measurement against
 # compression and list columns (benchmarks/bench_load.py, BENCHMARKS.md).
@@ -40,21 +39,19 @@ def to_table(images: np.ndarray, labels: np.ndarray, metadata: dict) -> pa.Table
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path) -> ArtifactRef:
+def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path, log: Log = quiet) -> ArtifactRef:
     """Write `train.parquet` and `test.parquet` from validated raw files and publish them under `out_dir`."""
     with workdir(out_dir) as work:
         rows = {}
         for split, (images_name, labels_name) in SPLITS.items():
-            images_payload = read_payload(raw.path(f"{images_name}.gz"))
-            labels_payload = read_payload(raw.path(f"{labels_name}.gz"))
-            # Offsets follow the IDX headers that the validate stage has checked (3 and 1 dimensions).
-            images = np.frombuffer(images_payload, np.uint8, offset=16).reshape(-1, 28, 28)
-            labels = np.frombuffer(labels_payload, np.uint8, offset=8)
+            # The validate stage has checked these files.
+            images = idx_array(read_payload(raw.path(f"{images_name}.gz")))
+            labels = idx_array(read_payload(raw.path(f"{labels_name}.gz")))
             metadata = {
                 "schema_version": SCHEMA_VERSION,
                 "split": split,
                 "rows": len(images),
-                "image_shape": [28, 28],
+                "image_shape": list(IMAGE_SHAPE),
                 "pixels": "float32, raw uint8 value / 255, row-major 28x28 in columns pixel_000..pixel_783",
                 "source_sha256": raw.meta.get("payload_sha256", {}),
                 "raw_digest": raw.digest,
@@ -62,7 +59,9 @@ def preprocess_files(raw: ArtifactRef, validation: ArtifactRef, out_dir: Path) -
             }
             pq.write_table(to_table(images, labels, metadata), work / SPLIT_FILES[split], compression="none", use_dictionary=False)
             rows[split] = len(images)
-        return publish("preprocess", work, meta={"rows": rows, "schema_version": SCHEMA_VERSION})
+        ref = publish("preprocess", work, meta={"rows": rows, "schema_version": SCHEMA_VERSION})
+    log(f"wrote {rows} rows")
+    return ref
 
 
 def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +75,3 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def read_metadata(path: Path) -> dict:
     """Return the pipeline metadata stored in a split's parquet schema."""
     return json.loads(pq.read_schema(path).metadata[METADATA_KEY])
-
-
-@task(name="preprocess_mnist")
-def preprocess_mnist(raw: ArtifactRef, validation: ArtifactRef, data_dir: Path) -> ArtifactRef:
-    """Write the float32 parquet splits under `data_dir/processed`."""
-    with staged(data_dir) as stage:
-        ref = stage.publish(preprocess_files(stage.local(raw), validation, stage.root / "processed"))
-    get_run_logger().info("wrote %s rows: %s", ref.meta["rows"], ", ".join(f.path for f in ref.files.values()))
-    return ref

@@ -9,29 +9,26 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks.core import ArtifactRef, Log, PipelineError, flocked, fsync_path, quiet
-from tasks.locks import FlockLockManager, RedisLockManager, lock_dir
-from tasks.models import METRICS_FILE, MODEL_FILE
+from tasks.artifacts import ArtifactRef
+from tasks.errors import Log, PipelineError, quiet
+from tasks.files import flocked
+from tasks.layout import CHAMPION_FILE, DECISIONS_FILE, METRICS_FILE, MODEL_FILE, REGISTRY_LOCK
+from tasks.locks import RedisLockManager
 from tasks.registry import (
-    CHAMPION_FILE,
-    HISTORY_FILE,
     Champion,
     Decision,
     PromotionConfig,
     Scores,
     read_champion,
     read_history,
-    read_text,
     recorded_decision,
 )
-from tasks.storage import as_root, is_remote, write_text
+from tasks.storage import append_line, as_root, lock_file, make_folder, write_text
 
-LOCK_FILE = ".lock"
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
 # image in ten thousand, so that a model exactly at the gate or exactly at the tolerance passes as the rules say.
 SLACK = 1e-6
@@ -54,8 +51,7 @@ def decide_promotion(
     """
     registry_dir = as_root(registry_dir)
     test_accuracy, test_loss = _scores(model, evaluation)
-    if not is_remote(registry_dir):
-        registry_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(registry_dir)
     with _registry_lock(registry_dir, locks):
         champion = read_champion(registry_dir)
         recorded = recorded_decision(model.digest, read_history(registry_dir), champion, config)
@@ -84,7 +80,7 @@ def decide_promotion(
         )
         # History first: a crash before the champion is replaced leaves a promotion on record that did not take effect,
         # and the next run decides again against the real champion; the other order would lose the previous champion.
-        _append_line(registry_dir / HISTORY_FILE, decision.model_dump_json() + "\n")
+        append_line(registry_dir / DECISIONS_FILE, decision.model_dump_json() + "\n")
         if promoted and (champion is None or champion.model_digest != model.digest):
             record = Champion(**decision.model_dump(include=set(Scores.model_fields) | {"model_path", "run_id", "class_names"}),
                               promoted_at=decision.decided_at)
@@ -94,13 +90,11 @@ def decide_promotion(
 
 
 def _registry_lock(registry_dir: Any, locks: Any) -> Any:
-    """Lock the registry: in Redis with Redis stage locks (roots that several machines share), else by a flock on this
-    machine: on the registry's lock file, or for a registry on object storage on a lock file in the temp folder."""
+    """Lock the registry: in Redis with Redis stage locks (roots that several machines share), else by a flock on
+    this machine (see `tasks.storage.lock_file`)."""
     if isinstance(locks, RedisLockManager):
         return locks.held("registry")
-    if is_remote(registry_dir):
-        return FlockLockManager(lock_dir(registry_dir)).held("registry")
-    return flocked(registry_dir / LOCK_FILE)
+    return flocked(lock_file(registry_dir, REGISTRY_LOCK))
 
 
 def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig) -> tuple[bool, str]:
@@ -140,19 +134,3 @@ def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float]:
     if evaluated is not None and evaluated != model.digest:
         raise PipelineError(f"{path}: evaluates model {evaluated}, expected the model to promote, {model.digest}")
     return scores
-
-
-def _append_line(path: Any, line: str) -> None:
-    if is_remote(path):  # objects cannot be appended to: the whole history again, under the registry's lock
-        path.write_text((read_text(path, "the decision history") or "") + line)
-        return
-    # One write of the whole line to a file opened for appending: no line is interleaved with another or split.
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        data = line.encode()
-        if os.write(fd, data) != len(data):
-            raise PipelineError(f"{path}: short write while appending a decision")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_path(path.parent)

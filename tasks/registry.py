@@ -12,13 +12,11 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.core import PipelineError, validation_problems
-from tasks.models import MODEL_FILE
+from tasks.errors import PipelineError, validation_problems
+from tasks.layout import CHAMPION_FILE, DECISIONS_FILE, MODEL_FILE
 from tasks.storage import as_root
 
 SCHEMA_VERSION = 1
-CHAMPION_FILE = "champion.json"
-HISTORY_FILE = "history.jsonl"
 
 
 class PromotionConfig(BaseModel):
@@ -86,7 +84,7 @@ def read_champion(registry_dir: Path) -> Champion | None:
 
 def read_history(registry_dir: Path) -> list[Decision]:
     """Return every recorded decision, oldest first."""
-    path = as_root(registry_dir) / HISTORY_FILE
+    path = as_root(registry_dir) / DECISIONS_FILE
     text = read_text(path, "the decision history") or ""
     if text and not text.endswith("\n"):
         raise PipelineError(f"{path}: line {text.count(chr(10)) + 1}: incomplete (no line end); the history is damaged")
@@ -160,7 +158,7 @@ def find_model(registry_dir: Path, models_dir: Path, spec: str) -> KnownModel:
             known[folder.name] = KnownModel(folder.name, folder / MODEL_FILE)
     matches = sorted(d for d in known if d.startswith(prefix))
     if not matches:
-        raise PipelineError(f"model {spec}: no model with this digest in {registry_dir / HISTORY_FILE} or {models_dir}")
+        raise PipelineError(f"model {spec}: no model with this digest in {registry_dir / DECISIONS_FILE} or {models_dir}")
     if len(matches) > 1:
         raise PipelineError(f"model {spec}: ambiguous prefix, matches {len(matches)} models: "
                             + ", ".join(d[:16] for d in matches[:5]) + "; give more digits")

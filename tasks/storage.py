@@ -1,37 +1,24 @@
 """Roots on S3-compatible object storage (`s3://BUCKET/PREFIX`) next to roots on this machine's disk, via fsspec.
 
-Object storage has no rename, so no stage writes there directly: a stage computes and publishes on this machine's
-disk exactly as it does for local roots (in a private temporary folder), then `Staged.publish` uploads the published
-folder, its objects first and its manifest last. A folder without its manifest is never trusted, and publishing the
-same content twice writes the same bytes. Input artifacts on object storage are copied into the temporary folder and
-checked against their digests before the stage reads them (Keras, pyarrow and gzip read local files); the folder is
-removed when the stage ends. The endpoint and credentials are the standard AWS variables (`AWS_ENDPOINT_URL`,
-`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), read by botocore.
+Every place where a root on object storage and a folder on disk differ is here (and, for publishing and staging
+artifacts, in tasks/artifacts.py): the rest of the project reads, writes, lists and removes through these functions.
+Object storage has no rename and no append: a file is replaced by one PUT, a history rewritten whole under its lock.
+The endpoint and credentials are the standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), read by botocore.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tasks.core import (
-    MANIFEST,
-    ArtifactRef,
-    FileRef,
-    PipelineError,
-    atomic_write,
-    intact_files,
-    new_workdir,
-    sha256_bytes,
-    sha256_file,
-)
+from tasks.errors import Log, PipelineError
+from tasks.files import atomic_write, fsync_path, remove_folder, sha256_bytes
+from tasks.layout import LOCKS_DIR
 
 SCHEME = "s3://"
 # No listings cache: another machine may publish or delete between two looks. Few, quick retries: an endpoint that
@@ -77,7 +64,7 @@ def explained(error: BaseException) -> BaseException:
 
 
 @contextmanager
-def _explained() -> Iterator[None]:
+def explaining() -> Iterator[None]:
     try:
         yield
     except Exception as exc:
@@ -88,7 +75,7 @@ def read_bytes(location: Any) -> bytes:
     """Return the bytes of a local file or an object (FileNotFoundError if there is none)."""
     if not is_remote(location):
         return Path(location).read_bytes()
-    with _explained():
+    with explaining():
         return filesystem().cat_file(str(location))
 
 
@@ -96,14 +83,14 @@ def exists(location: Any) -> bool:
     """Return whether a local file or an object exists."""
     if not is_remote(location):
         return Path(location).exists()
-    with _explained():
+    with explaining():
         return filesystem().exists(str(location))
 
 
 def write_text(location: Any, text: str) -> None:
     """Replace a local file (by one rename, its folder made if needed) or an object (by one PUT) with `text`."""
     if is_remote(location):
-        with _explained():
+        with explaining():
             filesystem().pipe_file(str(location), text.encode())
     else:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +100,7 @@ def write_text(location: Any, text: str) -> None:
 def remove(location: Any) -> None:
     """Delete a local file or an object, if it exists."""
     if is_remote(location):
-        with _explained(), suppress(FileNotFoundError):
+        with explaining(), suppress(FileNotFoundError):
             filesystem().rm_file(str(location))
     else:
         Path(location).unlink(missing_ok=True)
@@ -133,131 +120,71 @@ def check(location: Any, what: str) -> None:
                             f"({str(exc).splitlines()[0]})") from None
 
 
-def result_storage(cache_dir: Any) -> Any:
-    """Return what Prefect persists the cache records to: the folder itself, or a storage block for object storage.
-
-    Prefect takes remote result storage only as a block saved on its server: one per cache root, named by the root.
-    """
-    if not is_remote(cache_dir):
-        return Path(cache_dir)
-    return _saved_block(str(cache_dir))
-
-
-@cache
-def _saved_block(url: str) -> str:
-    from prefect.filesystems import RemoteFileSystem
-
-    name = f"mnist-pipeline-cache-{sha256_bytes(url.encode())[:16]}"
-    RemoteFileSystem(basepath=url, settings=OPTIONS).save(name, overwrite=True)
-    return f"remote-file-system/{name}"
+def remove_tree(folder: Any) -> None:
+    """Delete a folder (or every object under a prefix) and what it holds."""
+    if is_remote(folder):
+        with explaining():
+            filesystem().rm(str(folder), recursive=True)
+    else:
+        remove_folder(Path(folder))
 
 
-@_explained()
-def remote_problem(files: dict[str, FileRef], trust_unchanged: bool) -> str | None:
-    """Return why objects no longer match their references, or None if they do (see `ArtifactRef.problem`).
-
-    One listing per folder gives each object's size and ETag; an object whose ETag is the one recorded when it was
-    uploaded is trusted without reading it, any other is read back and hashed. A folder without its manifest (an
-    upload that did not finish) is not trusted.
-    """
-    fs = filesystem()
-    listings: dict[str, dict[str, dict]] = {}
-    for ref in files.values():
-        folder, _, name = ref.path.rpartition("/")
-        if folder not in listings:
-            try:
-                listings[folder] = {entry["name"].rpartition("/")[2]: entry for entry in fs.ls(folder, detail=True)}
-            except FileNotFoundError:
-                listings[folder] = {}
-            if MANIFEST not in listings[folder]:
-                return f"{folder}: no {MANIFEST} (an unfinished upload, or the folder was deleted)"
-        entry = listings[folder].get(name)
-        if entry is None:
-            return f"{ref.path}: missing"
-        if entry["size"] != ref.size:
-            return f"{ref.path}: size {entry['size']}, expected {ref.size}"
-        if trust_unchanged and ref.etag is not None and entry.get("ETag") == ref.etag:
-            continue
-        if sha256_bytes(fs.cat_file(ref.path)) != ref.sha256:
-            return f"{ref.path}: content digest differs from the recorded one"
-    return None
-
-
-def published_problem(folder: Any) -> str | None:
-    """Return why a published folder no longer matches its manifest; None if it does or has no manifest (a folder
-    that was not published by a stage)."""
+def list_names(folder: Any) -> list[str]:
+    """Return the names of the entries of a folder (or prefix), sorted; none if it does not exist."""
     if not is_remote(folder):
-        if not (Path(folder) / MANIFEST).exists() or intact_files(Path(folder)) is not None:
-            return None
-        return f"{folder}: its files differ from its {MANIFEST}"
+        return sorted(p.name for p in Path(folder).iterdir()) if Path(folder).is_dir() else []
+    with explaining():
+        try:
+            return sorted(name.rpartition("/")[2] for name in filesystem().ls(str(folder), refresh=True))
+        except FileNotFoundError:
+            return []
+
+
+def make_folder(folder: Any) -> None:
+    """Make a folder with its parents (nothing to make on object storage: prefixes exist with their objects)."""
+    if not is_remote(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+
+
+def append_line(path: Any, line: str) -> None:
+    """Append one line to a file in one write (no line is interleaved with another or split) and sync it.
+
+    Objects cannot be appended to: on object storage the whole file is written again, so callers hold a lock.
+    """
+    if is_remote(path):
+        old = read_bytes(path) if exists(path) else b""
+        write_text(path, old.decode() + line)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        manifest = json.loads(read_bytes(f"{folder}/{MANIFEST}"))
-    except FileNotFoundError:
-        return None
-    return remote_problem({name: FileRef(path=f"{folder}/{name}", **entry) for name, entry in manifest.items()}, False)
-
-
-class Staged:
-    """The local side of a stage whose root may be on object storage (see the module's docstring)."""
-
-    def __init__(self, root: Any) -> None:
-        self.remote_root = str(root) if is_remote(root) else None
-        self._scratch: Path | None = None
-        self.root = self.scratch / "root" if self.remote_root else Path(root)
-
-    @property
-    def scratch(self) -> Path:
-        """This stage's private folder in the system temp folder: made on first use, removed when the stage ends, and
-        if its process was killed, by the next stage on this machine."""
-        if self._scratch is None:
-            self._scratch = new_workdir(Path(tempfile.gettempdir()) / "mnist-pipeline-stages")
-        return self._scratch
-
-    @_explained()
-    def local(self, ref: ArtifactRef, *names: str) -> ArtifactRef:
-        """Return `ref` with its files (or just those named) on this machine's disk: copied from object storage and
-        checked against their digests, if they are there."""
-        wanted = {name: f for name, f in ref.files.items() if is_remote(f.path) and (not names or name in names)}
-        if not wanted:
-            return ref
-        folder = self.scratch / "inputs" / f"{ref.stage}-{ref.digest[:16]}"
-        folder.mkdir(parents=True, exist_ok=True)
-        fs, files = filesystem(), dict(ref.files)
-        for name, f in wanted.items():
-            path = folder / name
-            fs.get_file(f.path, str(path))
-            if path.stat().st_size != f.size or sha256_file(path) != f.sha256:
-                raise PipelineError(f"{f.path}: content digest differs from the recorded one (changed while this run "
-                                    f"read it); run again to recompute it")
-            files[name] = f.model_copy(update={"path": str(path), "etag": None, "stat": None})
-        return ref.model_copy(update={"files": files})
-
-    @_explained()
-    def publish(self, ref: ArtifactRef) -> ArtifactRef:
-        """Upload a folder that a stage published under `root`: objects first, manifest last; return its reference."""
-        if self.remote_root is None:
-            return ref
-        folder = Path(next(iter(ref.files.values())).path).parent
-        target = f"{self.remote_root}/{folder.relative_to(self.root).as_posix()}"
-        fs = filesystem()
-        for name, f in ref.files.items():
-            fs.put_file(f.path, f"{target}/{name}")
-        fs.put_file(str(folder / MANIFEST), f"{target}/{MANIFEST}")  # from now on the folder is trusted
-        etags = {entry["name"].rpartition("/")[2]: entry.get("ETag") for entry in fs.ls(target, detail=True)}
-        files = {name: f.model_copy(update={"path": f"{target}/{name}", "stat": None, "etag": etags.get(name)})
-                 for name, f in ref.files.items()}
-        return ref.model_copy(update={"files": files})
-
-    def close(self) -> None:
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-
-
-@contextmanager
-def staged(root: Any) -> Iterator[Staged]:
-    """Yield the local side of a stage writing under `root`; nothing of it is left on this machine afterwards."""
-    stage = Staged(root)
-    try:
-        yield stage
+        data = line.encode()
+        if os.write(fd, data) != len(data):
+            raise PipelineError(f"{path}: short write while appending a line")
+        os.fsync(fd)
     finally:
-        stage.close()
+        os.close(fd)
+    fsync_path(Path(path).parent)
+
+
+def lock_file(folder: Any, name: str) -> Path:
+    """Return the file to flock for a folder: inside it on disk; for object storage, which has no locks, one in the
+    temp folder named by the URL (it excludes the runs of this machine only; Redis locks exclude other machines')."""
+    if not is_remote(folder):
+        return Path(folder) / name
+    path = Path(tempfile.gettempdir()) / LOCKS_DIR / sha256_bytes(str(folder).encode())[:16] / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def identity(location: Any) -> str:
+    """Return the text that names a root wherever it is used: the URL, or the resolved path on this machine."""
+    return str(location) if is_remote(location) else str(Path(location).resolve())
+
+
+def check_roots(roots: dict[str, Any], shared_locks: bool, log: Log) -> None:
+    """Check each root (`check`); warn through `log` when roots on object storage have no lock server to share."""
+    for what, root in roots.items():
+        check(root, what)
+    if not shared_locks and any(map(is_remote, roots.values())):
+        log("roots on object storage without --locks: stage locks hold on this machine only, so runs on other "
+            "machines at the same time may compute the same stages again")

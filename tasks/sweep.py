@@ -18,14 +18,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.core import ArtifactRef, PipelineError, publish, sha256_json, validation_problems, workdir
+from tasks.artifacts import ArtifactRef, publish
+from tasks.errors import Log, PipelineError, quiet, validation_problems
+from tasks.files import sha256_json, workdir
+from tasks.layout import SWEEP_HTML, SWEEP_MD, SWEEP_PNG
 from tasks.models import KNOBS, MODEL_DEFAULTS, TrainConfig
 
 PARAMETERS = tuple(TrainConfig.model_fields)
-SWEEPS_DIR = "sweeps"  # under the artifacts root: one folder per sweep report
-REPORT_MD = "sweep.md"
-REPORT_HTML = "sweep.html"
-FIGURE_PNG = "accuracy.png"
 
 
 class SweepConfig(BaseModel):
@@ -167,7 +166,8 @@ def trial_id(config: TrainConfig) -> str:
     return sha256_json(config.model_dump(mode="json"))[:12]
 
 
-def write_report(rows: list[dict[str, Any]], columns: list[str], best_id: str, decision: Any, out_dir: Path) -> ArtifactRef:
+def write_report(rows: list[dict[str, Any]], columns: list[str], best_id: str, decision: Any, out_dir: Path,
+                 log: Log = quiet) -> ArtifactRef:
     """Write `sweep.md`, a self-contained `sweep.html` and the accuracy figure; publish them under `out_dir`."""
     from tasks.report.figures import sweep_figure, to_png
     from tasks.report.render import data_uri, markdown_page, render
@@ -178,8 +178,10 @@ def write_report(rows: list[dict[str, Any]], columns: list[str], best_id: str, d
     png = to_png(sweep_figure(labels, [row["test_accuracy"] for row in rows], rows.index(best)))
     values = {"rows": rows, "columns": columns, "best": best, "decision": decision}
     with workdir(out_dir) as work:
-        (work / FIGURE_PNG).write_bytes(png)
-        (work / REPORT_MD).write_text(render("sweep.md.j2", src=FIGURE_PNG, **values))
+        (work / SWEEP_PNG).write_bytes(png)
+        (work / SWEEP_MD).write_text(render("sweep.md.j2", src=SWEEP_PNG, **values))
         page = markdown_page(render("sweep.md.j2", src=data_uri(png), **values), f"Sweep of {len(rows)} trials")
-        (work / REPORT_HTML).write_text(page)
-        return publish("sweep", work)
+        (work / SWEEP_HTML).write_text(page)
+        ref = publish("sweep", work)
+    log(f"sweep report of {len(rows)} trials written")
+    return ref

@@ -13,30 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from tasks.core import (
-    ArtifactRef,
-    Log,
-    publish,
-    quiet,
-    sha256_bytes,
-    sha256_json,
-    workdir,
-    write_json,
-)
+
+from tasks.artifacts import ArtifactRef, publish
+from tasks.errors import Log, quiet
+from tasks.files import sha256_bytes, sha256_json, workdir, write_json
 from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
-from tasks.models import CONFIG_FILE, KNOBS, MODEL_FILE, TrainConfig, build_model, describe_model
-from tasks.preprocess import SPLIT_FILES, load_split
-from tasks.storage import staged
+from tasks.layout import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, SPLIT_FILES, TRAIN_STATE_DIR
+from tasks.models import KNOBS, LOSS, TrainConfig, build_model, describe_model
+from tasks.preprocess import load_split
 
-HISTORY_FILE = "history.json"
-# The loss the model is trained with; evaluate scores with the same function.
-LOSS = "sparse_categorical_crossentropy"
-PROGRESS_KEY = "mnist-training-progress"
-
+# Called after each epoch with (epochs done, epochs, that epoch's metrics).
 Progress = Callable[[int, int, dict[str, float]], None]
+
+
 def _no_progress(_done: int, _total: int, _logs: dict[str, float]) -> None:
     pass
 
@@ -44,7 +34,7 @@ def _no_progress(_done: int, _total: int, _logs: dict[str, float]) -> None:
 def fit_model(
     processed: ArtifactRef,
     out_dir: Path,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig,
     num_classes: int = NUM_CLASSES,
     log: Log = quiet,
     progress: Progress = _no_progress,
@@ -144,6 +134,9 @@ def fit_model(
         ref = publish("train", work, digest=digest, meta=meta)
     if state_dir is not None:
         shutil.rmtree(state_dir, ignore_errors=True)
+    stopped = f", stopped early after {epochs_run} epochs (best: {best_epoch})" if epochs_run < config.epochs else ""
+    log(f"trained {config.model} in {fit_seconds:.1f} s{stopped}: loss {meta['train_loss']:.4f}, accuracy "
+        f"{meta['train_accuracy']:.4f}")
     return ref
 
 
@@ -172,39 +165,4 @@ def weights_digest(model: Any) -> str:
 def state_folder(artifacts_dir: Path, processed: ArtifactRef, config: TrainConfig, num_classes: int) -> Path:
     """Return where the training of `config` on `processed` keeps its resume state: one folder per training."""
     identity = sha256_json({"data": processed.digest, "config": config.resolved().model_dump(mode="json"), "classes": num_classes})
-    return Path(artifacts_dir) / "train-state" / identity[:32]
-
-
-@task(name="train_model")
-def train_model(processed: ArtifactRef, config: TrainConfig, num_classes: int, artifacts_dir: Path) -> ArtifactRef:
-    """Train the model and write it with its history under `artifacts_dir/models`, reporting progress per epoch."""
-    from tasks.callbacks import format_metrics
-
-    logger = get_run_logger()
-    config = config.resolved()
-    artifact_id = create_progress_artifact(progress=0.0, key=PROGRESS_KEY, description=f"Training: 0/{config.epochs} epochs")
-
-    def report(done: int, total: int, logs: dict[str, float]) -> None:
-        try:
-            update_progress_artifact(
-                artifact_id, progress=100.0 * done / total, description=f"Training: {done}/{total} epochs, {format_metrics(logs)}"
-            )
-        except Exception as exc:  # a lost progress update must not abort a long training run
-            logger.warning("could not update the progress artifact: %s", exc)
-
-    # On object storage the resume state stays in the stage's temporary folder: a killed training starts over.
-    with staged(artifacts_dir) as stage:
-        ref = stage.publish(fit_model(stage.local(processed, SPLIT_FILES["train"]), stage.root / "models", config, num_classes,
-                                      log=logger.info, progress=report,
-                                      state_dir=state_folder(stage.root, processed, config, num_classes)))
-    stopped = f", stopped early after {ref.meta['epochs']} epochs (best: {ref.meta['best_epoch']})" if ref.meta["epochs"] < config.epochs else ""
-    logger.info(
-        "trained %s in %.1f s%s: loss %.4f, accuracy %.4f; model %s",
-        config.model,
-        ref.meta["fit_seconds"],
-        stopped,
-        ref.meta["train_loss"],
-        ref.meta["train_accuracy"],
-        ref.path(MODEL_FILE),
-    )
-    return ref
+    return Path(artifacts_dir) / TRAIN_STATE_DIR / identity[:32]

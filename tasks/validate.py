@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from prefect import get_run_logger, task
 
-from tasks.core import ArtifactRef, publish, workdir, write_json
+from tasks.artifacts import ArtifactRef, publish
 from tasks.dataset import SPLITS, ValidateConfig
+from tasks.errors import Log, quiet
+from tasks.files import workdir, write_json
 from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
-from tasks.storage import staged
+from tasks.layout import VALIDATION_FILE
 
-VALIDATION_FILE = "validation.json"
 # Version 2: the report records num_classes and where the raw files came from (the "source" block).
 SCHEMA_VERSION = 2
 # The size of each MNIST split, checked when the raw files are MNIST's and the config sets no count.
@@ -24,6 +24,7 @@ def validate_files(
     out_dir: Path,
     config: ValidateConfig = ValidateConfig(),  # noqa: B008 (never mutated)
     num_classes: int = NUM_CLASSES,
+    log: Log = quiet,
 ) -> ArtifactRef:
     """Check every raw file and publish a JSON report under `out_dir`; raise PipelineError on the first failure."""
     checks = Checks()
@@ -64,7 +65,9 @@ def validate_files(
     }
     with workdir(out_dir) as work:
         write_json(work / VALIDATION_FILE, report)
-        return publish("validate", work, meta={"splits": splits, "checks": len(checks.items)})
+        ref = publish("validate", work, meta={"splits": splits, "checks": len(checks.items), "source": source})
+    log(f"all {len(checks.items)} checks passed")
+    return ref
 
 
 def summarize(images: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLASSES) -> dict:
@@ -85,16 +88,3 @@ def summarize(images: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLA
         "pixel_mean": round(mean, 4),
         "pixel_std": round(std, 4),
     }
-
-
-@task(name="validate_mnist")
-def validate_mnist(raw: ArtifactRef, config: ValidateConfig, num_classes: int, artifacts_dir: Path) -> ArtifactRef:
-    """Validate the raw files for `num_classes` classes and write `validation.json` under `artifacts_dir/validation`."""
-    logger = get_run_logger()
-    if not raw.meta.get("pinned_by"):
-        logger.warning("source %s was not pinned (no SHA256SUMS, no --sha256): its files are trusted on the IDX checks "
-                       "alone", raw.meta.get("source"))
-    with staged(artifacts_dir) as stage:
-        ref = stage.publish(validate_files(stage.local(raw), stage.root / "validation", config, num_classes))
-    logger.info("all %d checks passed; report %s", ref.meta["checks"], ref.path(VALIDATION_FILE))
-    return ref

@@ -28,9 +28,8 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from synthetic import write_source  # noqa: E402
-
 from flows.server import free_port  # noqa: E402, F401  (for the tests that start servers)
+from synthetic import write_source  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

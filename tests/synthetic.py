@@ -95,7 +95,8 @@ def processed_ref(root: Path, n_train: int = 200, n_test: int = 50):
     """Publish synthetic train/test parquet splits as the preprocess stage would; return the ArtifactRef."""
     import pyarrow.parquet as pq
 
-    from tasks.core import new_workdir, publish
+    from tasks.artifacts import publish
+    from tasks.files import new_workdir
     from tasks.preprocess import to_table
 
     work = new_workdir(root)

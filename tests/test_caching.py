@@ -28,14 +28,15 @@ print(json.dumps({stage: info["state"] for stage, info in summary["stages"].item
 def test_closure_holds_every_project_module_a_stage_imports_and_no_other():
     train = set(project_modules("tasks.train"))
     # train imports preprocess, which imports dataset (the split names): not imported by train directly.
-    assert {"tasks.train", "tasks.preprocess", "tasks.idx", "tasks.dataset", "tasks.core", "tasks.keras_runtime",
-            "tasks.models"} <= train
+    assert {"tasks.train", "tasks.preprocess", "tasks.idx", "tasks.dataset", "tasks.artifacts", "tasks.keras_runtime",
+            "tasks.models", "tasks.layout"} <= train
     assert not {"tasks.download", "tasks.evaluate", "tasks.report", "tasks.promote", "flows.pipeline",
                 "flows.config"} & train
     assert "tasks.dataset" in project_modules("tasks.validate") and "tasks.download" not in project_modules("tasks.validate")
-    assert "tasks.train" in project_modules("tasks.evaluate")  # its loss and file names are defined by train
-    assert set(project_modules("tasks.download")) == {"tasks.download", "tasks.dataset", "tasks.core", "tasks.idx",
-                                                      "tasks.storage"}
+    # Evaluate reads the model's files and loss by their names (tasks.layout, tasks.models), not through train.
+    assert "tasks.train" not in project_modules("tasks.evaluate")
+    assert set(project_modules("tasks.download")) == {"tasks", "tasks.download", "tasks.dataset", "tasks.artifacts", "tasks.errors",
+                                                      "tasks.files", "tasks.idx", "tasks.layout", "tasks.storage"}
 
 
 def test_libraries_that_shape_a_stage_output_are_in_its_code_version():
@@ -134,10 +135,10 @@ def test_a_stage_task_with_its_cache_policy_pickles_to_another_process(tmp_path)
 
     import cloudpickle
 
-    from tasks.caching import cached
-    from tasks.train import train_model
+    from flows.config import PipelineConfig
+    from flows.runner import cached, train_model
 
-    task = cached(train_model, tmp_path / "cache")
+    task = cached(train_model, PipelineConfig(artifacts_dir=tmp_path))
     locks = task.cache_policy.lock_manager
     assert locks.acquire_lock("k", "here")
     blob = cloudpickle.dumps(task)
@@ -152,3 +153,85 @@ def test_a_stage_task_with_its_cache_policy_pickles_to_another_process(tmp_path)
     assert run() == ["True", "False"]
     locks.release_lock("k", "here")
     assert run() == ["False", "True"]
+
+
+# Edits each module of a copy of the package in turn and prints, per file, the steps whose code version changed.
+EDIT_EACH = """
+import json, sys
+from pathlib import Path
+from flows.stages import OTHER_STEPS, STEPS
+from tasks import keys
+steps = {**STEPS, **OTHER_STEPS}
+def versions():
+    for cached in (keys.code_components, keys.project_modules, keys._imports):
+        cached.cache_clear()
+    return {name: keys.code_version(step.module) for name, step in steps.items()}
+base, root, changed = versions(), Path(sys.argv[1]), {}
+for path in sorted(p for p in root.glob("[tf][al]*s/**/*") if p.is_file() and "__pycache__" not in p.parts):
+    text = path.read_text()
+    path.write_text(text + "\\n# edited\\n")
+    try:
+        now = versions()
+    finally:
+        path.write_text(text)
+    changed[path.relative_to(root).as_posix()] = [name for name in steps if now[name] != base[name]]
+print(json.dumps(changed))
+"""
+DATA = ["download", "validate", "preprocess"]
+MODEL = ["train", "evaluate"]
+PREDICT = ["load_inputs", "predict_classes", "write_predictions"]
+SWEEP = "write_sweep_report"
+EVERY = [*DATA, *MODEL, "report", *PREDICT, SWEEP]
+# What each module is code of. Shared foundations are every stage's; a stage's own module and what only it imports
+# are its own; orchestration (flows/), the registry's writer, the UI documents, keys and locks are no stage's.
+CODE_OF = {
+    **{f"tasks/{name}.py": EVERY for name in ("__init__", "artifacts", "dataset", "errors", "files", "idx", "layout",
+                                              "storage")},
+    "tasks/preprocess.py": ["preprocess", *MODEL, "report", *PREDICT, SWEEP],  # load_split and the parquet schema
+    "tasks/models.py": [*MODEL, *PREDICT, SWEEP], "tasks/keras_runtime.py": [*MODEL, *PREDICT, SWEEP],
+    "tasks/download.py": ["download"], "tasks/validate.py": ["validate"], "tasks/train.py": ["train"],
+    "tasks/callbacks.py": ["train"], "tasks/evaluate.py": ["evaluate"], "tasks/predict.py": PREDICT,
+    "tasks/registry.py": ["report"],  # the decision the report shows
+    "tasks/report/__init__.py": ["report"], "tasks/sweep.py": [SWEEP],
+    **{f"tasks/report/{name}.py": ["report", SWEEP] for name in ("context", "figures", "render")},
+    **{name: [] for name in ("tasks/keys.py", "tasks/locks.py", "tasks/promote.py", "tasks/report/ui.py")},
+}
+
+
+def test_editing_each_module_changes_the_code_version_of_exactly_the_stages_it_is_code_of(tmp_path):
+    for package in ("tasks", "flows"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-c", EDIT_EACH, str(tmp_path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    changed = json.loads(out.stdout)
+    assert len(changed) > 40 and set(CODE_OF) <= set(changed)
+    for path, stages in changed.items():
+        if path.startswith("flows/"):
+            expected = []
+        elif path.startswith("tasks/report/templates/"):
+            expected = ["report", SWEEP]  # a package's data files count with its modules
+        else:
+            expected = CODE_OF[path]
+        assert stages == expected, path
+
+
+def test_no_import_cycle_among_the_projects_modules():
+    from tasks.keys import _imports, _is_module
+
+    modules = [".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+               for package in ("tasks", "flows") for p in (REPO / package).rglob("*.py")]
+    graph = {m: {d for d in _imports(m) if d.partition(".")[0] in ("tasks", "flows") and _is_module(d) and d != m}
+             for m in modules}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, " -> ".join((*path[path.index(module):], module))
+        if module not in done:
+            for dependency in graph.get(module, ()):
+                visit(dependency, (*path, module))
+            done.add(module)
+
+    for module in modules:
+        visit(module, ())
+    assert {"tasks.artifacts", "tasks.storage", "flows.runner"} <= done

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import tree_state
 from synthetic import idx_bytes, make_split, payloads, write_source, write_sums
 

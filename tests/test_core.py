@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import MANIFEST, ArtifactRef, new_workdir, publish, sha256_bytes, sha256_file, sha256_json, write_json
+from tasks.artifacts import ArtifactRef, publish
+from tasks.files import new_workdir, sha256_bytes, sha256_file, sha256_json, write_json
+from tasks.layout import MANIFEST
 
 OLD_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09: an mtime no rewrite could produce by accident
 
@@ -174,13 +176,13 @@ def test_reference_survives_a_json_round_trip(tmp_path):
 
 
 def test_unchanged_files_are_trusted_without_hashing_and_any_change_is_hashed(tmp_path, monkeypatch):
-    import tasks.core
+    import tasks.artifacts
 
     ref = publish("s", make_work(tmp_path, FILES))
-    assert all(f.stat == tasks.core.stat_signature(Path(f.path)) for f in ref.files.values())
+    assert all(f.stat == tasks.artifacts.stat_signature(Path(f.path)) for f in ref.files.values())
     hashed = []
-    real = tasks.core.sha256_file
-    monkeypatch.setattr(tasks.core, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    real = tasks.artifacts.sha256_file
+    monkeypatch.setattr(tasks.artifacts, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
 
     assert ref.problem(trust_unchanged=True) is None and hashed == []
     assert ref.problem() is None and sorted(hashed) == ["a.bin", "b.txt"]

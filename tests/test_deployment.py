@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 import yaml
+
 from conftest import free_port
 from synthetic import write_source
 
@@ -276,6 +277,7 @@ def test_adhoc_run_completes_all_six_stages_with_report_artifacts_and_epoch_logs
 
 def test_score_folder_deployment_scores_images_with_a_trained_model(server, deployed, adhoc_run):
     from PIL import Image
+
     from synthetic import make_split
 
     spec = DEPLOYMENTS["score-folder"]

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from synthetic import (
     idx_bytes,
     make_split,
@@ -18,11 +19,10 @@ from synthetic import (
     write_source,
     write_sums,
 )
-
-from tasks.core import PipelineError, sha256_json
-from tasks.dataset import FILES, SNAPSHOT_DIR, SUMS_FILE, DownloadConfig, source_fingerprint
-from tasks.dataset import read_sums
+from tasks.dataset import FILES, SNAPSHOT_DIR, SUMS_FILE, DownloadConfig, read_sums, source_fingerprint
 from tasks.download import MNIST_SHA256, download_files
+from tasks.errors import PipelineError
+from tasks.files import sha256_json
 
 GOOD = payloads()
 GOOD_SHA = {name: hashlib.sha256(data).hexdigest() for name, data in GOOD.items()}

@@ -8,10 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from synthetic import make_split, processed_ref
 
-from tasks.evaluate import METRICS_FILE, PREDICTIONS_FILE, build_metrics, overfitting_remark, per_class, score_model
-from tasks.train import HISTORY_FILE, TrainConfig, fit_model
+from synthetic import make_split, processed_ref
+from tasks.evaluate import build_metrics, overfitting_remark, per_class, score_model
+from tasks.layout import HISTORY_FILE, METRICS_FILE, PREDICTIONS_FILE
+from tasks.models import TrainConfig
+from tasks.train import fit_model
 
 N_TEST = 60
 KEYS = {

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from conftest import tree_state
 
+from conftest import tree_state
 from flows.pipeline import mnist_pipeline
-from tasks.core import PipelineError
+from tasks.errors import PipelineError
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,9 @@ import gzip
 
 import numpy as np
 import pytest
-from synthetic import idx_bytes, make_split
 
-from tasks.core import PipelineError
+from synthetic import idx_bytes, make_split
+from tasks.errors import PipelineError
 from tasks.idx import (
     Checks,
     check_idx,

@@ -10,15 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tree_state
-from synthetic import payloads, write_source
 
+from conftest import tree_state
 from flows import gc
 from flows.history import diff, history
 from flows.pipeline import mnist_pipeline
 from flows.status import UP_TO_DATE, pipeline_status
-from tasks.core import PipelineError
-from tasks.registry import HISTORY_FILE, read_champion
+from synthetic import payloads, write_source
+from tasks.errors import PipelineError
+from tasks.layout import DECISIONS_FILE as HISTORY_FILE
+from tasks.registry import read_champion
 
 REPO = Path(__file__).resolve().parents[1]
 

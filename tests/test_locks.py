@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import free_port
 
-from tasks.core import PipelineError
+from conftest import free_port
+from tasks.errors import PipelineError
 from tasks.locks import RedisLockManager
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,10 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tree_state
 
+from conftest import tree_state
 from flows.pipeline import mnist_pipeline
-from tasks.core import PipelineError
+from tasks.errors import PipelineError
 
 ALL = ["download", "validate", "preprocess", "train", "evaluate", "report"]
 
@@ -120,7 +120,7 @@ def run_artifact_keys(run_id):
 
 
 def test_promotion_is_decided_once_and_every_run_shows_the_report(synthetic_config, first_run):
-    from tasks.promote import read_champion, read_history
+    from tasks.registry import read_champion, read_history
 
     second = mnist_pipeline(config=synthetic_config)
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tree_state
 from PIL import Image
-from synthetic import idx_bytes, make_split, write_source
 
+from conftest import tree_state
+from synthetic import idx_bytes, make_split, write_source
 from tasks import predict
-from tasks.core import PipelineError
+from tasks.errors import PipelineError
+from tasks.models import load_model
 from tasks.preprocess import to_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def trained(tmp_path_factory, prefect_api_url):
     )
     summary = mnist_pipeline(config=config)
     assert summary["promotion"]["promoted"], summary["promotion"]
-    from tasks.promote import read_champion
+    from tasks.registry import read_champion
 
     champion = read_champion(config.registry_dir)
     images, labels = make_split(40, seed=7)
@@ -60,7 +61,7 @@ def write_pngs(folder: Path, images: np.ndarray, **kwargs) -> list[Path]:
 
 def model_classes(trained, images: np.ndarray) -> np.ndarray:
     """Classes the champion gives to 28x28 uint8 images, straight from Keras (the reference for every input path)."""
-    net = predict.load_model(Path(trained["champion"].model_path))
+    net = load_model(Path(trained["champion"].model_path))
     return np.asarray(net.predict(images.reshape(len(images), 784).astype("float32") / 255, verbose=0)).argmax(axis=1)
 
 
@@ -199,6 +200,21 @@ def test_the_flow_writes_predictions_caches_by_content_and_changes_nothing(tmp_p
     assert {"mnist-predictions", "mnist-predictions-strip"} <= set(artifacts)
     assert len(artifacts["mnist-predictions"]) == 12
     assert "data:image/png;base64," in artifacts["mnist-predictions-strip"]
+
+
+def test_the_flow_and_predict_images_give_the_same_table_for_mixed_inputs(tmp_path, trained):
+    from flows.predict import mnist_predict
+
+    images, champion = trained["images"], trained["champion"]
+    write_pngs(tmp_path / "pngs", images[:5])
+    (tmp_path / "more-ubyte.gz").write_bytes(gzip.compress(idx_bytes(images[5:12])))
+    inputs = [tmp_path / "pngs", tmp_path / "more-ubyte.gz"]
+
+    flow = pd.read_parquet(mnist_predict(inputs=[str(i) for i in inputs], config=trained["config"])["output"])
+    direct = predict.predict_images(champion.model_path, inputs, class_names=NAMES, model_digest=champion.model_digest)
+    # Each row keeps its file and its index inside it (none for an image file), decoded and scored the same way.
+    pd.testing.assert_frame_equal(flow, direct)
+    assert flow["index"].isna().sum() == 5 and list(flow["index"].iloc[5:]) == list(range(7))
 
 
 def run_artifacts(run_id: str) -> dict:

@@ -6,11 +6,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from synthetic import make_split, payloads, write_source
 
-from tasks.core import PipelineError
+from synthetic import make_split, payloads, write_source
 from tasks.download import download_files
-from tasks.preprocess import METADATA_KEY, PIXEL_COLUMNS, SCHEMA_VERSION, load_split, preprocess_files, read_metadata, to_table
+from tasks.errors import PipelineError
+from tasks.preprocess import (
+    METADATA_KEY,
+    PIXEL_COLUMNS,
+    SCHEMA_VERSION,
+    load_split,
+    preprocess_files,
+    read_metadata,
+    to_table,
+)
 from tasks.validate import ValidateConfig, validate_files
 
 SPLITS = {"train": make_split(200, 0), "test": make_split(50, 1)}  # what write_source() writes

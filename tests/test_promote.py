@@ -11,8 +11,11 @@ import pytest
 from pydantic import ValidationError
 
 from tasks import promote
-from tasks.core import ArtifactRef, PipelineError, new_workdir, publish, write_json
-from tasks.promote import PromotionConfig, decide_promotion, judge, read_champion, read_history
+from tasks.artifacts import ArtifactRef, publish
+from tasks.errors import PipelineError
+from tasks.files import new_workdir, write_json
+from tasks.promote import decide_promotion, judge
+from tasks.registry import PromotionConfig, read_champion, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = PromotionConfig()  # gate 0.97, tolerance 0.002
@@ -265,7 +268,7 @@ def test_concurrent_processes_decide_one_after_another(tmp_path, registry):
     go = tmp_path / "go"
     code = (
         "import sys, time; from pathlib import Path\n"
-        "from tasks import promote; from tasks.core import ArtifactRef\n"
+        "from tasks import promote; from tasks.artifacts import ArtifactRef\n"
         "from tasks.promote import PromotionConfig, decide_promotion\n"
         # As in the threads test: a slow read widens the window an unlocked registry would interleave in.
         "read = promote.read_history; promote.read_history = lambda folder: (read(folder), time.sleep(0.05))[0]\n"

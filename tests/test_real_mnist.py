@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, tree_state
 from test_cli import cli
 
+from conftest import REPO, tree_state
 from tasks.preprocess import PIXEL_COLUMNS, load_split
 
 pytestmark = pytest.mark.slow  # run by CI; `pytest -m 'not slow'` skips it locally

@@ -13,11 +13,12 @@ import zlib
 from pathlib import Path
 
 import pytest
+
 from conftest import tree_state
 from synthetic import make_split, write_source
-
-from tasks.core import PipelineError, pid_alive, remove_stale_workdirs
 from tasks.download import FILES, download_files
+from tasks.errors import PipelineError
+from tasks.files import pid_alive, remove_stale_workdirs
 from tasks.idx import MAX_PAYLOAD_BYTES, Checks, check_images, decode_payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +259,7 @@ def hostile_record(tmp_path, case) -> bytes:
         return json.dumps({"metadata": json_meta, "result": json.dumps(run)}).encode()
     if case == "nested-call":
         ref = {"stage": "validate", "digest": "0" * 64, "files": {}, "meta": {"note": run}}
-        return json.dumps({"metadata": json_meta, "result": json.dumps({"__class__": "tasks.core.ArtifactRef", "data": ref})}).encode()
+        return json.dumps({"metadata": json_meta, "result": json.dumps({"__class__": "tasks.artifacts.ArtifactRef", "data": ref})}).encode()
 
     class Payload:
         def __reduce__(self):
@@ -331,15 +332,15 @@ def test_cache_record_pointing_at_nothing_is_discarded_and_the_stage_recomputed(
 # published, with its last file cut in half as if the kill came while writing it: the worst moment to die.
 KILLER = """
 import os, signal
-import tasks.core as core
-stage, real = os.environ["KILL_IN_STAGE"], core.publish
+import tasks.artifacts as artifacts
+stage, real = os.environ["KILL_IN_STAGE"], artifacts.publish
 def publish(name, work, *args, **kwargs):
     if name == stage:
         last = sorted(p for p in work.iterdir() if p.is_file())[-1]
         last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
         os.kill(os.getpid(), signal.SIGKILL)
     return real(name, work, *args, **kwargs)
-core.publish = publish
+artifacts.publish = publish
 from flows.cli import run
 run()
 """

@@ -14,44 +14,42 @@ import pandas as pd
 import pytest
 from markdown_it import MarkdownIt
 from matplotlib.image import imread
-from synthetic import NAMES, idx_bytes, make_split, payloads, write_source
 
-from tasks.core import (
-    MANIFEST,
-    ArtifactRef,
-    PipelineError,
-    new_workdir,
-    publish,
-    write_json,
-)
+from flows.runner import report_results
+from flows.ui import PROMOTION_KEY
+from synthetic import NAMES, idx_bytes, make_split, payloads, write_source
+from tasks.artifacts import ArtifactRef, publish
 from tasks.dataset import DatasetConfig
 from tasks.download import download_files
-from tasks.evaluate import METRICS_FILE, PREDICTIONS_FILE, score_model
-from tasks.preprocess import SPLIT_FILES, load_split, preprocess_files
-from tasks.promote import PromotionConfig, decide_promotion
-from tasks.report import REPORT_HTML, REPORT_MD, report_results, write_report
-from tasks.report.context import load_context
-from tasks.report.figures import (
+from tasks.errors import PipelineError
+from tasks.evaluate import score_model
+from tasks.files import new_workdir, write_json
+from tasks.layout import (
+    CONFIG_FILE,
     CONFUSION_PNG,
     CURVES_PNG,
-    FIGURES,
     FIRST20_PNG,
-    KEY_FIGURES,
+    HISTORY_FILE,
+    MANIFEST,
+    METRICS_FILE,
     MISCLASSIFIED_PNG,
-    WRONG,
-    draw_figures,
-    short,
-    to_png,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    REPORT_HTML,
+    REPORT_MD,
+    SPLIT_FILES,
+    VALIDATION_FILE,
 )
-from tasks.report.ui import (
-    PROMOTION_KEY,
-    confusion_table,
-    metrics_table,
-    promotion_markdown,
-    summary_markdown,
-)
-from tasks.train import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, TrainConfig, fit_model
-from tasks.validate import VALIDATION_FILE, ValidateConfig, validate_files
+from tasks.models import TrainConfig
+from tasks.preprocess import load_split, preprocess_files
+from tasks.promote import decide_promotion
+from tasks.registry import PromotionConfig
+from tasks.report import write_report
+from tasks.report.context import load_context
+from tasks.report.figures import FIGURES, KEY_FIGURES, WRONG, draw_figures, short, to_png
+from tasks.report.ui import confusion_table, metrics_table, promotion_markdown, summary_markdown
+from tasks.train import fit_model
+from tasks.validate import ValidateConfig, validate_files
 
 REPO = Path(__file__).resolve().parents[1]
 N_TEST = 50
@@ -182,13 +180,11 @@ def test_writes_report_pages_and_valid_figures_in_one_flat_folder(report):
     assert width > 6 * height  # one row of 20 digits
 
 
-def test_meta_holds_headline_numbers_and_final_paths(report, inputs):
+def test_meta_holds_headline_numbers(report, inputs):
     metrics = metrics_of(inputs[3])
     assert report.meta["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert report.meta["misclassified"] == metrics["misclassified"]["count"] > 0
     assert report.meta["overfitting"] == metrics["overfitting"]
-    assert Path(report.meta["report_md"]) == report.path(REPORT_MD)
-    assert Path(report.meta["report_html"]) == report.path(REPORT_HTML) and report.path(REPORT_HTML).is_file()
 
 
 def test_html_embeds_every_figure_and_loads_nothing_from_outside(report):
@@ -441,7 +437,7 @@ def test_task_publishes_the_report_tables_and_decision_as_prefect_artifacts(pref
 
     model, evaluation = stages.weak
     dataset = DatasetConfig(name="Bars", class_names=BAR_NAMES)
-    ref = report_results(stages.validation, stages.processed, model, evaluation, tmp_path / "artifacts",
+    ref = report_results(stages.validation, stages.processed, model, evaluation, artifacts_dir=tmp_path / "artifacts",
                          decision=stages.rejected, dataset=dataset)
     # The UI artifacts are built from what the report recorded (a cached report is published again from its meta).
     assert (ref.meta["dataset"], ref.meta["class_names"]) == ("Bars", BAR_NAMES)

@@ -9,9 +9,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from synthetic import write_source
 
 from flows import server
+from synthetic import write_source
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from synthetic import payloads, write_source
 
 from flows.pipeline import mnist_pipeline
 from flows.status import MISSING, STALE, UP_TO_DATE, pipeline_status
+from synthetic import payloads, write_source
 
 REPO = Path(__file__).resolve().parents[1]
 

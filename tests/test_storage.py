@@ -10,15 +10,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from synthetic import write_source
 
 from flows import gc
 from flows.cli import human_summary
 from flows.history import history
 from flows.pipeline import mnist_pipeline
 from flows.status import UP_TO_DATE, pipeline_status
-from tasks.core import MANIFEST, PipelineError
-from tasks.promote import read_champion, read_history
+from synthetic import write_source
+from tasks.errors import PipelineError
+from tasks.layout import MANIFEST
+from tasks.registry import read_champion, read_history
 from tasks.storage import as_root, filesystem
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,11 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import free_port, stop_process
 from synthetic import write_source
-
 from tasks import sweep
-from tasks.core import PipelineError, intact_files, take_flock
+from tasks.artifacts import intact_files
+from tasks.errors import PipelineError
+from tasks.files import take_flock
 
 REPO = Path(__file__).resolve().parents[1]
 DASK = str(Path(sys.executable).with_name("dask"))
@@ -190,7 +192,7 @@ def test_tensorflow_in_a_worker_is_sized_to_the_worker_threads(cluster):
 
 def test_a_sweep_on_the_cluster_trains_each_distinct_trial_once_and_reruns_cached(tmp_path, cluster):
     from flows.sweep import mnist_sweep
-    from tasks.promote import read_champion, read_history
+    from tasks.registry import read_champion, read_history
 
     config = sweep_config(tmp_path, cluster["address"])
     space = {"grid": {"hidden_units": [16, 24, 32, 32]}}

@@ -1,16 +1,12 @@
-"""Every stage's Prefect task called on its own, outside a flow, chained by artifact references."""
+"""Every stage's Prefect task (flows/runner.py) called on its own, outside a flow, chained by artifact references."""
 
 import json
 
 import pytest
 
-from tasks.core import ArtifactRef
-from tasks.download import download_mnist
-from tasks.evaluate import evaluate_model
-from tasks.preprocess import load_split, preprocess_mnist
-from tasks.report import report_results
-from tasks.train import train_model
-from tasks.validate import validate_mnist
+from flows.runner import download_mnist, evaluate_model, preprocess_mnist, report_results, train_model, validate_mnist
+from tasks.artifacts import ArtifactRef
+from tasks.preprocess import load_split
 
 
 @pytest.fixture(autouse=True)
@@ -20,12 +16,13 @@ def _server(prefect_api_url):
 
 def test_tasks_chain_outside_a_flow(synthetic_config):
     c = synthetic_config
-    raw = download_mnist(c.download, c.data_dir)
-    checked = validate_mnist(raw, c.validation, c.dataset.num_classes, c.artifacts_dir)
-    processed = preprocess_mnist(raw, checked, c.data_dir)
-    model = train_model(processed, c.train, c.dataset.num_classes, c.artifacts_dir)
-    evaluation = evaluate_model(model, processed, c.artifacts_dir)
-    report = report_results(checked, processed, model, evaluation, c.artifacts_dir, None, c.dataset)
+    # Each task takes its stage function's arguments, then the root it publishes under (by keyword).
+    raw = download_mnist(c.download, data_dir=c.data_dir)
+    checked = validate_mnist(raw, c.validation, c.dataset.num_classes, artifacts_dir=c.artifacts_dir)
+    processed = preprocess_mnist(raw, checked, data_dir=c.data_dir)
+    model = train_model(processed, c.train, c.dataset.num_classes, artifacts_dir=c.artifacts_dir)
+    evaluation = evaluate_model(model, processed, artifacts_dir=c.artifacts_dir)
+    report = report_results(checked, processed, model, evaluation, None, c.dataset, artifacts_dir=c.artifacts_dir)
 
     for ref in (raw, checked, processed, model, evaluation, report):
         assert isinstance(ref, ArtifactRef) and ref.problem() is None

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from synthetic import processed_ref
 
-from tasks.train import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, TrainConfig, fit_model, state_folder
+from synthetic import processed_ref
+from tasks.layout import CONFIG_FILE, HISTORY_FILE, MODEL_FILE
+from tasks.models import TrainConfig
+from tasks.train import fit_model, state_folder
 
 # Small enough for a few seconds per fit, large enough to learn the synthetic bars well above chance.
 SMALL = {"epochs": 4, "batch_size": 20, "hidden_units": 16, "learning_rate": 0.01, "seed": 7}
@@ -79,8 +81,11 @@ def test_history_has_one_entry_per_epoch_and_the_timings(trained):
 def test_logs_one_line_and_reports_progress_per_epoch(trained):
     ref, lines, calls = trained
     history = json.loads(ref.path(HISTORY_FILE).read_text())
-    assert len(lines) == SMALL["epochs"]
-    for epoch, line in enumerate(lines, 1):
+    *epochs, done = lines
+    assert len(epochs) == SMALL["epochs"]
+    assert done == f"trained mlp in {ref.meta['fit_seconds']:.1f} s: loss {history['loss'][-1]:.4f}, accuracy " \
+                   f"{history['accuracy'][-1]:.4f}"
+    for epoch, line in enumerate(epochs, 1):
         assert re.fullmatch(rf"epoch {epoch}/4: loss \d+\.\d{{4}}, accuracy \d\.\d{{4}}, \d+\.\d s", line), line
         assert f"loss {history['loss'][epoch - 1]:.4f}," in line
     assert [(done, total) for done, total, _ in calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
@@ -120,7 +125,7 @@ def test_validation_split_adds_val_metrics_to_history_and_log(processed, tmp_pat
     ref = fit_model(processed, tmp_path, TrainConfig(**{**SMALL, "epochs": 2, "validation_split": 0.25}), log=lines.append)
     history = json.loads(ref.path(HISTORY_FILE).read_text())
     assert len(history["val_loss"]) == len(history["val_accuracy"]) == 2
-    assert re.fullmatch(r"epoch 2/2: loss \S+, accuracy \S+, val_loss \S+, val_accuracy \S+, \S+ s", lines[-1]), lines[-1]
+    assert re.fullmatch(r"epoch 2/2: loss \S+, accuracy \S+, val_loss \S+, val_accuracy \S+, \S+ s", lines[-2]), lines[-2]
     assert ref.meta["val_accuracy"] == history["val_accuracy"][-1]
     assert json.loads(ref.path(CONFIG_FILE).read_text())["train_rows"] == 200
 
@@ -222,9 +227,10 @@ def test_num_classes_sizes_the_output_layer(tmp_path):
 def overfitting_ref(root: Path):
     """Synthetic splits whose last quarter (the validation rows) has shuffled labels: the validation loss rises."""
     import pyarrow.parquet as pq
-    from synthetic import make_split
 
-    from tasks.core import new_workdir, publish
+    from synthetic import make_split
+    from tasks.artifacts import publish
+    from tasks.files import new_workdir
     from tasks.preprocess import to_table
 
     work = new_workdir(root)
@@ -261,7 +267,7 @@ KILL_AFTER_SECOND_EPOCH = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     from pathlib import Path
-    from tasks.core import ArtifactRef
+    from tasks.artifacts import ArtifactRef
     from tasks.train import TrainConfig, fit_model
 
     def progress(done, total, logs):
@@ -286,7 +292,8 @@ def test_a_training_killed_after_its_first_epoch_resumes_from_it(processed, tmp_
     lines = []
     ref = fit_model(processed, tmp_path / "models", TrainConfig(**config), log=lines.append, state_dir=state)
     assert lines[0] == f"resuming from epoch 1/3 of an interrupted training (state in {state})"
-    assert [line.split(":")[0] for line in lines[1:]] == ["epoch 2/3", "epoch 3/3"]
+    assert [line.split(":")[0] for line in lines[1:3]] == ["epoch 2/3", "epoch 3/3"]
+    assert lines[3].startswith("trained mlp in ") and len(lines) == 4
     history = json.loads(ref.path(HISTORY_FILE).read_text())
     assert history["resumed_from_epoch"] == 1 and history["epochs_run"] == 3
     assert len(history["loss"]) == len(history["epoch_seconds"]) == 3

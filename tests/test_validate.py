@@ -7,18 +7,15 @@ import os
 
 import numpy as np
 import pytest
-from synthetic import idx_bytes, make_split, payloads, write_source
 
-from tasks.core import PipelineError, new_workdir, publish
+from flows.runner import validate_mnist
+from synthetic import idx_bytes, make_split, payloads, write_source
+from tasks.artifacts import publish
 from tasks.download import FILES, download_files
-from tasks.validate import (
-    MNIST_COUNTS,
-    VALIDATION_FILE,
-    ValidateConfig,
-    summarize,
-    validate_files,
-    validate_mnist,
-)
+from tasks.errors import PipelineError
+from tasks.files import new_workdir
+from tasks.layout import VALIDATION_FILE
+from tasks.validate import MNIST_COUNTS, ValidateConfig, summarize, validate_files
 
 ANY_SIZE = ValidateConfig(train_count=None, test_count=None)
 SPLITS = {"train": make_split(200, 0), "test": make_split(50, 1)}  # what write_source() writes
@@ -146,7 +143,7 @@ def test_the_task_warns_when_the_source_was_not_pinned(tmp_path, prefect_api_url
     digests = write_source(source)
     raw = download_files(str(source), tmp_path / "raw", expected_sha256=digests if pinned else None)
     with caplog.at_level(logging.INFO, logger="prefect"):
-        ref = validate_mnist(raw, ValidateConfig(), 10, tmp_path / "artifacts")
+        ref = validate_mnist(raw, ValidateConfig(), 10, artifacts_dir=tmp_path / "artifacts")
     assert ref.path(VALIDATION_FILE).is_file()
     assert ref.path(VALIDATION_FILE).parent.parent == tmp_path / "artifacts" / "validation"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("prefect")]

@@ -13,14 +13,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.core import ArtifactRef, PipelineError
-from tasks.dataset import DatasetConfig
-from tasks.download import BY_MNIST, BY_SUMS, BY_USER
-from tasks.evaluate import METRICS_FILE, PREDICTIONS_FILE
-from tasks.preprocess import SPLIT_FILES, load_split
+from tasks.artifacts import ArtifactRef
+from tasks.dataset import BY_MNIST, BY_SUMS, BY_USER, DatasetConfig
+from tasks.errors import PipelineError
+from tasks.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PREDICTIONS_FILE, SPLIT_FILES, VALIDATION_FILE
+from tasks.preprocess import load_split
 from tasks.storage import read_bytes
-from tasks.train import CONFIG_FILE, HISTORY_FILE
-from tasks.validate import VALIDATION_FILE
 
 GALLERY_MAX = 30  # misclassified images shown, the first by test index
 # What pinned the payloads (validation.json's source.pinned_by), in words; another value is shown as it is.

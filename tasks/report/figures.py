@@ -12,15 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tasks.idx import IMAGE_SHAPE
+from tasks.layout import CONFUSION_PNG, CURVES_PNG, FIRST20_PNG, MISCLASSIFIED_PNG
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from tasks.report.context import ReportContext
 
-FIRST20_PNG = "first20.png"
-CURVES_PNG = "training_curves.png"
-CONFUSION_PNG = "confusion_matrix.png"
-MISCLASSIFIED_PNG = "misclassified.png"
 # File name -> caption (also the alt text).
 FIGURES = {
     FIRST20_PNG: "The first 20 test images, titled with predicted and true class (wrong ones in red)",
@@ -100,17 +99,18 @@ def _digit_grid(
     from matplotlib.patches import Rectangle
 
     rows = math.ceil(len(images) / columns)
-    scale = 0.5 / 28  # inches per pixel: a digit is half an inch tall
+    side = IMAGE_SHAPE[0]
+    scale = 0.5 / side  # inches per pixel: a digit is half an inch tall
     lines = max((caption.count("\n") + 1 for caption in captions), default=1)
-    # A line of text is about 1.1 font sizes tall (in points; a pixel here is 0.5 / 28 inch).
+    # A line of text is about 1.1 font sizes tall (in points).
     cell_w, caption, gap = round(cell_width / scale), max(24, math.ceil(lines * fontsize * 1.15 / (72 * scale)) + 4), 6
-    cell_h = 28 + caption + gap
+    cell_h = side + caption + gap
     canvas = np.zeros((rows * cell_h, columns * cell_w), dtype=np.float32)
     corners = []
     for k, pixels in enumerate(images):
         row, column = divmod(k, columns)
-        y, x = row * cell_h + caption, column * cell_w + (cell_w - 28) // 2
-        canvas[y : y + 28, x : x + 28] = pixels.reshape(28, 28)
+        y, x = row * cell_h + caption, column * cell_w + (cell_w - side) // 2
+        canvas[y : y + side, x : x + side] = pixels.reshape(IMAGE_SHAPE)
         corners.append((x, y))
     title_h = 0.4
     width, height = canvas.shape[1] * scale, canvas.shape[0] * scale
@@ -119,10 +119,10 @@ def _digit_grid(
     ax.imshow(canvas, cmap="binary", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
     ax.set_axis_off()
     for (x, y), text, bad in zip(corners, captions, wrong):
-        ax.text(x + 13.5, y - 3, text, ha="center", va="bottom", fontsize=fontsize, linespacing=1.1,
+        ax.text(x + (side - 1) / 2, y - 3, text, ha="center", va="bottom", fontsize=fontsize, linespacing=1.1,
                 color=WRONG if bad else "#1f2328", fontweight="bold" if bad else "normal", parse_math=False)
         if bad:
-            ax.add_patch(Rectangle((x - 1.5, y - 1.5), 30, 30, fill=False, edgecolor=WRONG, linewidth=2.0))
+            ax.add_patch(Rectangle((x - 1.5, y - 1.5), side + 2, side + 2, fill=False, edgecolor=WRONG, linewidth=2.0))
     fig.text(0.5, 1 - 0.5 * title_h / (height + title_h), title, ha="center", va="center", fontsize=11, parse_math=False)
     return fig
 

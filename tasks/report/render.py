@@ -20,8 +20,6 @@ from markdown_it import MarkdownIt
 from tasks.report.context import GALLERY_MAX
 from tasks.report.figures import FIGURES
 
-REPORT_MD = "report.md"
-REPORT_HTML = "report.html"
 # Up to this many classes the report has the confusion matrix as a table too (beyond, it is too wide to read).
 CONFUSION_TABLE_MAX = 30
 # Up to this many classes the introduction names them all.

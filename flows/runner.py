@@ -1,0 +1,227 @@
+"""The stage runner: each step of the stage table (flows/stages.py) as a cached Prefect task.
+
+A stage task stages its artifact inputs on this machine's disk (copied from object storage where the roots are
+there), calls the stage's plain function with a private output folder under its root, publishes the result (uploading
+it, manifest last, to object storage), logs through the run logger, and is cached by content: its key covers its
+inputs (artifacts by their digests), its parameters and the import closure of its function's module (tasks.keys). A
+cached result whose files are missing or changed is not trusted: the stage runs again. Runs on the same roots
+exclude each other per stage through the lock managers of tasks.locks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.cache_policies import CachePolicy
+from prefect.serializers import JSONSerializer
+from prefect.states import State
+from prefect.tasks import Task
+
+from flows import ui
+from flows.config import PipelineConfig
+from flows.stages import OTHER_STEPS, STEPS, Step
+from tasks import storage
+from tasks.artifacts import ArtifactRef, staged
+from tasks.keys import SERIALIZER, check_record, components_path, key_components, key_of
+from tasks.locks import FlockLockManager, lock_dir
+
+assert JSONSerializer().model_dump(mode="json") == SERIALIZER, "Prefect's JSONSerializer describes itself differently"
+# What the runner gives a stage function besides the task's inputs.
+SUPPLIED = ("out_dir", "log", "progress", "state_dir")
+
+
+def stage_key(step: Step, inputs: dict[str, Any]) -> str:
+    """Return the cache key of a stage: its name, its inputs' content and the code it runs."""
+    return key_of(key_components(step.task, step.module, inputs))
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Key a stage by content and distrust a cached result whose files are missing or changed.
+
+    SERIALIZABLE: a run that finds another run computing the same stage waits for it and then uses its result, so
+    concurrent runs on the same roots do each stage's work once.
+    """
+
+    module: str = ""  # the module of the stage's function: its import closure is in the key
+    cache_dir: str = ""
+    isolation_level: Any = "SERIALIZABLE"
+    lock_manager: Any = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.lock_manager is None and self.cache_dir:
+            self.lock_manager = FlockLockManager(lock_dir(self.cache_dir))
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        key = key_of(key_components(task_ctx.task.name, self.module, inputs))
+        # Under the stage's lock: a record another run is writing right now is not half-read and thrown away.
+        with self.lock_manager.held(key) if self.lock_manager else nullcontext():
+            if self.cache_dir:
+                trusted_result(self.cache_dir, key)
+        return key
+
+
+def trusted_result(cache_dir: str | Path, key: str) -> ArtifactRef | None:
+    """Return the artifact recorded under `key` if it is to be trusted (tasks.keys.check_record); otherwise drop the
+    record, with a warning, so that the stage runs again."""
+    ref, problem = check_record(cache_dir, key)
+    if problem is None:
+        return ref
+    get_run_logger().warning("Cached result of %s not trusted: %s; recomputing", key.split("-")[0], problem)
+    storage.remove(f"{cache_dir}/{key}")
+    return None
+
+
+def recorded(step: Step, inputs: dict[str, Any], config: PipelineConfig, locks: Any = None) -> ArtifactRef | None:
+    """Return the recorded, intact result of a stage for these inputs, if there is one (nothing runs)."""
+    key = stage_key(step, inputs)
+    with (locks or config.lock_manager()).held(key):  # as in StageCache: a record being written is not half-read
+        return trusted_result(config.cache_dir, key)
+
+
+def record_components(step: Step, inputs: dict[str, Any], cache_dir: str | Path) -> None:
+    """Record what the key of a stage whose result is recorded covers, once: `status` compares a configuration's
+    keys with these to say why a stage is stale."""
+    components = key_components(step.task, step.module, inputs)
+    path = components_path(cache_dir, key_of(components))
+    if not storage.exists(path):
+        storage.write_text(path, json.dumps({**components, "recorded_at": datetime.now(timezone.utc).isoformat(
+            timespec="seconds")}, indent=1, sort_keys=True))
+
+
+def cached(stage_task: Task, config: PipelineConfig, refresh: bool = False, locks: Any = None) -> Task:
+    """Return a stage task configured to persist its result in the config's cache and reuse it by content, with its
+    stage locks from `locks` (default: the config's)."""
+    storage.make_folder(config.cache_dir)
+    return stage_task.with_options(
+        cache_policy=StageCache(module=TASK_STEPS[stage_task.name].module, cache_dir=str(config.cache_dir),
+                                lock_manager=locks or config.lock_manager()),
+        persist_result=True,
+        result_storage=result_storage(config.cache_dir),
+        result_serializer=JSONSerializer(),
+        refresh_cache=refresh,
+    )
+
+
+def run_stage(stage_task: Task, inputs: dict[str, Any], config: PipelineConfig, refresh: bool = False) -> tuple[ArtifactRef, bool]:
+    """Run a stage through its cache; return its artifact and whether it was computed (not found in the cache)."""
+    state = cached(stage_task, config, refresh)(**inputs, return_state=True)
+    if state.is_failed():
+        discard_failure_record(state, config.cache_dir)
+    result = state.result()  # re-raises the stage's error
+    record_components(TASK_STEPS[stage_task.name], inputs, config.cache_dir)
+    return result, state.name != "Cached"
+
+
+def discard_failure_record(state: State, cache_dir: Path) -> None:
+    """Delete the exception record Prefect persists for a failed task, so a failed stage leaves no file behind."""
+    key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
+    path = f"{cache_dir}/{key}" if key and "/" not in key else key  # a bare key: one in the cache's storage block
+    if path and path.rpartition("/")[0] == str(cache_dir):
+        storage.remove(path)
+
+
+def result_storage(cache_dir: Any) -> Any:
+    """Return what Prefect persists the cache records to: the folder itself, or a storage block for object storage.
+
+    Prefect takes remote result storage only as a block saved on its server: one per cache root, named by the root.
+    """
+    return _saved_block(str(cache_dir)) if storage.is_remote(cache_dir) else Path(cache_dir)
+
+
+@cache
+def _saved_block(url: str) -> str:
+    from prefect.filesystems import RemoteFileSystem
+
+    from tasks.files import sha256_bytes
+
+    name = f"mnist-pipeline-cache-{sha256_bytes(url.encode())[:16]}"
+    RemoteFileSystem(basepath=url, settings=storage.OPTIONS).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def execute(step: Step, inputs: dict[str, Any]) -> ArtifactRef:
+    """Compute a stage: stage its artifact inputs locally, call its function, publish the output under its root."""
+    logger = get_run_logger()
+    function = _function(step.function)
+    arguments = {name: value for name, value in inputs.items() if name != step.root and name not in step.key_only}
+    with staged(inputs[step.root]) as stage:
+        for name, value in arguments.items():
+            if isinstance(value, ArtifactRef) and step.files.get(name) != ():
+                arguments[name] = stage.local(value, *step.files.get(name, ()))
+        supplied = {"out_dir": stage.root / step.folder, "log": logger.info}
+        if step.task == "train_model":
+            supplied.update(_training_extras(stage.root, inputs, logger))
+        ref = stage.publish(function(**arguments, **supplied))
+    logger.info("output: %s", ref.path(next(iter(ref.files))).parent)
+    if step.task == "validate_mnist" and not ref.meta["source"]["pinned_by"]:
+        logger.warning("source %s was not pinned (no SHA256SUMS, no --sha256): its files are trusted on the IDX "
+                       "checks alone", ref.meta["source"]["location"])
+    if step.task == "report_results":
+        ui.publish_report(ref, inputs["evaluation"], inputs.get("decision"))
+    return ref
+
+
+def _training_extras(root: Path, inputs: dict[str, Any], logger: Any) -> dict[str, Any]:
+    """Return the training's per-epoch progress artifact in the UI and its resume folder (see tasks.train.fit_model)."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    from tasks.callbacks import format_metrics
+    from tasks.train import state_folder
+
+    epochs = inputs["config"].resolved().epochs
+    artifact_id = create_progress_artifact(progress=0.0, key=ui.PROGRESS_KEY, description=f"Training: 0/{epochs} epochs")
+
+    def progress(done: int, total: int, logs: dict[str, float]) -> None:
+        try:
+            update_progress_artifact(artifact_id, progress=100.0 * done / total,
+                                     description=f"Training: {done}/{total} epochs, {format_metrics(logs)}")
+        except Exception as exc:  # a lost progress update must not abort a long training run
+            logger.warning("could not update the progress artifact: %s", exc)
+
+    # On object storage the resume state stays in the stage's temporary folder: a killed training starts over.
+    state_dir = state_folder(root, inputs["processed"], inputs["config"], inputs["num_classes"])
+    return {"progress": progress, "state_dir": state_dir}
+
+
+@cache
+def _function(path: str) -> Any:
+    """Return the function that `module:name` names."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def stage_task(step: Step) -> Task:
+    """Return the Prefect task of a step: its parameters are the step's inputs (the function's own, less what the
+    runner supplies, then the root and what only keys the cache, by keyword)."""
+    function = _function(step.function)
+    own = [p for name, p in inspect.signature(function).parameters.items() if name not in SUPPLIED]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None if name in step.key_only else
+                               inspect.Parameter.empty) for name in (step.root, *step.key_only)]
+    signature = inspect.Signature(own + extra, return_annotation=ArtifactRef)
+
+    def run(*args: Any, **kwargs: Any) -> ArtifactRef:
+        inputs = signature.bind(*args, **kwargs)
+        inputs.apply_defaults()
+        return execute(step, inputs.arguments)
+
+    run.__signature__ = signature
+    run.__name__ = run.__qualname__ = step.task
+    run.__doc__ = (function.__doc__ or "").splitlines()[0]
+    return Task(run, name=step.task)
+
+
+# Every stage's task (the pipeline's by stage, the others by name), and each task's step by the task's name.
+TASK_STEPS: dict[str, Step] = {step.task: step for step in (*STEPS.values(), *OTHER_STEPS.values())}
+TASKS: dict[str, Task] = {name: stage_task(step) for name, step in {**STEPS, **OTHER_STEPS}.items()}
+download_mnist, validate_mnist, preprocess_mnist, train_model, evaluate_model, report_results = (
+    TASKS[name] for name in STEPS)
