@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tree_state
+from helpers import config_env
 from synthetic import payloads, write_source
 
 from flows import gc
@@ -33,9 +34,7 @@ def with_train(config, **values):
 
 
 def cli(config, *args, python=False):
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    fields = config.model_dump(mode="json", include={"data_dir", "artifacts_dir", "download", "validation", "train"})
-    env.update({f"MNIST_PIPELINE_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **config_env(config)}
     command = list(args) if python else ["-m", "flows.cli", *args]
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
