@@ -6,16 +6,13 @@ import pytest
 
 from conftest import tree_state
 from flows.pipeline import mnist_pipeline
+from helpers import states
 from tasks.errors import PipelineError
 
 
 @pytest.fixture(autouse=True)
 def _server(prefect_api_url):
     return prefect_api_url
-
-
-def states(summary):
-    return {stage: info["state"] for stage, info in summary["stages"].items()}
 
 
 def test_second_run_is_all_cached_and_rewrites_nothing(synthetic_config):
@@ -72,8 +69,8 @@ def test_changed_parameter_reruns_that_stage_and_its_dependants_only(synthetic_c
 
     summary = mnist_pipeline(config=changed, until="preprocess")
 
-    assert summary["stages"]["download"]["state"] == "cached"
-    assert summary["stages"]["validate"]["state"] == "completed"
+    # preprocess takes the validation report, whose content the changed check alters: it runs again too.
+    assert states(summary) == {"download": "cached", "validate": "completed", "preprocess": "completed"}
 
 
 def test_changed_source_files_are_downloaded_again(synthetic_config, tmp_path):

@@ -16,6 +16,7 @@ from flows import gc
 from flows.history import diff, history
 from flows.pipeline import mnist_pipeline
 from flows.status import UP_TO_DATE, pipeline_status
+from helpers import config_env
 from synthetic import payloads, write_source
 from tasks.errors import PipelineError
 from tasks.layout import DECISIONS_FILE as HISTORY_FILE
@@ -34,9 +35,7 @@ def with_train(config, **values):
 
 
 def cli(config, *args, python=False):
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    fields = config.model_dump(mode="json", include={"data_dir", "artifacts_dir", "download", "validation", "train"})
-    env.update({f"MNIST_PIPELINE_{k.upper()}": v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()})
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, **config_env(config)}
     command = list(args) if python else ["-m", "flows.cli", *args]
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 

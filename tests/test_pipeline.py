@@ -7,6 +7,7 @@ import pytest
 
 from conftest import tree_state
 from flows.pipeline import mnist_pipeline
+from helpers import artifact, states
 from tasks.errors import PipelineError
 
 ALL = ["download", "validate", "preprocess", "train", "evaluate", "report"]
@@ -15,14 +16,6 @@ ALL = ["download", "validate", "preprocess", "train", "evaluate", "report"]
 @pytest.fixture(autouse=True)
 def _server(prefect_api_url):
     return prefect_api_url
-
-
-def states(summary):
-    return {stage: info["state"] for stage, info in summary["stages"].items()}
-
-
-def artifact(summary, stage, name):
-    return Path(next(p for p in summary["stages"][stage]["artifacts"] if p.endswith(name)))
 
 
 @pytest.fixture
@@ -125,10 +118,14 @@ def test_promotion_is_decided_once_and_every_run_shows_the_report(synthetic_conf
     second = mnist_pipeline(config=synthetic_config)
 
     assert states(second) == dict.fromkeys(ALL, "cached")
-    assert second["promotion"] == first_run["promotion"]
-    assert len(read_history(synthetic_config.registry_dir)) == 1
+    assert first_run["promotion"]["promoted"] and second["promotion"] == first_run["promotion"]
+    # The first run's decision, the only one: the second run looked it up and recorded nothing.
+    (decision,) = read_history(synthetic_config.registry_dir)
+    model = artifact(first_run, "train", "model.keras")
+    assert decision.promoted and decision.run_id == first_run["run_id"] and decision.model_path == str(model)
     champion = read_champion(synthetic_config.registry_dir)
-    assert (champion is not None) == first_run["promotion"]["promoted"]
+    assert champion is not None and champion.model_digest == decision.model_digest
+    assert champion.model_path == str(model) and champion.run_id == first_run["run_id"]
     expected = {"mnist-report", "mnist-metrics", "mnist-confusion-matrix", "mnist-promotion"}
     assert expected <= run_artifact_keys(first_run["run_id"])
     assert expected <= run_artifact_keys(second["run_id"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tree_state
+from helpers import artifact, run_cli, states, synthetic_run
 from synthetic import make_split, write_source
 from tasks.download import FILES, download_files
 from tasks.errors import PipelineError
@@ -186,14 +187,6 @@ def flow_run(prefect_api_url, caplog):
     return run
 
 
-def states(summary):
-    return {stage: info["state"] for stage, info in summary["stages"].items()}
-
-
-def artifact(summary, stage, name) -> Path:
-    return Path(next(p for p in summary["stages"][stage]["artifacts"] if p.endswith(name)))
-
-
 def record(config, task_name) -> Path:
     (path,) = config.cache_dir.glob(f"{task_name}-*")
     return path
@@ -350,24 +343,8 @@ run()
 def cli_env(tmp_path, prefect_api_url):
     """Environment and arguments for `mnist-pipeline run` on a synthetic source with tiny training."""
     digests = write_source(tmp_path / "source")
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_api_url,
-        "MNIST_PIPELINE_DOWNLOAD__SHA256": json.dumps(digests),
-        "MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]",
-        "MNIST_PIPELINE_DOWNLOAD__RETRIES": "0",
-        "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
-        "MNIST_PIPELINE_VALIDATION__TEST_COUNT": "50",
-        "MNIST_PIPELINE_TRAIN__JIT_COMPILE": "false",
-    }
-    args = ["run", "--json", "--source", str(tmp_path / "source"), "--data-dir", str(tmp_path / "data"),
-            "--artifacts-dir", str(tmp_path / "artifacts"), "--epochs", "2", "--hidden-units", "32", "--batch-size", "32"]
-    return env, args
-
-
-def run_cli(env, args, code=None):
-    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    env, args = synthetic_run(tmp_path / "source", digests, tmp_path / "data", tmp_path / "artifacts")
+    return {**os.environ, "PREFECT_API_URL": prefect_api_url, **env}, args
 
 
 def records(cache_dir: Path) -> set[str]:

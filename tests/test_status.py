@@ -10,6 +10,7 @@ import pytest
 
 from flows.pipeline import mnist_pipeline
 from flows.status import MISSING, STALE, UP_TO_DATE, pipeline_status
+from helpers import config_env
 from synthetic import payloads, write_source
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,13 +27,6 @@ def states(rows):
 
 def why(rows):
     return {row.stage: row.why for row in rows}
-
-
-def config_env(config):
-    """Return the environment that gives `config` to a command (the synthetic one of conftest: no flags for all)."""
-    fields = config.model_dump(mode="json", include={"data_dir", "artifacts_dir", "download", "validation", "train"})
-    return {f"MNIST_PIPELINE_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
-            for name, value in fields.items()}
 
 
 def status_cli(config, *args, code=None):

@@ -16,6 +16,7 @@ from flows.cli import human_summary
 from flows.history import history
 from flows.pipeline import mnist_pipeline
 from flows.status import UP_TO_DATE, pipeline_status
+from helpers import run_cli, states, synthetic_run
 from synthetic import write_source
 from tasks.errors import PipelineError
 from tasks.layout import MANIFEST
@@ -44,10 +45,6 @@ def temp(tmp_path, monkeypatch):
 def s3_config(synthetic_config, s3_bucket, temp):
     return synthetic_config.model_copy(update={"data_dir": as_root(f"{s3_bucket}/team/data"),
                                                "artifacts_dir": as_root(f"{s3_bucket}/team/artifacts")})
-
-
-def states(summary):
-    return {stage: info["state"] for stage, info in summary["stages"].items()}
 
 
 def objects(bucket: str) -> dict[str, tuple[str, int]]:
@@ -171,32 +168,23 @@ def machines(tmp_path, prefect_api_url, s3_bucket):
     The synthetic source is an input both reach (as a URL would be); the roots exist only in the bucket.
     """
     digests = write_source(tmp_path / "source")
+    run_env, args = synthetic_run(tmp_path / "source", digests, f"{s3_bucket}/team/data", f"{s3_bucket}/team/artifacts")
     envs = {}
     for name in ("a", "b"):
         for folder in ("home", "tmp", "prefect"):
             (tmp_path / name / folder).mkdir(parents=True)
         envs[name] = {
             **os.environ, "HOME": str(tmp_path / name / "home"), "TMPDIR": str(tmp_path / name / "tmp"),
-            "PREFECT_HOME": str(tmp_path / name / "prefect"), "PREFECT_API_URL": prefect_api_url,
-            "MNIST_PIPELINE_DOWNLOAD__SHA256": json.dumps(digests), "MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]",
-            "MNIST_PIPELINE_DOWNLOAD__RETRIES": "0", "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
-            "MNIST_PIPELINE_VALIDATION__TEST_COUNT": "50", "MNIST_PIPELINE_TRAIN__JIT_COMPILE": "false",
+            "PREFECT_HOME": str(tmp_path / name / "prefect"), "PREFECT_API_URL": prefect_api_url, **run_env,
         }
-    args = ["run", "--json", "--source", str(tmp_path / "source"), "--data-dir", f"{s3_bucket}/team/data",
-            "--artifacts-dir", f"{s3_bucket}/team/artifacts", "--epochs", "2", "--hidden-units", "32", "--batch-size", "32"]
     return envs, args
-
-
-def cli(env, args, code=None):
-    command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "flows.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
 def test_a_run_on_one_machine_is_all_cached_on_another(machines, tmp_path, s3_bucket):
     envs, args = machines
 
-    first = cli(envs["a"], args)
-    second = cli(envs["b"], args)
+    first = run_cli(envs["a"], args)
+    second = run_cli(envs["b"], args)
 
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
@@ -234,12 +222,12 @@ def test_a_killed_lock_holder_on_one_machine_lets_the_other_train_once_after_the
     client = redis.Redis.from_url(redis_url)
     before = set(client.keys())
 
-    killed = cli({**env, "KILL_IN_STAGE": "train"}, args, code=KILLER)
+    killed = run_cli({**env, "KILL_IN_STAGE": "train"}, args, code=KILLER)
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     (left,) = [k for k in client.keys() if k not in before]  # the train lock, its holder dead
     assert b":lock:train_model-" in left
-    other = cli({**envs["b"], "MNIST_PIPELINE_LOCK_EXPIRY_S": "3"}, args)
+    other = run_cli({**envs["b"], "MNIST_PIPELINE_LOCK_EXPIRY_S": "3"}, args)
 
     assert other.returncode == 0, other.stderr
     assert states(json.loads(other.stdout)) == {**dict.fromkeys(ALL[:3], "cached"), "train": "completed"}
@@ -253,7 +241,7 @@ def test_an_endpoint_that_does_not_answer_is_one_line_before_anything_runs(machi
     envs, args = machines
     down = f"http://127.0.0.1:{free_port()}"
 
-    result = cli({**envs["a"], "AWS_ENDPOINT_URL": down}, args)
+    result = run_cli({**envs["a"], "AWS_ENDPOINT_URL": down}, args)
 
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()

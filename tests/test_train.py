@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from conftest import tree_state
 from synthetic import processed_ref
+from tasks.artifacts import intact_files
 from tasks.layout import CONFIG_FILE, HISTORY_FILE, MODEL_FILE
 from tasks.models import TrainConfig
 from tasks.train import fit_model, state_folder
@@ -130,16 +132,28 @@ def test_validation_split_adds_val_metrics_to_history_and_log(processed, tmp_pat
     assert json.loads(ref.path(CONFIG_FILE).read_text())["train_rows"] == 200
 
 
-def test_without_xla_training_is_repeatable_too_and_a_rerun_replaces_the_folder(processed, tmp_path):
+def test_without_xla_training_is_repeatable_too_and_a_rerun_keeps_an_intact_folder_but_replaces_a_damaged_one(processed, tmp_path):
     config = TrainConfig(**{**SMALL, "epochs": 2, "jit_compile": False})
     first = fit_model(processed, tmp_path, config)
-    first_history = json.loads(first.path(HISTORY_FILE).read_text())
+    folder = first.path(MODEL_FILE).parent
+    published = tree_state(folder)
+    first_history = first.path(HISTORY_FILE).read_bytes()
+
     again = fit_model(processed, tmp_path, config)
     assert again.digest == first.digest and again.path(MODEL_FILE) == first.path(MODEL_FILE)
-    # Same digest, new timings: the folder now holds the rerun's files, and its reference describes them.
+    # Same digest, other timings: the intact folder stays as it was, the rerun's files are not written over it.
+    assert tree_state(folder) == published and again.path(HISTORY_FILE).read_bytes() == first_history
     assert again.problem() is None
-    assert json.loads(again.path(HISTORY_FILE).read_text())["loss"] == first_history["loss"]
-    assert [p.name for p in tmp_path.iterdir()] == [first.path(MODEL_FILE).parent.name]
+
+    model = bytearray(first.path(MODEL_FILE).read_bytes())
+    model[len(model) // 2] ^= 0xFF
+    first.path(MODEL_FILE).write_bytes(bytes(model))
+    replaced = fit_model(processed, tmp_path, config)
+    # Same digest, damaged folder: the rerun's files take its place, intact and matching their manifest.
+    assert replaced.digest == first.digest and replaced.path(MODEL_FILE) == first.path(MODEL_FILE)
+    assert replaced.problem() is None and intact_files(folder) is not None
+    assert json.loads(replaced.path(HISTORY_FILE).read_text())["loss"] == json.loads(first_history)["loss"]
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
 
 
 def test_defaults_are_the_reference_hyperparameters():
