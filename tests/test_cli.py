@@ -12,6 +12,8 @@ import pytest
 from conftest import tree_state
 from synthetic import idx_bytes, make_split, payloads, write_source, write_sums
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def cli(*args, env=None, api_url=None):
     full_env = {**os.environ, **(env or {})}
@@ -19,7 +21,7 @@ def cli(*args, env=None, api_url=None):
         full_env["PREFECT_API_URL"] = api_url
     return subprocess.run(
         [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=full_env, timeout=600,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO,
     )
 
 
@@ -188,8 +190,9 @@ def test_serve_creates_a_scheduled_deployment_and_stops_by_pid(prefect_api_url, 
     from prefect.client.orchestration import get_client
 
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
-    args = ["serve", "--name", "served-test", "--cron", "15 4 * * 2", "--timezone", "UTC", "--data-dir", str(tmp_path / "d")]
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=Path(__file__).resolve().parents[1],
+    # No --cron: the weekly-retrain deployment's, read from prefect.yaml; --timezone overrides its timezone.
+    args = ["serve", "--name", "served-test", "--timezone", "UTC", "--data-dir", str(tmp_path / "d")]
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deployment = None
@@ -203,7 +206,7 @@ def test_serve_creates_a_scheduled_deployment_and_stops_by_pid(prefect_api_url, 
                     deployment = None
         assert deployment is not None, f"no deployment (serve exited with {process.poll()})"
         (schedule,) = deployment.schedules
-        assert schedule.schedule.cron == "15 4 * * 2" and schedule.schedule.timezone == "UTC"
+        assert schedule.schedule.cron == "0 3 * * 1" and schedule.schedule.timezone == "UTC"
         assert deployment.parameters == {"config": {"data_dir": str(tmp_path / "d")}}
     finally:
         process.terminate()
@@ -217,9 +220,25 @@ def test_serve_creates_a_scheduled_deployment_and_stops_by_pid(prefect_api_url, 
 def test_serve_without_a_server_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     result = subprocess.run([sys.executable, "-m", "flows.cli", "serve"], capture_output=True, text=True, env=env,
-                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+                            cwd=REPO, timeout=120)
     assert result.returncode == 2
     assert "serve needs a Prefect server" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_only_serve_reads_prefect_yaml(tmp_path):
+    # On a copy of the package without prefect.yaml: building the parser, the helps and `status` never open it.
+    import shutil
+
+    copy = tmp_path / "copy"
+    for package in ("flows", "tasks"):
+        shutil.copytree(REPO / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    roots = ["--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
+    for args, code in ((["--help"], 0), (["status", "--help"], 0), (["serve", "--help"], 0), (["status", *roots], 1)):
+        result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=copy, capture_output=True, text=True,
+                                timeout=120, check=False)
+        assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.split()[:2] == ["download", "missing"]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "artifacts").exists()
 
 
 def test_prefect_sees_the_cli_defaults_set_before_it_is_imported():
@@ -229,7 +248,7 @@ def test_prefect_sees_the_cli_defaults_set_before_it_is_imported():
         "print(s().server.ephemeral.startup_timeout_seconds, os.environ['DO_NOT_TRACK'])"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["120", "1"]
 
 
@@ -241,7 +260,7 @@ def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, prefect
     args = ["run", "--source", str(tmp_path / "source"), "--data-dir", str(tmp_path / "data"), "--artifacts-dir",
             str(tmp_path / "artifacts"), "--epochs", "40", "--hidden-units", "256", "--batch-size", "16", "--json"]
     env = {**os.environ, "PREFECT_API_URL": prefect_api_url}
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=Path(__file__).resolve().parents[1],
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
