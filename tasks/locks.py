@@ -50,7 +50,31 @@ def lock_dir(cache_dir: str | Path) -> Path:
     return Path(tempfile.gettempdir()) / LOCKS_DIR / _root_id(cache_dir)
 
 
-class FlockLockManager:
+class _Shared:
+    """What both lock managers do alike: they are shared by copies, pickled without their locks, and synchronous."""
+
+    def __deepcopy__(self, memo: dict) -> _Shared:
+        # Prefect copies cache policies; a copy must still see (and release) the locks this one holds.
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A task travels to Dask workers by pickle with its cache policy: open descriptors, clients and thread locks
+        # cannot, and locks are held by the process that takes them. A copy in another process starts holding none.
+        return dict(self._settings)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
+        """Take the lock of `key` (blocking: the stages are synchronous)."""
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
+        """Wait until nobody holds the lock of `key` (blocking)."""
+        return self.wait_for_lock(key, timeout)
+
+
+class FlockLockManager(_Shared):
     """Prefect lock manager on `flock`: one lock file per cache key, released by the OS when its process dies.
 
     Prefect's FileSystemLockManager writes lock files without an expiry, so a run killed while holding one would make
@@ -58,21 +82,10 @@ class FlockLockManager:
     """
 
     def __init__(self, lock_files_directory: Path) -> None:
+        self._settings = {"lock_files_directory": lock_files_directory}
         self.lock_files_directory = Path(lock_files_directory)
         self._held: dict[str, tuple[str, int]] = {}
         self._guard = threading.Lock()
-
-    def __deepcopy__(self, memo: dict) -> FlockLockManager:
-        # Prefect copies cache policies; a copy must still see (and release) the locks this one holds.
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A task travels to Dask workers by pickle with its cache policy: open descriptors and a thread lock cannot,
-        # and locks are held by the process that takes them. A copy in another process starts holding none.
-        return {"lock_files_directory": self.lock_files_directory}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["lock_files_directory"])
 
     def check(self) -> None:
         """Nothing to check: the lock files are made when first taken."""
@@ -98,10 +111,6 @@ class FlockLockManager:
         with self._guard:
             self._held[key] = (holder, fd)
         return True
-
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
-        """Take the lock of `key` (blocking: the stages are synchronous)."""
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
 
     def release_lock(self, key: str, holder: str) -> None:
         """Release the lock of `key` held by `holder`."""
@@ -134,12 +143,8 @@ class FlockLockManager:
         """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
         return _wait(lambda: self.is_locked(key), timeout)
 
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        """Wait until nobody holds the lock of `key` (blocking)."""
-        return self.wait_for_lock(key, timeout)
 
-
-class RedisLockManager:
+class RedisLockManager(_Shared):
     """Prefect lock manager on Redis (redis-py's Lock: SET NX with an expiry, compare-and-delete to release).
 
     Prefect takes stage locks without an expiry; here every lock expires `expiry_s` after it was last renewed, and a
@@ -149,19 +154,11 @@ class RedisLockManager:
     """
 
     def __init__(self, url: str, namespace: str, expiry_s: float = LOCK_EXPIRY_S) -> None:
+        self._settings = {"url": url, "namespace": namespace, "expiry_s": expiry_s}
         self.url, self.namespace, self.expiry_s = url, namespace, expiry_s
         self._client: Any = None
         self._held: dict[str, tuple[str, Any, threading.Event]] = {}
         self._guard = threading.Lock()
-
-    def __deepcopy__(self, memo: dict) -> RedisLockManager:
-        return self  # as FlockLockManager: copies of a cache policy share the locks held
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "namespace": self.namespace, "expiry_s": self.expiry_s}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)
 
     @property
     def client(self) -> Any:
@@ -217,10 +214,6 @@ class RedisLockManager:
         threading.Thread(target=self._renew, args=(key, lock, stop), name=f"renew-{key}", daemon=True).start()
         return True
 
-    async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
-        """Take the lock of `key` (blocking: the stages are synchronous)."""
-        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
-
     def _renew(self, key: str, lock: Any, stop: threading.Event) -> None:
         import redis
         from redis.exceptions import LockError
@@ -274,10 +267,6 @@ class RedisLockManager:
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
         return _wait(lambda: bool(self.client.exists(self._name(key))), timeout)
-
-    async def await_for_lock(self, key: str, timeout: float | None = None) -> bool:
-        """Wait until nobody holds the lock of `key` (blocking)."""
-        return self.wait_for_lock(key, timeout)
 
 
 def _release(lock: Any) -> bool:
