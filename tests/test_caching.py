@@ -235,3 +235,15 @@ def test_no_import_cycle_among_the_projects_modules():
     for module in modules:
         visit(module, ())
     assert {"tasks.artifacts", "tasks.storage", "flows.runner"} <= done
+
+
+def test_no_module_under_tasks_imports_prefect_or_branches_on_object_storage():
+    from tasks.keys import _imports
+
+    modules = [".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+               for p in (REPO / "tasks").rglob("*.py")]
+    assert len(modules) > 20
+    assert {m: [d for d in _imports(m) if d.partition(".")[0] == "prefect"] for m in modules} == dict.fromkeys(modules, [])
+    # Where a root on object storage differs from a folder is decided in the storage layer only.
+    branching = {p.relative_to(REPO).as_posix() for p in (REPO / "tasks").rglob("*.py") if "is_remote(" in p.read_text()}
+    assert branching == {"tasks/storage.py", "tasks/artifacts.py"}
