@@ -36,7 +36,9 @@ _distributions = cache(importlib.metadata.packages_distributions)
 # still does): a record naming anything else is refused.
 SERIALIZER = {"type": "json", "jsonlib": "json", "object_encoder": "prefect.serializers.prefect_json_object_encoder",
               "object_decoder": "prefect.serializers.prefect_json_object_decoder", "dumps_kwargs": {}, "loads_kwargs": {}}
-_REF_CLASS = f"{ArtifactRef.__module__}.{ArtifactRef.__qualname__}"
+# The class a record names for its artifact reference; records written before the reference moved out of tasks.core
+# name that module (their keys are of the earlier code, so they are never a cache hit; `history` and `gc` read them).
+_REF_CLASSES = {f"{ArtifactRef.__module__}.{ArtifactRef.__qualname__}", "tasks.core.ArtifactRef"}
 
 
 def canonical(value: Any) -> Any:
@@ -228,7 +230,7 @@ def parse_record(data: bytes) -> ArtifactRef:
     if record.get("metadata", {}).get("serializer") != SERIALIZER:
         raise ValueError(f"expected the serializer {SERIALIZER['type']!r} with Prefect's defaults, found another")
     value = json.loads(record["result"])
-    if not (isinstance(value, dict) and set(value) == {"__class__", "data"} and value["__class__"] == _REF_CLASS):
+    if not (isinstance(value, dict) and set(value) == {"__class__", "data"} and value["__class__"] in _REF_CLASSES):
         raise ValueError("expected an artifact reference, found another value")
     if _names_code(value["data"]):
         raise ValueError("expected plain data, found an object to decode inside the artifact reference")

@@ -19,7 +19,7 @@ from flows.status import UP_TO_DATE, pipeline_status
 from helpers import config_env
 from synthetic import payloads, write_source
 from tasks.errors import PipelineError
-from tasks.layout import DECISIONS_FILE as HISTORY_FILE
+from tasks.layout import DECISIONS_FILE
 from tasks.registry import read_champion
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,15 +114,15 @@ def test_bad_model_names_and_registry_lines_are_one_line_each(two_models):
         result = cli(config, *args)
         assert result.returncode == 1 and result.stdout == "", result
         assert result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
-    with open(registry / HISTORY_FILE, "a") as history_file:
+    with open(registry / DECISIONS_FILE, "a") as history_file:
         history_file.write('{"model_digest": 7}\n')
     for command in (["history"], ["diff", "champion", a["model_digest"][:8]]):
         result = cli(config, *command)
         assert result.returncode == 1 and result.stdout == ""
-        assert result.stderr.count("\n") == 1 and f"{registry / HISTORY_FILE}: line 3: expected a decision" in result.stderr
+        assert result.stderr.count("\n") == 1 and f"{registry / DECISIONS_FILE}: line 3: expected a decision" in result.stderr
     after = tree_state(Path(config.artifacts_dir))
-    assert {p: s for p, s in after.items() if not p.endswith(HISTORY_FILE)} == {
-        p: s for p, s in before.items() if not p.endswith(HISTORY_FILE)}
+    assert {p: s for p, s in after.items() if not p.endswith(DECISIONS_FILE)} == {
+        p: s for p, s in before.items() if not p.endswith(DECISIONS_FILE)}
 
 
 def folders(summary, *stages):
@@ -232,3 +232,23 @@ def test_gc_with_a_corrupt_record_removes_nothing(synthetic_config):
     assert result.returncode == 1 and result.stdout == "" and result.stderr.count("\n") == 1, result
     assert str(record) in result.stderr
     assert tree_state(Path(synthetic_config.data_dir), Path(synthetic_config.artifacts_dir)) == before
+
+
+def test_records_written_before_the_reference_moved_are_still_read_by_history_and_gc(synthetic_config):
+    first = mnist_pipeline(config=synthetic_config)
+    mnist_pipeline(config=with_train(synthetic_config, epochs=3))
+    # As the earlier layout wrote them: the same reference, under the class's former module.
+    for record in (p for p in Path(synthetic_config.cache_dir).iterdir() if p.is_file()):
+        data = json.loads(record.read_text())
+        assert '"tasks.artifacts.ArtifactRef"' in data["result"]
+        record.write_text(json.dumps({**data, "result": data["result"].replace("tasks.artifacts.", "tasks.core.")}))
+
+    assert [row["test_accuracy"] for row in history(synthetic_config)][0] == first["metrics"]["test_accuracy"]
+    planned = gc.plan(synthetic_config)
+    assert planned.folders and planned.kept_records > 0
+    garbage = ["not an artifact reference", '{"__class__": "tasks.other.ArtifactRef", "data": {}}']
+    record = next(p for p in Path(synthetic_config.cache_dir).iterdir() if p.name.startswith("evaluate_model-"))
+    for result in garbage:
+        record.write_text(json.dumps({**json.loads(record.read_text()), "result": result}))
+        with pytest.raises(PipelineError, match=f"{record}: expected a cache record holding an artifact reference"):
+            gc.plan(synthetic_config)
