@@ -1,6 +1,6 @@
 """The dataset's settings: where its files come from, how many rows each split has, its classes and their names.
 
-Kept apart from the stages (no Prefect, no TensorFlow), so that the config is read, and `mnist-pipeline status`
+Kept apart from the stages (no TensorFlow, no pyarrow), so that the config is read, and `mnist-pipeline status`
 answers, without importing them.
 """
 

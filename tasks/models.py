@@ -1,5 +1,5 @@
-"""The networks the train stage can fit, each one's defaults, the training config, and a description of a built model
-from Keras.
+"""The networks the train stage can fit, each one's defaults, the training config, a description of a built model
+from Keras, and loading a saved model and scoring images with it (one way for evaluate and predict).
 
 Every model takes the flat rows of preprocessing (784 floats in [0, 1]) and ends in a softmax over the classes, so
 evaluation, prediction and the report work the same for all of them.

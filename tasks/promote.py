@@ -1,7 +1,7 @@
 """Promote stage: decide whether an evaluated model becomes the champion, and keep a registry of every decision.
 
-The registry (read by tasks/registry.py) is a folder holding `champion.json` (the current champion) and `history.jsonl` (one decision per line,
-appended). Deciding is idempotent: a rerun on the same model with nothing changed returns the recorded decision and
+The registry (read by tasks/registry.py) is a folder holding `champion.json` (the current champion) and
+`history.jsonl` (one decision per line, appended). Deciding is idempotent: a rerun on the same model with nothing changed returns the recorded decision and
 writes nothing, so the flow can call it on every run and hand the result to cached stages.
 """
 

@@ -1,7 +1,7 @@
 """The promotion registry, read: the champion (`champion.json`) and every decision (`history.jsonl`), which recorded
 decision still holds, and which model a name (`champion`, a digest prefix) means. Writing it is the promote stage's
 (tasks/promote.py); this module imports no stage, so `status`, `history`, `diff` and `predict` read the registry
-without Prefect or TensorFlow.
+without TensorFlow.
 """
 
 from __future__ import annotations
