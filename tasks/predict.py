@@ -224,8 +224,8 @@ def _read_idx(path: Path, invert: Invert, batch_size: int) -> Iterator[Batch]:
                 n = min(batch_size, count - start)
                 data = fh.read(n * PIXELS)
                 if len(data) != n * PIXELS:
-                    raise PipelineError(f"{path}: payload size: expected {count} images of 28x28 bytes, found the "
-                                        f"file truncated after {start + len(data) // PIXELS}")
+                    raise PipelineError(f"{path}: payload size: expected {count} images of {PIXELS} bytes, found "
+                                        f"the file truncated after {start + len(data) // PIXELS}")
                 images = np.frombuffer(data, np.uint8).reshape(n, PIXELS)
                 if invert == "yes":
                     images = 255 - images
