@@ -32,7 +32,7 @@ from flows.stages import OTHER_STEPS, STEPS, Step
 from tasks import storage
 from tasks.artifacts import ArtifactRef, staged
 from tasks.keys import SERIALIZER, check_record, components_path, key_components, key_of
-from tasks.locks import FlockLockManager, lock_dir
+from tasks.locks import FlockLockManager
 
 assert JSONSerializer().model_dump(mode="json") == SERIALIZER, "Prefect's JSONSerializer describes itself differently"
 # What the runner gives a stage function besides the task's inputs.
@@ -59,7 +59,7 @@ class StageCache(CachePolicy):
 
     def __post_init__(self) -> None:
         if self.lock_manager is None and self.cache_dir:
-            self.lock_manager = FlockLockManager(lock_dir(self.cache_dir))
+            self.lock_manager = FlockLockManager(storage.lock_dir(self.cache_dir))
 
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
         key = key_of(key_components(task_ctx.task.name, self.module, inputs))

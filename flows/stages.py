@@ -71,6 +71,6 @@ OTHER_STEPS: dict[str, Step] = {
     "predict_classes": Step("predict_classes", "tasks.predict:score_inputs", "artifacts_dir",
                             layout.PREDICT_SCORES_DIR),
     "write_predictions": Step("write_predictions", "tasks.predict:collect_predictions", "artifacts_dir",
-                              layout.PREDICTIONS_DIR, files={"inputs": (layout.COUNTS_FILE, layout.INPUTS_FILE)}),
+                              layout.PREDICTIONS_DIR, files={"inputs": (layout.COUNTS_FILE,)}),
     "write_sweep_report": Step("write_sweep_report", "tasks.sweep:write_report", "artifacts_dir", layout.SWEEPS_DIR),
 }

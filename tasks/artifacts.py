@@ -147,15 +147,14 @@ def intact_files(folder: Path) -> dict[str, FileRef] | None:
 def published_problem(folder: Any) -> str | None:
     """Return why a published folder no longer matches its manifest; None if it does or has no manifest (a folder
     that was not published by a stage)."""
-    if not storage.is_remote(folder):
-        if not (Path(folder) / MANIFEST).exists() or intact_files(Path(folder)) is not None:
-            return None
-        return f"{folder}: its files differ from its {MANIFEST}"
     try:
         manifest = json.loads(storage.read_bytes(f"{folder}/{MANIFEST}"))
+        files = {name: FileRef(path=f"{folder}/{name}", **entry) for name, entry in manifest.items()}
     except FileNotFoundError:
         return None
-    return _remote_problem({name: FileRef(path=f"{folder}/{name}", **entry) for name, entry in manifest.items()}, False)
+    except (ValueError, TypeError, AttributeError) as exc:
+        return f"{folder}: unreadable {MANIFEST} ({exc})"
+    return ArtifactRef(stage="", digest="", files=files).problem()
 
 
 def _placed(files: dict[str, FileRef], folder: Path) -> dict[str, FileRef]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -20,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import PipelineError
-from tasks.files import flocked, sha256_bytes, take_flock
-from tasks.layout import LOCKS_DIR
-from tasks.storage import identity
+from tasks.files import flocked, take_flock
+from tasks.storage import lock_dir, root_id
 
 # How long a Redis lock outlives its holder's last renewal (PipelineConfig.lock_expiry_s).
 LOCK_EXPIRY_S = 15.0
@@ -33,21 +31,8 @@ _log = logging.getLogger("prefect.mnist_pipeline.locks")
 def stage_locks(url: str | None, cache_dir: str | Path, expiry_s: float) -> FlockLockManager | RedisLockManager:
     """Return the lock manager of a cache: Redis at `url` (redis://HOST:PORT/DB), else flock on this machine."""
     if url:
-        return RedisLockManager(url, namespace=_root_id(cache_dir), expiry_s=expiry_s)
+        return RedisLockManager(url, namespace=root_id(cache_dir), expiry_s=expiry_s)
     return FlockLockManager(lock_dir(cache_dir))
-
-
-def _root_id(cache_dir: str | Path) -> str:
-    return sha256_bytes(identity(cache_dir).encode())[:16]
-
-
-def lock_dir(cache_dir: str | Path) -> Path:
-    """Return the folder of the flock stage locks of a cache: in the system temp folder, one per cache folder.
-
-    Locks are this machine's run-time state (as flocks are), not artifacts: kept outside the roots, a failed run
-    leaves the artifact tree exactly as it was.
-    """
-    return Path(tempfile.gettempdir()) / LOCKS_DIR / _root_id(cache_dir)
 
 
 class _Shared:
@@ -57,10 +42,13 @@ class _Shared:
         # Prefect copies cache policies; a copy must still see (and release) the locks this one holds.
         return self
 
+    # The constructor's arguments, by name: all a copy in another process is made from.
+    _arguments: tuple[str, ...] = ()
+
     def __getstate__(self) -> dict[str, Any]:
         # A task travels to Dask workers by pickle with its cache policy: open descriptors, clients and thread locks
         # cannot, and locks are held by the process that takes them. A copy in another process starts holding none.
-        return dict(self._settings)
+        return {name: getattr(self, name) for name in self._arguments}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -81,8 +69,9 @@ class FlockLockManager(_Shared):
     every later run wait forever; a flock cannot outlive its process. Locks held in this process are kept by key.
     """
 
+    _arguments = ("lock_files_directory",)
+
     def __init__(self, lock_files_directory: Path) -> None:
-        self._settings = {"lock_files_directory": lock_files_directory}
         self.lock_files_directory = Path(lock_files_directory)
         self._held: dict[str, tuple[str, int]] = {}
         self._guard = threading.Lock()
@@ -153,8 +142,9 @@ class RedisLockManager(_Shared):
     its cache record over the result of whoever took the lock next.
     """
 
+    _arguments = ("url", "namespace", "expiry_s")
+
     def __init__(self, url: str, namespace: str, expiry_s: float = LOCK_EXPIRY_S) -> None:
-        self._settings = {"url": url, "namespace": namespace, "expiry_s": expiry_s}
         self.url, self.namespace, self.expiry_s = url, namespace, expiry_s
         self._client: Any = None
         self._held: dict[str, tuple[str, Any, threading.Event]] = {}

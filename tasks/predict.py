@@ -376,7 +376,8 @@ def collect_predictions(files: Sequence[Path], inputs: ArtifactRef, scores: Arti
     """Join the scores with the file names, indexes and class names into the predictions table; publish it."""
     counts = json.loads(inputs.path(COUNTS_FILE).read_text())
     sources = [str(path) for path, count in zip(files, counts) for _ in range(count)]
-    indexes = pq.read_table(inputs.path(INPUTS_FILE), columns=["index"]).column("index").to_pylist()
+    with inputs.path(INPUTS_FILE).open("rb") as fh:  # a local file or an object: only this column is read
+        indexes = pq.read_table(fh, columns=["index"]).column("index").to_pylist()
     frame = predictions_frame(sources, indexes, _concat_probabilities(scores), model_digest, class_names)
     per_class = frame["predicted"].value_counts().sort_index()
     counts = {(class_names[c] if class_names else str(c)): int(n) for c, n in per_class.items()}

@@ -152,8 +152,11 @@ def append_line(path: Any, line: str) -> None:
     Objects cannot be appended to: on object storage the whole file is written again, so callers hold a lock.
     """
     if is_remote(path):
-        old = read_bytes(path) if exists(path) else b""
-        write_text(path, old.decode() + line)
+        try:
+            old = read_bytes(path).decode()
+        except FileNotFoundError:
+            old = ""
+        write_text(path, old + line)
         return
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -166,19 +169,32 @@ def append_line(path: Any, line: str) -> None:
     fsync_path(Path(path).parent)
 
 
-def lock_file(folder: Any, name: str) -> Path:
-    """Return the file to flock for a folder: inside it on disk; for object storage, which has no locks, one in the
-    temp folder named by the URL (it excludes the runs of this machine only; Redis locks exclude other machines')."""
-    if not is_remote(folder):
-        return Path(folder) / name
-    path = Path(tempfile.gettempdir()) / LOCKS_DIR / sha256_bytes(str(folder).encode())[:16] / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def identity(location: Any) -> str:
     """Return the text that names a root wherever it is used: the URL, or the resolved path on this machine."""
     return str(location) if is_remote(location) else str(Path(location).resolve())
+
+
+def root_id(location: Any) -> str:
+    """Return a short name of a root (or folder) that every machine and process derives alike from `identity`."""
+    return sha256_bytes(identity(location).encode())[:16]
+
+
+def lock_dir(location: Any) -> Path:
+    """Return this machine's folder of flock lock files for a root (or folder): in the system temp folder.
+
+    Locks are this machine's run-time state (as flocks are), not artifacts: kept outside the roots, a failed run
+    leaves the artifact tree exactly as it was.
+    """
+    return Path(tempfile.gettempdir()) / LOCKS_DIR / root_id(location)
+
+
+def lock_file(folder: Any, name: str) -> Path:
+    """Return the file to flock for a folder: inside it on disk; for object storage, which has no locks, one in
+    `lock_dir` (it excludes the runs of this machine only; Redis locks exclude other machines')."""
+    if not is_remote(folder):
+        return Path(folder) / name
+    lock_dir(folder).mkdir(parents=True, exist_ok=True)
+    return lock_dir(folder) / name
 
 
 def check_roots(roots: dict[str, Any], shared_locks: bool, log: Log) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import ArtifactRef, publish
+from tasks.artifacts import ArtifactRef, publish, published_problem
 from tasks.files import new_workdir, sha256_bytes, sha256_file, sha256_json, write_json
 from tasks.layout import MANIFEST
 
@@ -229,3 +229,15 @@ def test_a_damaged_folder_with_a_given_digest_is_replaced(tmp_path, damage):
     assert second.path("model.keras").read_bytes() == b"new weights" and second.problem() is None
     assert artifact_files(final) == ["model.keras"] and (final / MANIFEST).exists()
     assert leftovers(tmp_path) == []
+
+
+def test_published_problem_names_what_differs_from_the_manifest(tmp_path):
+    folder = Path(publish("s", make_work(tmp_path, FILES)).files["a.bin"].path).parent
+    assert published_problem(folder) is None
+    assert published_problem(tmp_path) is None  # no manifest: not a published folder, nothing to hold against it
+    data = bytearray((folder / "a.bin").read_bytes())
+    data[7] ^= 1
+    (folder / "a.bin").write_bytes(bytes(data))
+    assert published_problem(folder) == f"{folder / 'a.bin'}: content digest differs from the recorded one"
+    (folder / MANIFEST).write_text("[not a manifest")
+    assert published_problem(folder).startswith(f"{folder}: unreadable {MANIFEST} (")

@@ -185,6 +185,7 @@ def test_meta_holds_headline_numbers(report, inputs):
     assert report.meta["test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert report.meta["misclassified"] == metrics["misclassified"]["count"] > 0
     assert report.meta["overfitting"] == metrics["overfitting"]
+    assert report.path(REPORT_HTML).is_file() and report.path(REPORT_MD).is_file()
 
 
 def test_html_embeds_every_figure_and_loads_nothing_from_outside(report):

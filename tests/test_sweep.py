@@ -156,7 +156,7 @@ def task_run_names(run_id: str) -> list[str]:
 
 
 def held_locks(config) -> list[Path]:
-    from tasks.locks import lock_dir
+    from tasks.storage import lock_dir
 
     held = []
     for path in lock_dir(config.cache_dir).glob("*.lock"):
