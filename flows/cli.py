@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES, PipelineConfig  # noqa: E402
 from tasks.errors import PipelineError, validation_problems  # noqa: E402
-from tasks.dataset import DatasetConfig  # noqa: E402
+from tasks.dataset import DatasetConfig, read_sums  # noqa: E402
 from tasks.models import MODEL_DEFAULTS, TrainConfig  # noqa: E402
 from tasks.storage import as_root, explained  # noqa: E402
 
@@ -121,8 +121,6 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["data_dir"] = str(as_root(args.data_dir))  # absolute now, as the artifacts root
     download = {"source": args.source} if args.source else {}
     if args.sha256:
-        from tasks.dataset import read_sums
-
         download["sha256"] = read_sums(Path(args.sha256).expanduser().absolute())
     if download:
         overrides["download"] = download

@@ -69,10 +69,9 @@ def history_table(rows: list[dict[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="models in the registry (* champion)", title_justify="left")
-    for name, justify in (("", "left"), ("model", "left"), ("decided (UTC)", "left"), ("kind", "left"),
-                          ("changed from the defaults", "left"), ("test acc", "right"), ("test loss", "right"),
-                          ("promoted", "left"), ("why", "left")):
-        table.add_column(name, justify=justify, overflow="fold")
+    for name in ("", "model", "decided (UTC)", "kind", "changed from the defaults", "test acc", "test loss",
+                 "promoted", "why"):
+        table.add_column(name, justify="right" if name.startswith("test ") else "left", overflow="fold")
     for row in rows:
         changed = "(model folder gone)" if row["changed"] is None else (
             ", ".join(f"{k}={v}" for k, v in row["changed"].items()) or "-")

@@ -148,8 +148,8 @@ def _outcome(trained: Any, scored: Any, train_inputs: dict[str, Any], evaluate_i
     if states["train"].is_completed():
         model = trained.result()
         parameters = {"model_digest": model.digest, "fit_seconds": model.meta["fit_seconds"]}
-    if not all(s.is_completed() for s in states.values()):
-        failed = next(s for s in states.values() if not s.is_completed())
+    failed = next((s for s in states.values() if not s.is_completed()), None)
+    if failed is not None:
         error = str(failed.result(raise_on_failure=False))
         return {"row": {"state": "failed", "error": error, **parameters}, "model": None, "evaluation": None, "error": error}
     evaluation = scored.result()

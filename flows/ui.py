@@ -39,17 +39,11 @@ def publish_report(report: ArtifactRef, evaluation: ArtifactRef, decision: Decis
     create_markdown_artifact(
         markdown=summary_markdown(metrics, {name: report.path(name) for name in KEY_FIGURES}, report.path(REPORT_HTML),
                                   title=title, class_names=names),
-        key=REPORT_KEY,
-        description=f"{title}: test accuracy {float(metrics['test_accuracy']):.4f}",
-    )
-    create_table_artifact(
-        table=metrics_table(metrics, names), key=METRICS_KEY,
-        description=f"{title}: per-class precision, recall, F1 and support (test set)",
-    )
-    create_table_artifact(
-        table=confusion_table(metrics, names), key=CONFUSION_KEY,
-        description=f"{title}: confusion matrix, rows true class, columns predicted class",
-    )
+        key=REPORT_KEY, description=f"{title}: test accuracy {float(metrics['test_accuracy']):.4f}")
+    create_table_artifact(table=metrics_table(metrics, names), key=METRICS_KEY,
+                          description=f"{title}: per-class precision, recall, F1 and support (test set)")
+    create_table_artifact(table=confusion_table(metrics, names), key=CONFUSION_KEY,
+                          description=f"{title}: confusion matrix, rows true class, columns predicted class")
     if decision is not None:
         verdict = "Promoted" if decision.promoted else "Not promoted"
         create_markdown_artifact(markdown=promotion_markdown(decision), key=PROMOTION_KEY,

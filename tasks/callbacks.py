@@ -34,9 +34,7 @@ class EpochRecorder(keras.callbacks.Callback):
 
     def __init__(self, epochs: int, log: Callable[[str], None], progress: Progress) -> None:
         super().__init__()
-        self.epochs = epochs
-        self.log = log
-        self.progress = progress
+        self.epochs, self.log, self.progress = epochs, log, progress
         self.metrics: dict[str, list[float]] = {}
         self.epoch_seconds: list[float] = []
         self._started = 0.0

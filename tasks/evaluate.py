@@ -29,15 +29,8 @@ MAX_MISCLASSIFIED = 25
 # A judgment call: the tutorial calls its gap of about 1 point overfitting; under half a point we do not. The train
 # accuracy Keras reports is a mean over the last epoch while the weights still move, so small gaps mean little.
 OVERFITTING_GAP = 0.005
-PREDICTIONS_SCHEMA = pa.schema(
-    [
-        pa.field("index", pa.int32(), nullable=False),
-        pa.field("label", pa.uint8(), nullable=False),
-        pa.field("predicted", pa.uint8(), nullable=False),
-        pa.field("confidence", pa.float32(), nullable=False),
-    ]
-)
-
+PREDICTIONS_SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, kind in (
+    ("index", pa.int32()), ("label", pa.uint8()), ("predicted", pa.uint8()), ("confidence", pa.float32()))])
 
 
 def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: Log = quiet) -> ArtifactRef:
@@ -51,55 +44,29 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: 
     confidence = probabilities.max(axis=1).astype(np.float32)
     # The loss the model was trained with (Keras's own function), averaged over the images.
     losses = keras.losses.get(LOSS)(y.astype(np.int32), probabilities)
-    scores = {"loss": float(np.mean(np.asarray(losses), dtype=np.float64)), "accuracy": float(np.mean(predicted == y))}
-    num_classes = int(probabilities.shape[1])
-
-    metrics = build_metrics(
-        y,
-        predicted,
-        confidence,
-        num_classes=num_classes,
-        test_loss=float(scores["loss"]),
-        test_accuracy=float(scores["accuracy"]),
-        # The epoch whose weights were kept (early stopping keeps the best, not the last).
-        train_loss=float(history["loss"][history["best_epoch"] - 1]),
-        train_accuracy=float(history["accuracy"][history["best_epoch"] - 1]),
-    )
+    best = history["best_epoch"] - 1  # the epoch whose weights were kept (early stopping keeps the best, not the last)
+    metrics = build_metrics(y, predicted, confidence, num_classes=int(probabilities.shape[1]),
+                            test_loss=float(np.mean(np.asarray(losses), dtype=np.float64)),
+                            test_accuracy=float(np.mean(predicted == y)),
+                            train_loss=float(history["loss"][best]), train_accuracy=float(history["accuracy"][best]))
     metrics.update(model_digest=model.digest, data_digest=processed.digest)
-    log(
-        f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on {metrics['num_test']} images; "
-        f"{metrics['misclassified']['count']} misclassified; first {FIRST} predictions "
-        + " ".join(map(str, metrics["first_20_predictions"]))
-    )
+    log(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on {metrics['num_test']} "
+        f"images; {metrics['misclassified']['count']} misclassified; first {FIRST} predictions "
+        + " ".join(map(str, metrics["first_20_predictions"])))
 
-    table = pa.Table.from_arrays(
-        [pa.array(np.arange(len(y), dtype=np.int32)), pa.array(y, pa.uint8()), pa.array(predicted), pa.array(confidence)],
-        schema=PREDICTIONS_SCHEMA,
-    )
-    meta = {
-        "test_accuracy": metrics["test_accuracy"],
-        "test_loss": metrics["test_loss"],
-        "first_20_predictions": metrics["first_20_predictions"],
-        # Not part of the digest (the files are): how long scoring took, for the sweep's engine overhead.
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    table = pa.Table.from_arrays([pa.array(np.arange(len(y), dtype=np.int32)), pa.array(y, pa.uint8()),
+                                  pa.array(predicted), pa.array(confidence)], schema=PREDICTIONS_SCHEMA)
+    meta = {name: metrics[name] for name in ("test_accuracy", "test_loss", "first_20_predictions")}
+    # Not part of the digest (the files are): how long scoring took, for the sweep's engine overhead.
+    meta["seconds"] = round(time.perf_counter() - started, 3)
     with workdir(out_dir) as work:
         write_json(work / METRICS_FILE, metrics)
         pq.write_table(table, work / PREDICTIONS_FILE, compression="none")
         return publish("evaluate", work, meta=meta)
 
 
-def build_metrics(
-    labels: np.ndarray,
-    predicted: np.ndarray,
-    confidence: np.ndarray,
-    *,
-    num_classes: int,
-    test_loss: float,
-    test_accuracy: float,
-    train_loss: float,
-    train_accuracy: float,
-) -> dict[str, Any]:
+def build_metrics(labels: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, *, num_classes: int,
+                  test_loss: float, test_accuracy: float, train_loss: float, train_accuracy: float) -> dict[str, Any]:
     """Return the metrics document (plain JSON types) from labels, predicted classes and their confidences."""
     labels = labels.astype(np.int64)
     predicted = predicted.astype(np.int64)
@@ -119,13 +86,9 @@ def build_metrics(
         "first_20_labels": [int(v) for v in labels[:FIRST]],
         "confusion_matrix": confusion.tolist(),
         "per_class": per_class(confusion),
-        "misclassified": {
-            "count": int(len(wrong)),
-            "first": [
-                {"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]), "confidence": float(confidence[i])}
-                for i in wrong[:MAX_MISCLASSIFIED]
-            ],
-        },
+        "misclassified": {"count": int(len(wrong)), "first": [
+            {"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]),
+             "confidence": float(confidence[i])} for i in wrong[:MAX_MISCLASSIFIED]]},
     }
 
 
@@ -133,9 +96,7 @@ def per_class(confusion: np.ndarray) -> dict[str, dict[str, Any]]:
     """Return precision, recall, F1 and support of each class from a confusion matrix (rows true, columns predicted)."""
     out = {}
     for c in range(len(confusion)):
-        hits = int(confusion[c, c])
-        support = int(confusion[c].sum())
-        predicted = int(confusion[:, c].sum())
+        hits, support, predicted = int(confusion[c, c]), int(confusion[c].sum()), int(confusion[:, c].sum())
         # A class never predicted (or never present) scores 0.0 rather than NaN, which JSON cannot hold.
         precision = hits / predicted if predicted else 0.0
         recall = hits / support if support else 0.0
@@ -149,10 +110,8 @@ def overfitting_remark(train_accuracy: float, test_accuracy: float) -> str:
     gap = train_accuracy - test_accuracy
     head = f"Test accuracy {test_accuracy:.2%} vs training accuracy {train_accuracy:.2%}"
     if gap > OVERFITTING_GAP:
-        return (
-            f"{head}: a gap of {gap * 100:.2f} points, an example of overfitting "
-            "(models do worse on new data than on their training data)."
-        )
+        return (f"{head}: a gap of {gap * 100:.2f} points, an example of overfitting "
+                "(models do worse on new data than on their training data).")
     if gap > 0:
         return f"{head}: a gap of only {gap * 100:.2f} points, little sign of overfitting."
     return f"{head}: no gap, no sign of overfitting."

@@ -80,7 +80,6 @@ class FlockLockManager(_Shared):
         """Nothing to check: the lock files are made when first taken."""
 
     def lock_path(self, key: str) -> Path:
-        """Return the lock file of `key`."""
         self.lock_files_directory.mkdir(parents=True, exist_ok=True)
         return self.lock_files_directory / f"{key}.lock"
 
@@ -102,7 +101,6 @@ class FlockLockManager(_Shared):
         return True
 
     def release_lock(self, key: str, holder: str) -> None:
-        """Release the lock of `key` held by `holder`."""
         with self._guard:
             if not self.is_lock_holder(key, holder):
                 raise ValueError(f"No lock held by {holder} for transaction with key {key}")

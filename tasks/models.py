@@ -60,13 +60,10 @@ class TrainConfig(BaseModel):
     dropout: float | None = Field(None, ge=0, lt=1, description="cnn: dropout rate before the output layer")
     # NumPy's seed range; keras.utils.set_random_seed seeds Python, NumPy and TensorFlow from it.
     seed: int = Field(42, ge=0, lt=2**32, description="random seed (same seed and data: same model)")
-    validation_split: float = Field(
-        0.0, ge=0, lt=1, description="fraction of the training rows held out for validation (the last rows)"
-    )
-    patience: int | None = Field(
-        None, ge=1, description="stop when the validation loss has not improved for N epochs and keep the best weights "
-        "(needs --validation-split)"
-    )
+    validation_split: float = Field(0.0, ge=0, lt=1,
+                                    description="fraction of the training rows held out for validation (the last rows)")
+    patience: int | None = Field(None, ge=1, description="stop when the validation loss has not improved for N epochs "
+                                 "and keep the best weights (needs --validation-split)")
     # Speed only: both are repeatable; they differ in the last bits of the weights (BENCHMARKS.md has the timings).
     jit_compile: bool | None = Field(None, description="XLA-compile the training step")
 
@@ -117,15 +114,9 @@ def build_model(kind: str, num_classes: int, **knobs: Any) -> Any:
 
 def describe_model(model: Any) -> dict[str, Any]:
     """Return a built model's layers (name, type, output shape, parameters) and its parameter counts, from Keras."""
-    layers = [
-        {
-            "name": layer.name,
-            "type": type(layer).__name__,
-            "output_shape": [None if d is None else int(d) for d in layer.output.shape],
-            "parameters": int(layer.count_params()),
-        }
-        for layer in model.layers
-    ]
+    layers = [{"name": layer.name, "type": type(layer).__name__,
+               "output_shape": [None if d is None else int(d) for d in layer.output.shape],
+               "parameters": int(layer.count_params())} for layer in model.layers]
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
     return {"layers": layers, "parameters": int(model.count_params()), "trainable_parameters": trainable}
 

@@ -18,15 +18,7 @@ from tasks.errors import Log, PipelineError, quiet
 from tasks.files import flocked
 from tasks.layout import CHAMPION_FILE, DECISIONS_FILE, METRICS_FILE, MODEL_FILE, REGISTRY_LOCK
 from tasks.locks import RedisLockManager
-from tasks.registry import (
-    Champion,
-    Decision,
-    PromotionConfig,
-    Scores,
-    read_champion,
-    read_history,
-    recorded_decision,
-)
+from tasks.registry import Champion, Decision, PromotionConfig, Scores, read_champion, read_history, recorded_decision
 from tasks.storage import append_line, as_root, lock_file, make_folder, write_text
 
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
@@ -34,16 +26,9 @@ from tasks.storage import append_line, as_root, lock_file, make_folder, write_te
 SLACK = 1e-6
 
 
-def decide_promotion(
-    model: ArtifactRef,
-    evaluation: ArtifactRef,
-    registry_dir: Path,
-    config: PromotionConfig,
-    run_id: str | None = None,
-    log: Log = quiet,
-    class_names: list[str] | None = None,
-    locks: Any = None,
-) -> Decision:
+def decide_promotion(model: ArtifactRef, evaluation: ArtifactRef, registry_dir: Path, config: PromotionConfig,
+                     run_id: str | None = None, log: Log = quiet, class_names: list[str] | None = None,
+                     locks: Any = None) -> Decision:
     """Decide whether the evaluated model becomes the champion, record the decision, and return it.
 
     The registry is locked for the decision by its lock file, or with Redis stage locks (`locks`, roots that several
@@ -52,7 +37,8 @@ def decide_promotion(
     registry_dir = as_root(registry_dir)
     test_accuracy, test_loss = _scores(model, evaluation)
     make_folder(registry_dir)
-    with _registry_lock(registry_dir, locks):
+    with (locks.held("registry") if isinstance(locks, RedisLockManager)
+          else flocked(lock_file(registry_dir, REGISTRY_LOCK))):
         champion = read_champion(registry_dir)
         recorded = recorded_decision(model.digest, read_history(registry_dir), champion, config)
         if recorded is not None:
@@ -87,14 +73,6 @@ def decide_promotion(
             write_text(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
     log(f"model {model.digest[:16]}: {decision.verdict}")
     return decision
-
-
-def _registry_lock(registry_dir: Any, locks: Any) -> Any:
-    """Lock the registry: in Redis with Redis stage locks (roots that several machines share), else by a flock on
-    this machine (see `tasks.storage.lock_file`)."""
-    if isinstance(locks, RedisLockManager):
-        return locks.held("registry")
-    return flocked(lock_file(registry_dir, REGISTRY_LOCK))
 
 
 def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig) -> tuple[bool, str]:

@@ -25,9 +25,8 @@ class PromotionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     min_test_accuracy: float = Field(0.97, ge=0, le=1, description="Absolute gate: no model below it is promoted.")
-    tolerance: float = Field(
-        0.002, ge=0, le=1, description="How much lower than the champion's a new model's test accuracy may be."
-    )
+    tolerance: float = Field(0.002, ge=0, le=1,
+                             description="How much lower than the champion's a new model's test accuracy may be.")
 
 
 class Scores(BaseModel):

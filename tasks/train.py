@@ -27,19 +27,9 @@ from tasks.preprocess import load_split
 Progress = Callable[[int, int, dict[str, float]], None]
 
 
-def _no_progress(_done: int, _total: int, _logs: dict[str, float]) -> None:
-    pass
-
-
-def fit_model(
-    processed: ArtifactRef,
-    out_dir: Path,
-    config: TrainConfig,
-    num_classes: int = NUM_CLASSES,
-    log: Log = quiet,
-    progress: Progress = _no_progress,
-    state_dir: Path | None = None,
-) -> ArtifactRef:
+def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_classes: int = NUM_CLASSES,
+              log: Log = quiet, progress: Progress = lambda done, epochs, logs: None,
+              state_dir: Path | None = None) -> ArtifactRef:
     """Fit the configured model on `train.parquet` of `processed` and publish the model, history and config under `out_dir`.
 
     Training is Keras's `fit` with callbacks: `log` gets one line per epoch, `progress(epochs_done, epochs, logs)` is

@@ -16,19 +16,12 @@ from tasks.layout import REPORT_HTML, REPORT_MD
 from tasks.registry import Decision
 from tasks.report.context import load_context
 from tasks.report.figures import draw_figures, to_png
-from tasks.report.render import data_uri, markdown_page, page_title, render
+from tasks.report.render import data_uri, markdown_page, render
 
 
-def write_report(
-    validation: ArtifactRef,
-    processed: ArtifactRef,
-    model: ArtifactRef,
-    evaluation: ArtifactRef,
-    out_dir: Path,
-    decision: Decision | None = None,
-    dataset: DatasetConfig | None = None,
-    log: Log = quiet,
-) -> ArtifactRef:
+def write_report(validation: ArtifactRef, processed: ArtifactRef, model: ArtifactRef, evaluation: ArtifactRef,
+                 out_dir: Path, decision: Decision | None = None, dataset: DatasetConfig | None = None,
+                 log: Log = quiet) -> ArtifactRef:
     """Write `report.md`, a self-contained `report.html` and the PNG figures, and publish them under `out_dir`.
 
     `decision` (from `tasks.promote.decide_promotion`) adds a "Model promotion" section; `dataset` gives the title and
@@ -56,7 +49,7 @@ def write_report(
             (work / name).write_bytes(png)
         (work / REPORT_MD).write_text(render("report.md.j2", ctx=ctx, decision=decision, src=str))
         embedded = render("report.md.j2", ctx=ctx, decision=decision, src=lambda name: data_uri(pngs[name]))
-        (work / REPORT_HTML).write_text(markdown_page(embedded, page_title(ctx.classes.title)))
+        (work / REPORT_HTML).write_text(markdown_page(embedded, f"Pipeline report: {ctx.classes.title}"))
         ref = publish("report", work, meta=headline)
     log(f"report written (test accuracy {headline['test_accuracy']:.4f})")
     return ref

@@ -154,13 +154,8 @@ def layer_shape(shape: list[int | None]) -> str:
     return " x ".join("?" if d is None else str(d) for d in shape[1:])
 
 
-def load_context(
-    validation: ArtifactRef,
-    processed: ArtifactRef,
-    model: ArtifactRef,
-    evaluation: ArtifactRef,
-    dataset: DatasetConfig | None = None,
-) -> ReportContext:
+def load_context(validation: ArtifactRef, processed: ArtifactRef, model: ArtifactRef, evaluation: ArtifactRef,
+                 dataset: DatasetConfig | None = None) -> ReportContext:
     """Read the report's inputs from the upstream artifacts and check that they describe the same test set."""
     test_path = processed.path(SPLIT_FILES["test"])
     images, labels = load_split(test_path)

@@ -51,10 +51,9 @@ def draw_figures(ctx: ReportContext) -> dict[str, Figure]:
         FIRST20_PNG: first20_figure(ctx.test_images[: len(first)], first, m["first_20_labels"], names),
         CURVES_PNG: training_curves_figure(ctx.history),
         CONFUSION_PNG: confusion_figure(m["confusion_matrix"], names),
-        MISCLASSIFIED_PNG: misclassified_figure(
-            ctx.test_images[wrong["index"].to_numpy()], wrong["label"].tolist(), wrong["predicted"].tolist(),
-            wrong["confidence"].tolist(), int(m["misclassified"]["count"]), names,
-        ),
+        MISCLASSIFIED_PNG: misclassified_figure(ctx.test_images[wrong["index"].to_numpy()], wrong["label"].tolist(),
+                                                wrong["predicted"].tolist(), wrong["confidence"].tolist(),
+                                                int(m["misclassified"]["count"]), names),
     }
 
 
@@ -86,9 +85,8 @@ def _figure(width: float, height: float, layout: str | None = "constrained") -> 
     return fig
 
 
-def _digit_grid(
-    images: np.ndarray, captions: list[str], wrong: list[bool], *, columns: int, cell_width: float, fontsize: float, title: str
-) -> Figure:
+def _digit_grid(images: np.ndarray, captions: list[str], wrong: list[bool], *, columns: int, cell_width: float,
+                fontsize: float, title: str) -> Figure:
     """Draw images in a grid, each under its caption, framed in red when `wrong`, with a title on top.
 
     Captions are plain text (class names are user text: no mathtext); the caption band fits the longest caption.
@@ -138,11 +136,9 @@ def first20_figure(images: np.ndarray, predicted: list[int], labels: list[int], 
     longest = max((len(line) for caption in captions for line in caption.splitlines()), default=0)
     # Longer names: a smaller font and wider cells (20 cells of "pred " and 8 characters fit 2,300 pixels).
     fontsize = 9 if longest <= 9 else 8
-    return _digit_grid(
-        images[:n], captions, [p != t for p, t in zip(predicted, labels)],
-        columns=max(n, 1), cell_width=max(0.66, longest * fontsize * CHAR_INCHES + 0.1), fontsize=fontsize,
-        title=f"First {n} test images: predicted vs true class",
-    )
+    return _digit_grid(images[:n], captions, [p != t for p, t in zip(predicted, labels)], columns=max(n, 1),
+                       cell_width=max(0.66, longest * fontsize * CHAR_INCHES + 0.1), fontsize=fontsize,
+                       title=f"First {n} test images: predicted vs true class")
 
 
 def training_curves_figure(history: dict[str, Any]) -> Figure:
@@ -212,24 +208,16 @@ def confusion_figure(matrix: list[list[int]], names: list[str] | None = None) ->
     return fig
 
 
-def misclassified_figure(
-    images: np.ndarray,
-    labels: list[int],
-    predicted: list[int],
-    confidence: list[float],
-    total: int,
-    names: list[str] | None = None,
-) -> Figure:
+def misclassified_figure(images: np.ndarray, labels: list[int], predicted: list[int], confidence: list[float],
+                         total: int, names: list[str] | None = None) -> Figure:
     """Draw a grid of misclassified images with true class, prediction and confidence (or say there are none)."""
     n = len(labels)
     if n == 0:
         fig = _figure(6, 1.4)
         fig.text(0.5, 0.5, "No misclassified test images", ha="center", va="center", fontsize=14, color="#2e7d32")
         return fig
-    if total > n:
-        title = f"Misclassified test images: first {n} of {total}, by test index"
-    else:
-        title = f"All {n} misclassified test images"
+    title = (f"Misclassified test images: first {n} of {total}, by test index" if total > n
+             else f"All {n} misclassified test images")
     names = [short(name, GALLERY_NAME_MAX) for name in _names(names, max([*labels, *predicted]) + 1)]
     captions = [f"true {names[t]}\npred {names[p]}\nconf {c:.2f}" for t, p, c in zip(labels, predicted, confidence)]
     return _digit_grid(images, captions, [True] * n, columns=min(GALLERY_COLUMNS, n), cell_width=1.15, fontsize=8, title=title)

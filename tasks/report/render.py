@@ -52,14 +52,10 @@ def data_uri(png: bytes) -> str:
 
 @cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("tasks.report", "templates"),
-        autoescape=jinja2.select_autoescape(["html.j2"], default_for_string=False, default=False),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
+    env = jinja2.Environment(loader=jinja2.PackageLoader("tasks.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html.j2"], default_for_string=False, default=False),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
     env.filters.update(
         md=md,
         code=code,
@@ -77,11 +73,6 @@ def _environment() -> jinja2.Environment:
 def render(template: str, **values: Any) -> str:
     """Render one template of `templates/` with the given values."""
     return _environment().get_template(template).render(**values)
-
-
-def page_title(dataset_title: str) -> str:
-    """Return the title of the report page for a dataset."""
-    return f"Pipeline report: {dataset_title}"
 
 
 def markdown_page(markdown: str, title: str) -> str:

@@ -19,14 +19,8 @@ def classes_of(metrics: dict[str, Any], title: str = OTHER_TITLE, class_names: S
     return Classes.of(title, class_names, len(metrics["confusion_matrix"]))
 
 
-def summary_markdown(
-    metrics: dict[str, Any],
-    figures: Mapping[str, Path],
-    report_path: Path | None = None,
-    *,
-    title: str = OTHER_TITLE,
-    class_names: Sequence[str] | None = None,
-) -> str:
+def summary_markdown(metrics: dict[str, Any], figures: Mapping[str, Path], report_path: Path | None = None, *,
+                     title: str = OTHER_TITLE, class_names: Sequence[str] | None = None) -> str:
     """Return a Markdown summary for the Prefect UI with the given figures embedded as data URIs."""
     return render("summary.md.j2", metrics=metrics, figures=list(figures), report_path=report_path,
                   classes=classes_of(metrics, title, class_names),
@@ -41,18 +35,14 @@ def promotion_markdown(decision: Decision) -> str:
 def metrics_table(metrics: dict[str, Any], class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Return per-class label, name, precision, recall, F1 and support as rows of plain JSON values."""
     classes = classes_of(metrics, class_names=class_names)
-    return [
-        {"class": int(row.Index), "name": classes.name(row.Index), "precision": round(float(row.precision), 4),
-         "recall": round(float(row.recall), 4), "f1": round(float(row.f1), 4), "support": int(row.support)}
-        for row in per_class_frame(metrics).itertuples()
-    ]
+    return [{"class": int(row.Index), "name": classes.name(row.Index), "precision": round(float(row.precision), 4),
+             "recall": round(float(row.recall), 4), "f1": round(float(row.f1), 4), "support": int(row.support)}
+            for row in per_class_frame(metrics).itertuples()]
 
 
 def confusion_table(metrics: dict[str, Any], class_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Return the confusion matrix as rows of plain JSON values: the true class (label and name), one count per
     predicted class (`pred <name>`), the row's total."""
     names = classes_of(metrics, class_names=class_names).names
-    return [
-        {"label": i, "true": names[i], **{f"pred {names[j]}": int(n) for j, n in enumerate(row)}, "total": int(sum(row))}
-        for i, row in enumerate(metrics["confusion_matrix"])
-    ]
+    return [{"label": i, "true": names[i], **{f"pred {names[j]}": int(n) for j, n in enumerate(row)},
+             "total": int(sum(row))} for i, row in enumerate(metrics["confusion_matrix"])]
