@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES, PipelineConfig  # noqa: E402
 from tasks.errors import PipelineError, validation_problems  # noqa: E402
-from tasks.dataset import DatasetConfig, read_sums  # noqa: E402
+from tasks.dataset import DatasetConfig, DownloadConfig, ValidateConfig, read_sums  # noqa: E402
 from tasks.models import MODEL_DEFAULTS, TrainConfig  # noqa: E402
 from tasks.storage import as_root, explained  # noqa: E402
 
@@ -63,15 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """Add the flags that set a pipeline configuration (those of run, status, gc, serve and sweep)."""
-    parser.add_argument("--source", help="auto (MNIST: mirrors, then the shipped copy), an http(s):// or file:// URL, "
-                        "or a folder holding the four files under MNIST's names (.gz or not)")
-    parser.add_argument("--sha256", metavar="FILE", help="pin the source to the digests in FILE (sha256sum format, "
-                        "payloads or .gz files); a source's own SHA256SUMS is always checked")
+    parser.add_argument("--source", help="auto (MNIST: Keras's ~/.keras/datasets/mnist.npz if it is MNIST's, the "
+                        "mirrors, then the shipped copy); a folder, file://, http(s):// or s3:// URL of: the four files "
+                        "under MNIST's names (.gz or not), class folders (train/<class>/*, test/<class>/* or <class>/*), "
+                        "images with a labels.csv or labels.jsonl; or an .npz with x_train, y_train, x_test, y_test")
+    parser.add_argument("--sha256", metavar="FILE", help="pin the source to the digests in FILE (sha256sum format: "
+                        "the IDX payloads, or the source's files); a source's own SHA256SUMS is always checked")
     parser.add_argument("--data-dir", help="root of raw and processed data (env MNIST_PIPELINE_DATA_DIR)")
     parser.add_argument("--artifacts-dir", help="root of reports, models and the cache (env MNIST_PIPELINE_ARTIFACTS_DIR)")
     parser.add_argument("--locks", metavar="redis://HOST:PORT/DB", help=LOCKS_HELP)
     dataset = parser.add_argument_group("dataset")
     _add_fields(dataset, DatasetConfig, "dataset_", flags={"name": "--dataset-name"})
+    for flag, field in (("--test-fraction", DownloadConfig.model_fields["test_fraction"]),
+                        ("--max-leakage", ValidateConfig.model_fields["max_leakage"])):
+        dataset.add_argument(flag, type=float, metavar="F", help=f"{field.description} (default: {field.default})")
     training = parser.add_argument_group("training (defaults: the chosen model's; mlp is the reference network)")
     _add_fields(training, TrainConfig, "")
 
@@ -122,8 +127,12 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     download = {"source": args.source} if args.source else {}
     if args.sha256:
         download["sha256"] = read_sums(Path(args.sha256).expanduser().absolute())
+    if args.test_fraction is not None:
+        download["test_fraction"] = args.test_fraction
     if download:
         overrides["download"] = download
+    if args.max_leakage is not None:
+        overrides["validation"] = {"max_leakage": args.max_leakage}
     for section, model, prefix in (("dataset", DatasetConfig, "dataset_"), ("train", TrainConfig, "")):  # as in add_config_flags
         values = {name: getattr(args, prefix + name) for name in model.model_fields if getattr(args, prefix + name) is not None}
         if values:

@@ -10,7 +10,7 @@ from prefect.runtime import flow_run
 from flows import ui
 from flows.config import STAGES, PipelineConfig, Stage
 from flows.runner import TASKS, recorded, run_stage
-from flows.stages import STEPS
+from flows.stages import STEPS, dataset
 from tasks import keras_runtime, promote
 from tasks.artifacts import ArtifactRef
 from tasks.errors import PipelineError
@@ -76,6 +76,6 @@ def _decide_promotion(config: PipelineConfig, results: dict[str, Any], summary: 
     summary["metrics"] = {key: evaluation.meta[key] for key in ("test_accuracy", "test_loss", "first_20_predictions")}
     decision = promote.decide_promotion(results["train"], evaluation, config.registry_dir, config.promotion,
                                         run_id=summary["run_id"], log=get_run_logger().info,
-                                        class_names=config.dataset.class_names, locks=config.lock_manager())
+                                        class_names=dataset(config, results).class_names, locks=config.lock_manager())
     summary["promotion"] = {"promoted": decision.promoted, "reason": decision.reason}
     return decision

@@ -15,6 +15,7 @@ from tasks import predict
 from tasks.artifacts import ArtifactRef, file_ref, published_problem
 from tasks.errors import PipelineError
 from tasks.files import sha256_file
+from tasks.images import Invert
 from tasks.layout import MODEL_FILE, MODELS_DIR, PREDICTIONS_FILE
 from tasks.registry import KnownModel, find_model, read_history
 
@@ -47,7 +48,7 @@ def mnist_predict(
     inputs: list[str],
     model: str = "champion",
     output: str | None = None,
-    invert: predict.Invert = "auto",
+    invert: Invert = "auto",
     class_names: list[str] | None = None,
     config: PipelineConfig | None = None,
 ) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from flows.config import STAGES, PipelineConfig, Stage
 from tasks import layout
-from tasks.dataset import source_fingerprint
+from tasks.dataset import DatasetConfig, source_fingerprint
 
 
 @dataclass(frozen=True)
@@ -39,27 +39,32 @@ class Step:
         return self.function.partition(":")[0]
 
 
+def dataset(config: PipelineConfig, results: dict[str, Any]) -> DatasetConfig:
+    """Return the dataset's settings with the classes that its downloaded source names (see DatasetConfig.of_source)."""
+    return config.dataset.of_source(results["download"].meta.get("class_names"))
+
+
 STEPS: dict[Stage, Step] = {
     "download": Step("download_mnist", "tasks.download:download_raw", "data_dir", layout.RAW_DIR, lambda c, r: {
         # The fingerprint keys the cache on a local source's files, so a changed folder is downloaded again.
-        "config": c.download, "data_dir": c.data_dir, "fingerprint": source_fingerprint(c.download.source)},
-        key_only=("fingerprint",)),
+        "config": c.download, "data_dir": c.data_dir, "class_names": c.dataset.class_names,
+        "fingerprint": source_fingerprint(c.download.source)}, key_only=("fingerprint",)),
     "validate": Step("validate_mnist", "tasks.validate:validate_files", "artifacts_dir", layout.VALIDATION_DIR,
-                     lambda c, r: {"raw": r["download"], "config": c.validation, "num_classes": c.dataset.num_classes,
-                                   "artifacts_dir": c.artifacts_dir}),
+                     lambda c, r: {"raw": r["download"], "config": c.validation,
+                                   "num_classes": dataset(c, r).num_classes, "artifacts_dir": c.artifacts_dir}),
     "preprocess": Step("preprocess_mnist", "tasks.preprocess:preprocess_files", "data_dir", layout.PROCESSED_DIR,
                        lambda c, r: {"raw": r["download"], "validation": r["validate"], "data_dir": c.data_dir},
                        files={"validation": ()}),  # its digest only
     "train": Step("train_model", "tasks.train:fit_model", "artifacts_dir", layout.MODELS_DIR, lambda c, r: {
         # Resolved: the cache key holds the chosen model's settings only, defaults filled in.
-        "processed": r["preprocess"], "config": c.train.resolved(), "num_classes": c.dataset.num_classes,
+        "processed": r["preprocess"], "config": c.train.resolved(), "num_classes": dataset(c, r).num_classes,
         "artifacts_dir": c.artifacts_dir}, files={"processed": (layout.SPLIT_FILES["train"],)}),
     "evaluate": Step("evaluate_model", "tasks.evaluate:score_model", "artifacts_dir", layout.EVALUATION_DIR,
                      lambda c, r: {"model": r["train"], "processed": r["preprocess"], "artifacts_dir": c.artifacts_dir},
                      files={"processed": (layout.SPLIT_FILES["test"],)}),
     "report": Step("report_results", "tasks.report:write_report", "artifacts_dir", layout.REPORTS_DIR, lambda c, r: {
         "validation": r["validate"], "processed": r["preprocess"], "model": r["train"], "evaluation": r["evaluate"],
-        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": c.dataset},
+        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": dataset(c, r)},
         files={"processed": (layout.SPLIT_FILES["test"],), "model": (layout.HISTORY_FILE, layout.CONFIG_FILE)}),
 }
 assert tuple(STEPS) == STAGES, "every stage has exactly one step, in order"

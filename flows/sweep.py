@@ -22,7 +22,7 @@ from prefect.states import State
 from flows import ui
 from flows.config import PipelineConfig
 from flows.runner import TASKS, cached, discard_failure_record, execute, record_components, recorded, run_stage
-from flows.stages import OTHER_STEPS, STEPS
+from flows.stages import OTHER_STEPS, STEPS, dataset
 from tasks import promote, sweep
 from tasks.errors import PipelineError
 from tasks.layout import SWEEP_HTML
@@ -74,7 +74,8 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
 
     unique = {sweep.trial_id(t): t for t in trials}
     stages = {name: cached(TASKS[name], config, locks=locks) for name in ("train", "evaluate")}
-    train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": config.dataset.num_classes,
+    classes = dataset(config, results)
+    train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": classes.num_classes,
                           "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
     evaluate_inputs = {"processed": results["preprocess"], "artifacts_dir": config.artifacts_dir}
     # A trial whose train and evaluate results are both recorded is looked up here: no cluster starts for it.
@@ -109,7 +110,7 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     best = min(done, key=lambda k: (-outcomes[k]["evaluation"].meta["test_accuracy"], outcomes[k]["evaluation"].meta["test_loss"]))
     decision = promote.decide_promotion(outcomes[best]["model"], outcomes[best]["evaluation"], config.registry_dir,
                                         config.promotion, run_id=str(flow_run.get_id()), log=logger.info,
-                                        class_names=config.dataset.class_names, locks=locks)
+                                        class_names=classes.class_names, locks=locks)
     report = execute(OTHER_STEPS["write_sweep_report"], {"rows": rows, "columns": columns, "best_id": best,
                                                          "decision": decision, "artifacts_dir": config.artifacts_dir})
     ui.publish_sweep(rows, columns, report)

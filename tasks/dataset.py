@@ -6,6 +6,7 @@ answers, without importing them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import urllib.parse
 import urllib.request
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks import storage
 from tasks.errors import PipelineError
 from tasks.files import sha256_file, sha256_json
 from tasks.idx import NUM_CLASSES
@@ -46,19 +48,40 @@ class DownloadConfig(BaseModel):
     retries: int = RETRIES
     backoff_s: float = BACKOFF_S
     timeout_s: float = TIMEOUT_S
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share of a source without a test split (class folders "
+                                 "without test/, a manifest without a split column) that goes to test, each image by "
+                                 "a hash of its pixels")
 
 
 def source_fingerprint(source: str) -> str:
-    """Return a digest of a local source's files (so a changed folder is downloaded again), or the source as is."""
+    """Return a digest of a local source (so a changed folder or file is downloaded again), or the source as is.
+
+    MNIST's files and an .npz are hashed; a folder of image files (or an s3:// prefix) is known by the listing of its
+    files with their size and change times (ETags), so that an unchanged folder is not read again.
+    """
+    if urllib.parse.urlparse(source).scheme == "s3":  # a prefix of objects: listed with their ETags
+        return sha256_json({"source": source, "files": _listing_digest(source)})
     folder = local_folder(source)
-    if folder is None or not folder.is_dir():
+    if folder is None or not folder.exists():
         return source
+    if folder.is_file():
+        return sha256_json({"source": str(folder), "file": sha256_file(folder)})
     found = {}
     for name in (*[f + s for f in FILES for s in (".gz", "")], SUMS_FILE):
         path = folder / name
         if path.is_file():
             found[name] = sha256_file(path)  # in chunks: the folder is not trusted to hold small files
+    if len(found) <= (SUMS_FILE in found):  # no IDX file: a folder of images
+        found = _listing_digest(folder)
     return sha256_json({"source": str(folder), "files": found})
+
+
+def _listing_digest(folder: object) -> str:
+    """Return the SHA-256 of a folder's listing with each file's signature (tasks.storage.file_listing)."""
+    digest = hashlib.sha256()
+    for name, signature in storage.file_listing(folder).items():  # sorted by name; one line per file
+        digest.update(f"{name}\0{signature}\n".encode())
+    return digest.hexdigest()
 
 
 def local_folder(source: str) -> Path | None:
@@ -69,10 +92,13 @@ def local_folder(source: str) -> Path | None:
 
 
 class ValidateConfig(BaseModel):
-    """Expected size of each split (None: MNIST's for MNIST's files, any size for other data)."""
+    """Expected size of each split (None: MNIST's for MNIST's files, any size for other data), and how many test
+    images may also be in the training split."""
 
     train_count: int | None = None
     test_count: int | None = None
+    max_leakage: float = Field(0.01, ge=0, le=1, description="largest share of the test split whose images are also "
+                               "in the training split (leakage); above it validation fails")
 
 
 MNIST_TITLE = "MNIST digits"
@@ -88,9 +114,11 @@ class DatasetConfig(BaseModel):
         None, description=f"title of the dataset in the report and the UI (default: {MNIST_TITLE!r} for MNIST, else {OTHER_TITLE!r})"
     )
     # Labels are stored as uint8.
-    num_classes: int = Field(NUM_CLASSES, ge=2, le=256, description="number of classes; labels must be 0..num_classes-1")
+    num_classes: int = Field(NUM_CLASSES, ge=2, le=256, description="number of classes; labels must be "
+                             "0..num_classes-1 (class folders and a manifest's class names set it)")
     class_names: list[str] | None = Field(
-        None, description="names of the classes in label order, comma-separated (default: the labels themselves)"
+        None, description="names of the classes in label order, comma-separated (default: the labels themselves; "
+        "class folders and a manifest's class names: those names, sorted, which this list may order)"
     )
 
     @field_validator("class_names", mode="before")
@@ -118,6 +146,13 @@ class DatasetConfig(BaseModel):
                 f"found {len(self.class_names)}"
             )
         return self
+
+    def of_source(self, class_names: list[str] | None) -> DatasetConfig:
+        """Return these settings with the classes a source names (class folders, a manifest's class names): their
+        number and, in label order, their names. A source of integer labels (None) leaves them as configured."""
+        if class_names is None:
+            return self
+        return self.model_copy(update={"num_classes": len(class_names), "class_names": list(class_names)})
 
     def names(self) -> list[str]:
         """Return the name of each class in label order (the labels themselves when no names are given)."""

@@ -15,6 +15,9 @@ from tasks.errors import PipelineError
 MAX_PAYLOAD_BYTES = 64 << 20
 IMAGE_SHAPE = (28, 28)
 PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]  # values per image once flattened (784)
+# The most images of a dataset read from image files or arrays, and so the largest payload of the raw artifact.
+MAX_IMAGES = 1_000_000
+RAW_PAYLOAD_BYTES = max(MAX_PAYLOAD_BYTES, 16 + MAX_IMAGES * PIXELS)  # 16: the header of an images file
 NUM_CLASSES = 10
 UBYTE = 0x08
 IMAGES_MAGIC = 0x00000803
@@ -46,8 +49,14 @@ def decode_payload(data: bytes, name: str, limit: int = MAX_PAYLOAD_BYTES) -> by
 
 
 def read_payload(path: Path) -> bytes:
-    """Read a raw file from disk and return its IDX payload."""
-    return decode_payload(path.read_bytes(), path.name)
+    """Read a file of the raw artifact and return its IDX payload."""
+    return decode_payload(path.read_bytes(), path.name, limit=RAW_PAYLOAD_BYTES)
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    """Return a uint8 array as an IDX payload: magic (type unsigned byte, its dimensions), big-endian sizes, data."""
+    header = bytes([0, 0, UBYTE, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
 
 @dataclass

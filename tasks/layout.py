@@ -8,7 +8,7 @@ logic, so where a name lives must not decide what reruns. This module imports no
 MANIFEST = ".manifest.json"
 
 # The data root: one folder per published artifact, named by the first 16 hex digits of its digest.
-RAW_DIR = "raw"  # download: the four IDX files, gzipped
+RAW_DIR = "raw"  # download: the four IDX files, gzipped (and SOURCES_FILE for a source of image files)
 PROCESSED_DIR = "processed"  # preprocess: SPLIT_FILES
 SNAPSHOT = ("snapshot", "mnist")  # the verified copy of MNIST shipped with the project, under the checkout's data/
 
@@ -27,6 +27,7 @@ CACHE_DIR = "cache"  # Prefect's result records, by cache key
 KEYS_DIR = "keys"  # under CACHE_DIR: what each recorded key covers, `<key>.json`
 
 # Files of the artifacts.
+SOURCES_FILE = "sources.json"
 VALIDATION_FILE = "validation.json"
 SPLIT_FILES = {"train": "train.parquet", "test": "test.parquet"}
 MODEL_FILE = "model.keras"

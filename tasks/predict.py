@@ -1,7 +1,8 @@
 """Batch prediction: bring new images to the model's input (28x28, light on dark, [0, 1]) and score them.
 
-One path for both uses: `iter_batches` decodes the inputs (each row with its source file and index inside it),
-`tasks.models.class_probabilities` scores them as evaluate does, `predictions_frame` writes the table.
+One path for both uses: `iter_batches` decodes the inputs (each row with its source file and index inside it; image
+files through tasks.images, as training data is), `tasks.models.class_probabilities` scores them as evaluate does,
+`predictions_frame` writes the table.
 `predict_images(model_path, inputs)` runs them in memory, without Prefect (notebooks, tests); the `mnist-predict` flow
 (flows/predict.py) runs them as the three cached stages at the end of this module, each a content-addressed
 artifact. Inputs are decoded and scored in batches, so memory stays bounded by the batch, not by the number of
@@ -16,7 +17,6 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,20 +29,15 @@ from tasks.artifacts import ArtifactRef, publish
 from tasks.errors import Log, PipelineError, quiet
 from tasks.files import atomic_file, sha256_file, workdir, write_json
 from tasks.idx import IMAGE_SHAPE, IMAGES_MAGIC, PIXELS, dims_of, header_size
+from tasks.images import IMAGE_SUFFIXES, Invert, read_image
 from tasks.layout import COUNTS_FILE, INPUTS_FILE, MODEL_FILE, PREDICTIONS_FILE, PROBABILITIES_FILE
 from tasks.models import SCORE_BATCH, class_probabilities, load_model
 from tasks.preprocess import PIXEL_COLUMNS, SCHEMA
 from tasks.storage import read_bytes
 
-Invert = Literal["auto", "yes", "no"]
 TOP_K = 3
-# Refused from the header, before decoding: 40 megapixels is a large photo; a decoded bomb would take gigabytes.
-MAX_IMAGE_PIXELS = 40_000_000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IDX_SUFFIXES = ("-ubyte", "-ubyte.gz", ".idx", ".idx.gz")
 PARQUET_SUFFIXES = (".parquet",)
-# A dark-on-light image has a light border: MNIST's digits sit on black, their border is 0.
-LIGHT_BORDER = 127
 _PARQUET_MAGIC = b"PAR1"
 _IDX_HEADER = header_size(3)  # images: count, rows, columns
 
@@ -135,70 +130,6 @@ def _concat(batches: list[Batch]) -> Batch:
 
 def _slice(batch: Batch, start: int, stop: int) -> Batch:
     return Batch(batch.pixels[start:stop], batch.sources[start:stop], batch.indexes[start:stop])
-
-
-def read_image(path: Path, invert: Invert = "auto") -> np.ndarray:
-    """Return one image file as the model sees it: 28x28 uint8, grayscale, light digit on dark.
-
-    Any size and mode: colour is converted to grayscale, a dark-on-light image (light border) is inverted unless
-    `invert` says otherwise, a non-square image is padded to a square with black (the background once light on dark),
-    then it is resized to 28x28 (a 28x28 image keeps its pixels as they are). The size in the header is checked
-    before anything is decoded.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS or width < 1 or height < 1:
-                raise PipelineError(f"{path}: image size: expected at most {MAX_IMAGE_PIXELS:,} pixels, found "
-                                    f"{width}x{height} in its header; refused before decoding")
-            if image.format == "JPEG":
-                image.draft("L", (max(28, width // 8), max(28, height // 8)))  # decode a large JPEG at reduced size
-            if image.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte (convert("L") would clip)
-                gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
-            else:
-                gray = np.asarray(image.convert("L"))
-    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours: raised by open()
-        raise PipelineError(f"{path}: image size: expected at most {MAX_IMAGE_PIXELS:,} pixels, found more in its "
-                            f"header ({exc}); refused before decoding") from None
-    except UnidentifiedImageError:
-        raise PipelineError(f"{path}: format: expected an image file ({', '.join(IMAGE_SUFFIXES)}), an IDX or a "
-                            "parquet file, found none of these") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for truncated or corrupt data
-        raise PipelineError(f"{path}: image: expected a complete, valid image, found corrupt or truncated data "
-                            f"({exc})") from None
-    if dark_on_light(gray) if invert == "auto" else invert == "yes":
-        gray = 255 - gray
-    return to_model_size(gray)
-
-
-def dark_on_light(gray: np.ndarray) -> bool:
-    """Return whether a grayscale image looks like ink on paper: its border is light on average."""
-    border = _border(gray.shape)
-    return int(gray.ravel()[border].sum()) > LIGHT_BORDER * len(border)
-
-
-@cache
-def _border(shape: tuple[int, int]) -> np.ndarray:
-    """Return the flat indexes of the border pixels of an image of this shape (each once)."""
-    mask = np.zeros(shape, dtype=bool)
-    mask[[0, -1], :] = mask[:, [0, -1]] = True
-    return np.flatnonzero(mask)
-
-
-def to_model_size(gray: np.ndarray) -> np.ndarray:
-    """Return a light-on-dark grayscale image padded to a square (with black) and resized to 28x28."""
-    if gray.shape == IMAGE_SHAPE:
-        return gray
-    from PIL import Image
-
-    height, width = gray.shape
-    side = max(height, width)
-    square = np.zeros((side, side), dtype=np.uint8)
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top : top + height, left : left + width] = gray
-    return np.asarray(Image.fromarray(square).resize(IMAGE_SHAPE[::-1], Image.Resampling.LANCZOS, reducing_gap=3.0))
 
 
 def _read_idx(path: Path, invert: Invert, batch_size: int) -> Iterator[Batch]:

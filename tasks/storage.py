@@ -140,6 +140,47 @@ def list_names(folder: Any) -> list[str]:
             return []
 
 
+def file_listing(folder: Any) -> dict[str, list]:
+    """Return every file under a folder or prefix (recursive; names relative to it, sorted) with what changes when it
+    is rewritten: inode, size, modification and change times on disk; size and ETag on object storage."""
+    if not is_remote(folder):
+        return dict(sorted(_stat_tree(str(folder), "")))
+    prefix = str(folder).rstrip("/")[len(SCHEME):]
+    with explaining():
+        found = filesystem().find(prefix, detail=True)
+    return {name[len(prefix) + 1 :]: [entry["size"], entry.get("ETag")] for name, entry in sorted(found.items())}
+
+
+def _stat_tree(folder: str, prefix: str) -> Iterator[tuple[str, list[int]]]:
+    """Yield (relative name, stat signature) of every file under a folder (as `stat_signature`; links not followed)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from _stat_tree(entry.path, f"{prefix}{entry.name}/")
+            else:
+                st = entry.stat()
+                yield prefix + entry.name, [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+@contextmanager
+def local_copy(source: str, max_files: int, max_bytes: int) -> Iterator[str]:
+    """Yield a source as a local folder: itself, or for an s3:// prefix a temporary copy of its objects (at most
+    `max_files` of at most `max_bytes` in all, checked from the listing before anything is copied)."""
+    if not is_remote(source):
+        yield source
+        return
+    listing = file_listing(source)
+    size = sum(entry[0] for entry in listing.values())
+    if len(listing) > max_files or size > max_bytes:
+        raise PipelineError(f"source {source}: size: expected at most {max_files:,} objects and {max_bytes:,} bytes, "
+                            f"found {len(listing):,} objects and {size:,} bytes")
+    if not listing:
+        raise PipelineError(f"source {source}: expected objects under this prefix, found none")
+    with tempfile.TemporaryDirectory(prefix="mnist-pipeline-source-") as tmp, explaining():
+        filesystem().get([f"{source.rstrip('/')}/{name}" for name in listing], [f"{tmp}/{name}" for name in listing])
+        yield tmp
+
+
 def make_folder(folder: Any) -> None:
     """Make a folder with its parents (nothing to make on object storage: prefixes exist with their objects)."""
     if not is_remote(folder):

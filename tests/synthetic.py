@@ -8,16 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.idx import encode_idx
+
 NAMES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
 
-def idx_bytes(array: np.ndarray) -> bytes:
-    """Encode a uint8 array as IDX (magic 0x0000 08 ndim, big-endian dims, raw bytes)."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+idx_bytes = encode_idx
 
 
 def make_split(n: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,8 @@ def test_closure_holds_every_project_module_a_stage_imports_and_no_other():
     # Evaluate reads the model's files and loss by their names (tasks.layout, tasks.models), not through train.
     assert "tasks.train" not in project_modules("tasks.evaluate")
     assert set(project_modules("tasks.download")) == {"tasks", "tasks.download", "tasks.dataset", "tasks.artifacts", "tasks.errors",
-                                                      "tasks.files", "tasks.idx", "tasks.layout", "tasks.storage"}
+                                                      "tasks.files", "tasks.idx", "tasks.images", "tasks.layout",
+                                                      "tasks.sources", "tasks.storage"}
 
 
 def test_libraries_that_shape_a_stage_output_are_in_its_code_version():
@@ -189,7 +190,8 @@ CODE_OF = {
                                               "storage")},
     "tasks/preprocess.py": ["preprocess", *MODEL, "report", *PREDICT, SWEEP],  # load_split and the parquet schema
     "tasks/models.py": [*MODEL, *PREDICT, SWEEP], "tasks/keras_runtime.py": [*MODEL, *PREDICT, SWEEP],
-    "tasks/download.py": ["download"], "tasks/validate.py": ["validate"], "tasks/train.py": ["train"],
+    "tasks/download.py": ["download"], "tasks/sources.py": ["download"], "tasks/images.py": ["download", *PREDICT],
+    "tasks/validate.py": ["validate"], "tasks/train.py": ["train"],
     "tasks/callbacks.py": ["train"], "tasks/evaluate.py": ["evaluate"], "tasks/predict.py": PREDICT,
     "tasks/registry.py": ["report"],  # the decision the report shows
     "tasks/report/__init__.py": ["report"], "tasks/sweep.py": [SWEEP],

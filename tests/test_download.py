@@ -282,13 +282,13 @@ def test_missing_folder_is_named(tmp_path):
     assert published(tmp_path / "raw") == []
 
 
-@pytest.mark.parametrize("source", ["ftp://127.0.0.1/mnist/", "s3://bucket/mnist"])
+@pytest.mark.parametrize("source", ["ftp://127.0.0.1/mnist/", "gs://bucket/mnist"])
 def test_unsupported_scheme(tmp_path, source):
     scheme = source.split(":")[0]
     with pytest.raises(PipelineError) as info:
         download_files(source, tmp_path / "raw")
     assert str(info.value) == (
-        f"source {source}: expected auto, an http://, https:// or file:// URL, or a folder, found scheme '{scheme}'"
+        f"source {source}: expected auto, an http://, https://, file:// or s3:// URL, a folder or an .npz file, found scheme '{scheme}'"
     )
     assert published(tmp_path / "raw") == []
 

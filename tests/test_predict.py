@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import tree_state
 from synthetic import idx_bytes, make_split, write_source
-from tasks import predict
+from tasks import images, predict
 from tasks.errors import PipelineError
 from tasks.models import load_model
 from tasks.preprocess import to_table
@@ -69,7 +69,7 @@ def model_classes(trained, images: np.ndarray) -> np.ndarray:
 
 def test_a_28x28_grayscale_png_keeps_its_pixels(tmp_path, trained):
     [path] = write_pngs(tmp_path, trained["images"][:1])
-    assert np.array_equal(predict.read_image(path), trained["images"][0])
+    assert np.array_equal(images.read_image(path), trained["images"][0])
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA", "I;16"])
@@ -81,18 +81,18 @@ def test_colour_and_other_modes_become_the_same_grayscale(tmp_path, trained, mod
     else:
         converted = source.convert(mode)
     converted.save(tmp_path / "x.png")
-    found = predict.read_image(tmp_path / "x.png").astype(int)
+    found = images.read_image(tmp_path / "x.png").astype(int)
     assert np.abs(found - image).max() <= 1
 
 
 def test_dark_on_light_is_detected_and_inverted_unless_told_otherwise(tmp_path, trained):
     image = trained["images"][3]
     Image.fromarray(255 - image).save(tmp_path / "ink.png")
-    assert predict.dark_on_light(255 - image) and not predict.dark_on_light(image)
-    assert np.array_equal(predict.read_image(tmp_path / "ink.png"), image)
-    assert np.array_equal(predict.read_image(tmp_path / "ink.png", invert="no"), 255 - image)
+    assert images.dark_on_light(255 - image) and not images.dark_on_light(image)
+    assert np.array_equal(images.read_image(tmp_path / "ink.png"), image)
+    assert np.array_equal(images.read_image(tmp_path / "ink.png", invert="no"), 255 - image)
     Image.fromarray(image).save(tmp_path / "plain.png")
-    assert np.array_equal(predict.read_image(tmp_path / "plain.png", invert="yes"), 255 - image)
+    assert np.array_equal(images.read_image(tmp_path / "plain.png", invert="yes"), 255 - image)
 
 
 def test_larger_and_non_square_images_and_jpegs_are_brought_to_28x28(tmp_path, trained):
@@ -104,11 +104,11 @@ def test_larger_and_non_square_images_and_jpegs_are_brought_to_28x28(tmp_path, t
     wide[:, 14:42] = image
     Image.fromarray(wide).save(tmp_path / "wide.png")
     for name in ("big.png", "big.jpg"):
-        found = predict.read_image(tmp_path / name)
+        found = images.read_image(tmp_path / name)
         assert found.shape == (28, 28) and found.dtype == np.uint8
         assert np.abs(found.astype(int) - image).mean() < 12, name
     # Padded to 56x56 (the digit in the middle rows), then halved: the digit is in rows 7..20, columns 7..20.
-    found = predict.read_image(tmp_path / "wide.png")
+    found = images.read_image(tmp_path / "wide.png")
     assert found.shape == (28, 28) and found[:6].max() == 0 and found[22:].max() == 0 and found[7:21, 7:21].max() > 200
 
 
@@ -300,7 +300,7 @@ def test_a_header_claiming_huge_dimensions_is_refused_without_decoding(tmp_path,
     decoded = []
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(1))
     with pytest.raises(PipelineError, match="7000x7000 in its header"):
-        predict.read_image(tmp_path / "huge.png")
+        images.read_image(tmp_path / "huge.png")
     assert decoded == []
 
 

@@ -107,3 +107,32 @@ def test_cnn_learns_mnist_in_one_epoch_on_the_same_data(real_run):
     assert summary["metrics"]["test_accuracy"] >= 0.975
     config = json.loads(next(Path(p) for p in summary["stages"]["train"]["artifacts"] if p.endswith("config.json")).read_text())
     assert config["model"] == "cnn" and config["architecture"]["parameters"] > 100_000
+
+
+def test_mnist_kept_as_png_class_folders_gives_the_same_rows_and_a_model_as_good(real_run):
+    """MNIST written out as one PNG per image in class folders: the same pixels and labels as its IDX files (in
+    another order), and the default model trained on them in the IDX model's accuracy band."""
+    from tasks.idx import idx_array as array_of
+    from tasks.idx import read_payload
+    from tasks.sources import write_class_folders
+
+    base = real_run["base"] / "png"
+    splits = {split: tuple(array_of(read_payload(SNAPSHOT / f"{prefix}-{kind}-idx{n}-ubyte.gz"))
+                           for kind, n in (("images", 3), ("labels", 1)))
+              for split, prefix in (("train", "train"), ("test", "t10k"))}
+    write_class_folders(base / "source", splits)
+    args = ["run", "--json", "--until", "evaluate", "--source", str(base / "source"), "--data-dir", str(base / "data"),
+            "--artifacts-dir", str(base / "artifacts")]
+
+    result = cli(*args, api_url=real_run["api"])
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    paths = {p.rsplit("/", 1)[-1]: p for p in summary["stages"]["preprocess"]["artifacts"]}
+    for split, (images, labels) in splits.items():
+        pixels, read_labels = load_split(paths[f"{split}.parquet"])
+        found = sorted(zip(map(bytes, np.rint(pixels * 255).astype(np.uint8)), read_labels.tolist()))
+        assert found == sorted(zip(map(bytes, images.reshape(len(images), 784)), labels.tolist())), split
+    accuracy = summary["metrics"]["test_accuracy"]
+    assert accuracy >= 0.975 and abs(accuracy - real_run["summary"]["metrics"]["test_accuracy"]) <= 0.01
+    assert "decoded 70,000 of 70,000 images" in result.stderr

@@ -45,11 +45,13 @@ def test_report_of_valid_data(tmp_path, raw):
     assert ref.stage == "validate" and ref.problem() is None
     assert entries(tmp_path / "validation") == [ref.digest[:16]]
     report = json.loads(ref.path(VALIDATION_FILE).read_text())
-    assert report["passed"] is True and report["schema_version"] == 2
+    assert report["passed"] is True and report["schema_version"] == 3
     assert report["raw_digest"] == raw.digest
     assert report["num_classes"] == 10
     assert report["source"] == {"location": raw.meta["source"], "payload_sha256": raw.meta["payload_sha256"],
-                                "pinned_by": ["--sha256"], "mnist": False}
+                                "pinned_by": ["--sha256"], "mnist": False, "format": "idx",
+                                "changes": {"converted": 0, "resized": 0, "inverted": 0}}
+    assert report["leakage"] == {"count": 0, "share": 0.0, "examples": []}
     assert report["checks"] and all(c["passed"] for c in report["checks"])
     assert {c["file"] for c in report["checks"]} == {f"{n}.gz" for n in FILES}
     assert {"magic number", "type code", "payload size", "image size", "label range", "count match"} <= {c["check"] for c in report["checks"]}
@@ -66,6 +68,7 @@ def test_report_of_valid_data(tmp_path, raw):
         assert sum(summary["class_counts"].values()) == len(labels)
         assert summary["pixel_mean"] == pytest.approx(float(images.mean()), abs=1e-3)
         assert summary["pixel_std"] == pytest.approx(float(images.std()), abs=1e-3)
+        assert summary["duplicates"] == len(images) - len({image.tobytes() for image in images})
 
 
 def test_expected_counts_that_match_pass(tmp_path, raw):
@@ -118,7 +121,8 @@ def test_a_three_class_dataset_of_other_sizes(tmp_path):
     ranges = [c for c in report["checks"] if c["check"] == "label range"]
     assert len(ranges) == 2 and all(c["expected"] == "0..2" and c["found"] == "0..2" for c in ranges)
     assert report["source"] == {"location": str(source), "payload_sha256": raw.meta["payload_sha256"],
-                                "pinned_by": [], "mnist": False}
+                                "pinned_by": [], "mnist": False, "format": "idx",
+                                "changes": {"converted": 0, "resized": 0, "inverted": 0}}
 
 
 def test_labels_beyond_num_classes_are_refused_naming_the_file_and_the_range(tmp_path, raw):
