@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES, PipelineConfig  # noqa: E402
 from tasks.errors import PipelineError, validation_problems  # noqa: E402
-from tasks.dataset import DatasetConfig, DownloadConfig, ValidateConfig, read_sums  # noqa: E402
+from tasks.dataset import BatchesConfig, DatasetConfig, DownloadConfig, ValidateConfig, read_sums  # noqa: E402
 from tasks.models import MODEL_DEFAULTS, TrainConfig  # noqa: E402
 from tasks.storage import as_root, explained  # noqa: E402
 
@@ -38,6 +38,8 @@ MODEL_DEFAULTS_BY_KNOB = {
     name: {kind: defaults[name] for kind, defaults in MODEL_DEFAULTS.items() if name in defaults}
     for name in {name for defaults in MODEL_DEFAULTS.values() for name in defaults}
 }
+# The event that `add-batch` emits when a batch has landed; an automation (prefect.yaml) retrains on it.
+BATCH_EVENT = "mnist-pipeline.batch.landed"
 LOCKS_HELP = ("stage locks from a Redis server that several machines share (env MNIST_PIPELINE_LOCKS; default: flock "
               "on this machine)")
 
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the command line."""
     parser = argparse.ArgumentParser(prog="mnist-pipeline", description="MNIST training pipeline orchestrated by Prefect.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_run, _add_status, _add_history, _add_diff, _add_gc, _add_serve, _add_predict, _add_sweep, _add_server):
+    for add in (_add_run, _add_status, _add_history, _add_diff, _add_gc, _add_serve, _add_predict, _add_sweep,
+                _add_add_batch, _add_server):
         add(commands)
     return parser
 
@@ -77,6 +80,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for flag, field in (("--test-fraction", DownloadConfig.model_fields["test_fraction"]),
                         ("--max-leakage", ValidateConfig.model_fields["max_leakage"])):
         dataset.add_argument(flag, type=float, metavar="F", help=f"{field.description} (default: {field.default})")
+    dataset.add_argument("--batches", metavar="DIR", help=BatchesConfig.model_fields["root"].description)
+    dataset.add_argument("--accept", action="append", default=[], metavar="BATCH",
+                         help="take this batch although a check quarantined it (repeatable; recorded with the batch)")
     training = parser.add_argument_group("training (defaults: the chosen model's; mlp is the reference network)")
     _add_fields(training, TrainConfig, "")
 
@@ -133,6 +139,11 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["download"] = download
     if args.max_leakage is not None:
         overrides["validation"] = {"max_leakage": args.max_leakage}
+    batches = {"root": _batches_root(args.batches)} if args.batches else {}
+    if args.accept:
+        batches["accept"] = args.accept
+    if batches:
+        overrides["batches"] = batches
     for section, model, prefix in (("dataset", DatasetConfig, "dataset_"), ("train", TrainConfig, "")):  # as in add_config_flags
         values = {name: getattr(args, prefix + name) for name in model.model_fields if getattr(args, prefix + name) is not None}
         if values:
@@ -245,7 +256,13 @@ def run_command(args: argparse.Namespace) -> int:
 
 def human_summary(summary: dict[str, Any]) -> str:
     """Return a few lines for people: each stage's state, the headline metrics, and the report's path last."""
-    lines = [f"{stage:<11} {info['state']:<9} {info['artifacts'][0].rpartition('/')[0]}" for stage, info in summary["stages"].items()]
+    lines = []
+    for stage, info in summary["stages"].items():
+        lines.append(f"{stage:<11} {info['state']:<9} {info['artifacts'][0].rpartition('/')[0]}")
+        if stage == "preprocess":  # the batches are checked after it
+            for name, batch in summary.get("batches", {}).items():
+                why = f": {'; '.join(batch['reasons'])}" if batch["reasons"] else ""
+                lines.append(f"batch {name} ({batch['images']} images, {batch['state']}): {batch['verdict']}{why}")
     if "metrics" in summary:
         m = summary["metrics"]
         lines.append(f"test accuracy {m['test_accuracy']:.4f}, test loss {m['test_loss']:.4f}")
@@ -507,6 +524,48 @@ def sweep_summary(summary: dict[str, Any]) -> str:
     lines.append(f"best: trial {summary['best']['trial']}; {decision(summary['promotion'])}")
     lines.append(f"report: {summary['report']}")
     return "\n".join(lines)
+
+
+def _batches_root(root: str) -> str:
+    """Return a batches root as given: an s3:// prefix as is, a folder made absolute now."""
+    return str(as_root(root))
+
+
+def _add_add_batch(commands: argparse._SubParsersAction) -> None:
+    add = commands.add_parser(
+        "add-batch", help="copy a labelled batch into the batches root (files first, the _SUCCESS marker last)",
+        description="Check that SRC is a dataset (class folders, a manifest, an .npz or IDX files), copy it into the "
+        "batches root as a new batch, write its _SUCCESS marker last, and, when a Prefect API is configured "
+        f"(PREFECT_API_URL), emit the event {BATCH_EVENT} that the event-driven deployment retrains on.")
+    add.add_argument("source", metavar="SRC", help="a folder holding the batch")
+    add.add_argument("--name", help="the batch's name (default: today's date, UTC, YYYY-MM-DD); batches are taken in "
+                     "name order")
+    add.add_argument("--batches", metavar="DIR", help="the batches root (default: the config's, env "
+                     "MNIST_PIPELINE_BATCHES__ROOT)")
+    add.set_defaults(handler=add_batch_command)
+
+
+def add_batch_command(args: argparse.Namespace) -> int:
+    """Copy a batch into the batches root; emit the batch-landed event when a Prefect API is configured."""
+    from datetime import datetime, timezone
+
+    from tasks.batches import add_batch
+
+    config = pipeline_config({"batches": {"root": _batches_root(args.batches)}} if args.batches else {})
+    if not config.batches.root:
+        raise PipelineError("add-batch: expected a batches root (--batches DIR or MNIST_PIPELINE_BATCHES__ROOT), "
+                            "found none")
+    name = args.name or datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    root = config.batches.root.rstrip("/")
+    images = add_batch(Path(args.source), root, name)
+    print(f"added batch {name} ({images} images) to {root}")
+    if os.environ.get("PREFECT_API_URL"):
+        from prefect.events import emit_event
+
+        emit_event(event=BATCH_EVENT, resource={"prefect.resource.id": f"mnist-pipeline.batch.{name}",
+                                                "mnist-pipeline.batches-root": root, "mnist-pipeline.images": str(images)})
+        print(f"emitted {BATCH_EVENT} for batch {name}")
+    return 0
 
 
 def _add_server(commands: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, fi
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks import storage
-from tasks.dataset import DatasetConfig, DownloadConfig, ValidateConfig
+from tasks.dataset import BatchesConfig, DatasetConfig, DownloadConfig, ValidateConfig
 from tasks.errors import Log, quiet
 from tasks.layout import CACHE_DIR, REGISTRY_DIR
 from tasks.locks import LOCK_EXPIRY_S, stage_locks
@@ -36,6 +36,7 @@ class PipelineConfig(BaseSettings):
     download: DownloadConfig = DownloadConfig()
     dataset: DatasetConfig = DatasetConfig()
     validation: ValidateConfig = ValidateConfig()
+    batches: BatchesConfig = BatchesConfig()
     train: TrainConfig = TrainConfig()
     promotion: PromotionConfig = PromotionConfig()
     sweep: SweepConfig = SweepConfig()

@@ -46,7 +46,8 @@ def plan(config: PipelineConfig) -> Plan:
     if held:
         return Plan(kept_folders=len(published), held=held)
     records = read_records(config.cache_dir)
-    current = {row.key for row in pipeline_status(config) if row.key}
+    rows = pipeline_status(config)
+    current = {row.key for row in rows if row.key} | {key for row in rows for key in row.checks}
     registry = [entry for entry in [read_champion(config.registry_dir), *read_history(config.registry_dir)] if entry]
     # The registry's models with their evaluations (`history` and `diff` read them).
     scored = evaluations(records)

@@ -10,11 +10,12 @@ from prefect.runtime import flow_run
 from flows import ui
 from flows.config import STAGES, PipelineConfig, Stage
 from flows.runner import TASKS, recorded, run_stage
-from flows.stages import STEPS, dataset
-from tasks import keras_runtime, promote
+from flows.stages import STEPS, batch_inputs, dataset
+from tasks import keras_runtime, promote, storage
 from tasks.artifacts import ArtifactRef
+from tasks.dataset import landed
 from tasks.errors import PipelineError
-from tasks.layout import REPORT_HTML
+from tasks.layout import BATCH_FILE, QUARANTINE_DIR, REPORT_HTML, SUCCESS_MARKER
 
 
 @flow(name="mnist-pipeline")
@@ -49,11 +50,37 @@ def mnist_pipeline(
             if name == "report" and not computed:
                 # A cached stage publishes nothing; the run's page in the UI should still show its report.
                 ui.publish_report(results["report"], results["evaluate"], results["promotion"])
+        if name == "preprocess" and config.batches.root:
+            results["batches"] = _check_batches(config, results, summary)
         if name == "evaluate":
             results["promotion"] = _decide_promotion(config, results, summary)
     if "report" in results:
         summary["report"] = str(results["report"].path(REPORT_HTML))
     return summary
+
+
+def _check_batches(config: PipelineConfig, results: dict[str, Any], summary: dict[str, Any]) -> list[ArtifactRef]:
+    """Check every landed batch in name order (each a cached stage, keyed by its files); record the quarantined ones
+    in artifacts/quarantine/; return the accepted ones."""
+    logger = get_run_logger()
+    complete, incomplete = landed(str(config.batches.root).rstrip("/"))
+    for name in incomplete:
+        logger.warning("batch %s has no %s marker (still being copied, or abandoned): skipped", name, SUCCESS_MARKER)
+    accepted: list[ArtifactRef] = []
+    summary["batches"] = {}
+    for name in complete:
+        ref, computed = run_stage(TASKS["check_batch"], batch_inputs(config, results, name, accepted), config)
+        verdict = ref.meta["verdict"]
+        summary["batches"][name] = {"state": "completed" if computed else "cached", "verdict": verdict,
+                                    "reasons": ref.meta["reasons"], "images": ref.meta["images"], "digest": ref.digest}
+        record = f"{config.artifacts_dir}/{QUARANTINE_DIR}/{name}.json"
+        if verdict == "accepted":
+            accepted.append(ref)
+            storage.remove(record)
+        else:
+            storage.write_text(record, ref.path(BATCH_FILE).read_text())
+    summary["data_version"] = {"base": results["preprocess"].digest, "batches": [ref.digest for ref in accepted]}
+    return accepted
 
 
 def _existing_artifact(name: Stage, inputs: dict[str, Any], config: PipelineConfig, only: str) -> ArtifactRef:

@@ -156,8 +156,11 @@ def execute(step: Step, inputs: dict[str, Any]) -> ArtifactRef:
     arguments = {name: value for name, value in inputs.items() if name != step.root and name not in step.key_only}
     with staged(inputs[step.root]) as stage:
         for name, value in arguments.items():
-            if isinstance(value, ArtifactRef) and step.files.get(name) != ():
-                arguments[name] = stage.local(value, *step.files.get(name, ()))
+            files = step.files.get(name)  # absent: all of them; (): none
+            if isinstance(value, ArtifactRef) and files != ():
+                arguments[name] = stage.local(value, *(files or ()))
+            elif isinstance(value, list) and files:  # a list of artifacts (the accepted batches), those files of each
+                arguments[name] = [stage.local(ref, *files) for ref in value]
         supplied = {"out_dir": stage.root / step.folder, "log": logger.info}
         if step.task == "train_model":
             supplied.update(_training_extras(stage.root, inputs, logger))
@@ -189,7 +192,7 @@ def _training_extras(root: Path, inputs: dict[str, Any], logger: Any) -> dict[st
             logger.warning("could not update the progress artifact: %s", exc)
 
     # On object storage the resume state stays in the stage's temporary folder: a killed training starts over.
-    state_dir = state_folder(root, inputs["processed"], inputs["config"], inputs["num_classes"])
+    state_dir = state_folder(root, inputs["processed"], inputs["config"], inputs["num_classes"], inputs["batches"])
     return {"progress": progress, "state_dir": state_dir}
 
 

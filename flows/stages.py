@@ -11,7 +11,7 @@ from typing import Any
 
 from flows.config import STAGES, PipelineConfig, Stage
 from tasks import layout
-from tasks.dataset import DatasetConfig, source_fingerprint
+from tasks.dataset import SPLITS, DatasetConfig, listing_digest, source_fingerprint
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,16 @@ def dataset(config: PipelineConfig, results: dict[str, Any]) -> DatasetConfig:
     return config.dataset.of_source(results["download"].meta.get("class_names"))
 
 
+def batch_inputs(config: PipelineConfig, results: dict[str, Any], name: str, accepted: list[Any]) -> dict[str, Any]:
+    """Return the inputs of the check of one landed batch: its files (by their listing), the base, the batches
+    accepted before it, the checks' settings and the dataset's classes."""
+    location = f"{str(config.batches.root).rstrip('/')}/{name}"
+    classes = dataset(config, results)
+    return {"batch": location, "name": name, "raw": results["download"], "validation": results["validate"],
+            "earlier": list(accepted), "config": config.batches, "class_names": classes.class_names,
+            "num_classes": classes.num_classes, "data_dir": config.data_dir, "fingerprint": listing_digest(location)}
+
+
 STEPS: dict[Stage, Step] = {
     "download": Step("download_mnist", "tasks.download:download_raw", "data_dir", layout.RAW_DIR, lambda c, r: {
         # The fingerprint keys the cache on a local source's files, so a changed folder is downloaded again.
@@ -58,14 +68,18 @@ STEPS: dict[Stage, Step] = {
     "train": Step("train_model", "tasks.train:fit_model", "artifacts_dir", layout.MODELS_DIR, lambda c, r: {
         # Resolved: the cache key holds the chosen model's settings only, defaults filled in.
         "processed": r["preprocess"], "config": c.train.resolved(), "num_classes": dataset(c, r).num_classes,
-        "artifacts_dir": c.artifacts_dir}, files={"processed": (layout.SPLIT_FILES["train"],)}),
+        "batches": r["batches"] if c.batches.root else [], "artifacts_dir": c.artifacts_dir},
+        files={"processed": (layout.SPLIT_FILES["train"],), "batches": (layout.SPLIT_FILES["train"],)}),
     "evaluate": Step("evaluate_model", "tasks.evaluate:score_model", "artifacts_dir", layout.EVALUATION_DIR,
-                     lambda c, r: {"model": r["train"], "processed": r["preprocess"], "artifacts_dir": c.artifacts_dir},
-                     files={"processed": (layout.SPLIT_FILES["test"],)}),
+                     lambda c, r: {"model": r["train"], "processed": r["preprocess"], "batches": r["batches"] if c.batches.root else [],
+                                   "artifacts_dir": c.artifacts_dir},
+                     files={"processed": (layout.SPLIT_FILES["test"],), "batches": (layout.HOLDOUT_FILE,)}),
     "report": Step("report_results", "tasks.report:write_report", "artifacts_dir", layout.REPORTS_DIR, lambda c, r: {
         "validation": r["validate"], "processed": r["preprocess"], "model": r["train"], "evaluation": r["evaluate"],
-        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": dataset(c, r)},
-        files={"processed": (layout.SPLIT_FILES["test"],), "model": (layout.HISTORY_FILE, layout.CONFIG_FILE)}),
+        "artifacts_dir": c.artifacts_dir, "decision": r["promotion"], "dataset": dataset(c, r),
+        "batches": r["batches"] if c.batches.root else []}, files={"processed": (layout.SPLIT_FILES["test"],),
+                                                 "model": (layout.HISTORY_FILE, layout.CONFIG_FILE),
+                                                 "batches": (layout.HOLDOUT_FILE,)}),
 }
 assert tuple(STEPS) == STAGES, "every stage has exactly one step, in order"
 
@@ -78,4 +92,8 @@ OTHER_STEPS: dict[str, Step] = {
     "write_predictions": Step("write_predictions", "tasks.predict:collect_predictions", "artifacts_dir",
                               layout.PREDICTIONS_DIR, files={"inputs": (layout.COUNTS_FILE,)}),
     "write_sweep_report": Step("write_sweep_report", "tasks.sweep:write_report", "artifacts_dir", layout.SWEEPS_DIR),
+    # One per landed batch (flows/pipeline.py builds its inputs); the fingerprint keys it on the batch's files.
+    "check_batch": Step("check_batch", "tasks.batches:check_batch", "data_dir", layout.BATCHES_DIR,
+                        files={"raw": tuple(f"{name}.gz" for name in (*SPLITS["train"][:1], *SPLITS["test"][:1])),
+                               "validation": (layout.VALIDATION_FILE,)}, key_only=("fingerprint",)),
 }

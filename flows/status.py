@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import PROJECT_ROOT, STAGES, PipelineConfig, Stage
-from flows.stages import STEPS
+from flows.stages import OTHER_STEPS, STEPS, batch_inputs
 from tasks import storage
 from tasks.errors import PipelineError
 from tasks.artifacts import ArtifactRef
 from tasks.keys import check_record, components_path, key_components, key_of, source_file
-from tasks.layout import KEYS_DIR
+from tasks.dataset import landed
+from tasks.layout import KEYS_DIR, SUCCESS_MARKER
 from tasks.registry import read_champion, read_history, recorded_decision
 
 UP_TO_DATE, STALE, MISSING = "up to date", "stale", "missing"
@@ -32,6 +33,7 @@ class StageStatus:
     why: list[str] = field(default_factory=list)
     key: str | None = None
     artifacts: list[str] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)  # the batches row: the key of each batch's recorded check
 
 
 def pipeline_status(config: PipelineConfig, until: Stage = STAGES[-1]) -> list[StageStatus]:
@@ -50,6 +52,9 @@ def pipeline_status(config: PipelineConfig, until: Stage = STAGES[-1]) -> list[S
         if ref is not None:
             results[name] = ref
             row.artifacts = [f.path for f in ref.files.values()]
+        if name == "preprocess" and config.batches.root:
+            rows.append(row)
+            row = _batches_status(config, results)  # sets results["batches"] when every landed batch is checked
         if name == "evaluate" and "evaluate" in results:
             decision = recorded_decision(results["train"].digest, read_history(config.registry_dir),
                                          read_champion(config.registry_dir), config.promotion)
@@ -57,6 +62,27 @@ def pipeline_status(config: PipelineConfig, until: Stage = STAGES[-1]) -> list[S
                 results["promotion"] = decision
         rows.append(row)
     return rows
+
+
+def _batches_status(config: PipelineConfig, results: dict[str, Any]) -> StageStatus:
+    """Return the status of the landed batches: up to date when each one's check is recorded (then the accepted ones
+    are what train, evaluate and report take), stale when one is not checked yet."""
+    if "preprocess" not in results:
+        return StageStatus("batches", STALE, ["after preprocess, which is not up to date"])
+    complete, incomplete = landed(str(config.batches.root).rstrip("/"))
+    step, accepted, keys = OTHER_STEPS["check_batch"], [], []
+    for name in complete:
+        keys.append(key_of(key_components(step.task, step.module, batch_inputs(config, results, name, accepted))))
+        ref, problem = check_record(config.cache_dir, keys[-1])
+        if ref is None:
+            return StageStatus("batches", STALE, [problem or f"batch {name} not checked yet (a run checks it)"],
+                               checks=keys[:-1])
+        if ref.meta["verdict"] == "accepted":
+            accepted.append(ref)
+    results["batches"] = accepted
+    skipped = f"; {len(incomplete)} without their {SUCCESS_MARKER} marker" if incomplete else ""
+    return StageStatus("batches", UP_TO_DATE, [f"{len(complete)} batches checked, {len(accepted)} accepted{skipped}"],
+                       checks=keys)
 
 
 def _after(stage: Stage, result: str, rows: dict[str, StageStatus]) -> StageStatus:

@@ -75,9 +75,10 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     unique = {sweep.trial_id(t): t for t in trials}
     stages = {name: cached(TASKS[name], config, locks=locks) for name in ("train", "evaluate")}
     classes = dataset(config, results)
+    # Trials train on the base dataset alone (batches: see `mnist-pipeline run --batches`).
     train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": classes.num_classes,
-                          "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
-    evaluate_inputs = {"processed": results["preprocess"], "artifacts_dir": config.artifacts_dir}
+                          "batches": [], "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
+    evaluate_inputs = {"processed": results["preprocess"], "batches": [], "artifacts_dir": config.artifacts_dir}
     # A trial whose train and evaluate results are both recorded is looked up here: no cluster starts for it.
     outcomes: dict[str, dict[str, Any]] = {}
     for key in unique:

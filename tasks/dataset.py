@@ -18,7 +18,7 @@ from tasks import storage
 from tasks.errors import PipelineError
 from tasks.files import sha256_file, sha256_json
 from tasks.idx import NUM_CLASSES
-from tasks.layout import SNAPSHOT
+from tasks.layout import SNAPSHOT, SUCCESS_MARKER
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPLITS = {"train": FILES[:2], "test": FILES[2:]}
@@ -60,7 +60,7 @@ def source_fingerprint(source: str) -> str:
     files with their size and change times (ETags), so that an unchanged folder is not read again.
     """
     if urllib.parse.urlparse(source).scheme == "s3":  # a prefix of objects: listed with their ETags
-        return sha256_json({"source": source, "files": _listing_digest(source)})
+        return sha256_json({"source": source, "files": listing_digest(source)})
     folder = local_folder(source)
     if folder is None or not folder.exists():
         return source
@@ -72,11 +72,11 @@ def source_fingerprint(source: str) -> str:
         if path.is_file():
             found[name] = sha256_file(path)  # in chunks: the folder is not trusted to hold small files
     if len(found) <= (SUMS_FILE in found):  # no IDX file: a folder of images
-        found = _listing_digest(folder)
+        found = listing_digest(folder)
     return sha256_json({"source": str(folder), "files": found})
 
 
-def _listing_digest(folder: object) -> str:
+def listing_digest(folder: object) -> str:
     """Return the SHA-256 of a folder's listing with each file's signature (tasks.storage.file_listing)."""
     digest = hashlib.sha256()
     for name, signature in storage.file_listing(folder).items():  # sorted by name; one line per file
@@ -99,6 +99,33 @@ class ValidateConfig(BaseModel):
     test_count: int | None = None
     max_leakage: float = Field(0.01, ge=0, le=1, description="largest share of the test split whose images are also "
                                "in the training split (leakage); above it validation fails")
+
+
+class BatchesConfig(BaseModel):
+    """Labelled batches that land beside the base dataset (tasks.batches): where, the holdout share, the checks."""
+
+    root: str | None = Field(None, description="batches root: one subfolder per batch, taken once its _SUCCESS "
+                             "marker exists (a folder or s3:// prefix; default: no batches)")
+    holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of each batch held out, each image by a hash "
+                                    "of its pixels")
+    max_label_shift: float = Field(0.3, ge=0, le=1, description="largest total variation distance between a batch's "
+                                   "label distribution and the base training split's")
+    max_pixel_shift: float = Field(0.3, ge=0, description="largest relative change of a batch's mean intensity or ink "
+                                   "fraction against the base training split's")
+    max_duplicates: float = Field(0.1, ge=0, le=1, description="largest share of a batch's images that are copies of "
+                                  "training images or of earlier batches")
+    accept: list[str] = Field(default_factory=list, description="batches taken even though a check failed")
+
+
+def landed(root: object) -> tuple[list[str], list[str]]:
+    """Return the complete batches under a batches root (their `_SUCCESS` marker exists), in name order, and the
+    incomplete ones (still being copied, or abandoned)."""
+    complete, incomplete = [], []
+    for name in storage.list_names(root):
+        if name.startswith((".", "_")):
+            continue
+        (complete if storage.exists(f"{root}/{name}/{SUCCESS_MARKER}") else incomplete).append(name)
+    return complete, incomplete
 
 
 MNIST_TITLE = "MNIST digits"

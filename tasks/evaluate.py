@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ from tasks.artifacts import ArtifactRef, publish
 from tasks.errors import Log, quiet
 from tasks.files import workdir, write_json
 from tasks.keras_runtime import import_tensorflow
-from tasks.layout import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE, SPLIT_FILES
+from tasks.layout import HISTORY_FILE, METRICS_FILE, MODEL_FILE, PREDICTIONS_FILE
 from tasks.models import LOSS, class_probabilities, load_model
-from tasks.preprocess import load_split
+from tasks.preprocess import load_holdout
 
 SCHEMA_VERSION = 1
 FIRST = 20
@@ -33,11 +34,13 @@ PREDICTIONS_SCHEMA = pa.schema([pa.field(name, kind, nullable=False) for name, k
     ("index", pa.int32()), ("label", pa.uint8()), ("predicted", pa.uint8()), ("confidence", pa.float32()))])
 
 
-def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: Log = quiet) -> ArtifactRef:
-    """Evaluate the model of `model` on `test.parquet` of `processed`; publish metrics and predictions under `out_dir`."""
+def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, batches: Sequence[ArtifactRef] = (),
+                log: Log = quiet) -> ArtifactRef:
+    """Evaluate the model of `model` on the holdout: `test.parquet` of `processed` and the holdout share of each
+    accepted batch (tasks.batches); publish metrics (with each batch's slice) and predictions under `out_dir`."""
     started = time.perf_counter()
     _, keras = import_tensorflow()
-    x, y = load_split(processed.path(SPLIT_FILES["test"]))
+    x, y = load_holdout(processed, batches)
     history = json.loads(model.path(HISTORY_FILE).read_text())
     probabilities = class_probabilities(load_model(model.path(MODEL_FILE)), x)
     predicted = probabilities.argmax(axis=1).astype(np.uint8)
@@ -50,6 +53,15 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, log: 
                             test_accuracy=float(np.mean(predicted == y)),
                             train_loss=float(history["loss"][best]), train_accuracy=float(history["accuracy"][best]))
     metrics.update(model_digest=model.digest, data_digest=processed.digest)
+    if batches:  # each part of the holdout on its own: how the model does on the newest data
+        sizes = [len(y) - sum(b.meta["holdout"] for b in batches), *(b.meta["holdout"] for b in batches)]
+        bounds = np.cumsum([0, *sizes])
+        names = ["base", *(b.meta["name"] for b in batches)]
+        metrics["holdout_slices"] = [  # a list: metrics.json sorts the keys of objects
+            {"name": name, "images": int(end - start),
+             "accuracy": float(np.mean(predicted[start:end] == y[start:end])) if end > start else None}
+            for name, start, end in zip(names, bounds[:-1], bounds[1:])]
+        metrics["holdout_version"] = {"base": processed.digest, "batches": [b.digest for b in batches]}
     log(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on {metrics['num_test']} "
         f"images; {metrics['misclassified']['count']} misclassified; first {FIRST} predictions "
         + " ".join(map(str, metrics["first_20_predictions"])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,11 @@ def decode_payload(data: bytes, name: str, limit: int = MAX_PAYLOAD_BYTES) -> by
 def read_payload(path: Path) -> bytes:
     """Read a file of the raw artifact and return its IDX payload."""
     return decode_payload(path.read_bytes(), path.name, limit=RAW_PAYLOAD_BYTES)
+
+
+def pixel_digests(images: np.ndarray) -> list[bytes]:
+    """Return a 16-byte digest of each image's pixels: equal for identical images (duplicates, leakage)."""
+    return [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
 
 
 def encode_idx(array: np.ndarray) -> bytes:

@@ -10,6 +10,7 @@ MANIFEST = ".manifest.json"
 # The data root: one folder per published artifact, named by the first 16 hex digits of its digest.
 RAW_DIR = "raw"  # download: the four IDX files, gzipped (and SOURCES_FILE for a source of image files)
 PROCESSED_DIR = "processed"  # preprocess: SPLIT_FILES
+BATCHES_DIR = "batches"  # a checked batch: SPLIT_FILES["train"], HOLDOUT_FILE, DIGESTS_FILE, BATCH_FILE
 SNAPSHOT = ("snapshot", "mnist")  # the verified copy of MNIST shipped with the project, under the checkout's data/
 
 # The artifacts root.
@@ -22,12 +23,17 @@ PREDICT_SCORES_DIR = "predict-scores"  # predict: PROBABILITIES_FILE
 PREDICTIONS_DIR = "predictions"  # predict: PREDICTIONS_FILE
 SWEEPS_DIR = "sweeps"  # sweep: SWEEP_MD, SWEEP_HTML, SWEEP_PNG
 TRAIN_STATE_DIR = "train-state"  # an interrupted training's last finished epoch, one folder per training
+QUARANTINE_DIR = "quarantine"  # `<batch name>.json`: the BATCH_FILE of each batch quarantined by the last run
 REGISTRY_DIR = "registry"  # CHAMPION_FILE, DECISIONS_FILE, REGISTRY_LOCK
 CACHE_DIR = "cache"  # Prefect's result records, by cache key
 KEYS_DIR = "keys"  # under CACHE_DIR: what each recorded key covers, `<key>.json`
 
 # Files of the artifacts.
 SOURCES_FILE = "sources.json"
+SUCCESS_MARKER = "_SUCCESS"  # written last into a complete batch
+HOLDOUT_FILE = "holdout.parquet"
+DIGESTS_FILE = "digests.bin"  # 16 bytes per image: the BLAKE2 digest of its pixels
+BATCH_FILE = "batch.json"
 VALIDATION_FILE = "validation.json"
 SPLIT_FILES = {"train": "train.parquet", "test": "test.parquet"}
 MODEL_FILE = "model.keras"

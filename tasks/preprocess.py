@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from tasks.dataset import SPLITS
 from tasks.errors import Log, quiet
 from tasks.files import workdir
 from tasks.idx import IMAGE_SHAPE, PIXELS, idx_array, read_payload
-from tasks.layout import SPLIT_FILES
+from tasks.layout import HOLDOUT_FILE, SPLIT_FILES
 
 SCHEMA_VERSION = 1
 PIXEL_COLUMNS = [f"pixel_{i:03d}" for i in range(PIXELS)]
@@ -70,6 +71,19 @@ def load_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
     pixels = table.select(PIXEL_COLUMNS).to_batches()[0].to_tensor(row_major=False)
     # A column-major (n, 784) array: one copy out of the mapped file, no per-row work.
     return np.asarray(pixels), table.column("label").to_numpy()
+
+
+def load_parts(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Read splits back (see `load_split`) and join them in order: the base's and each accepted batch's."""
+    parts = [load_split(path) for path in paths]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([images for images, _ in parts]), np.concatenate([labels for _, labels in parts])
+
+
+def load_holdout(processed: ArtifactRef, batches: Sequence[ArtifactRef] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Return the holdout: the base test split, then the holdout share of each accepted batch (tasks.batches)."""
+    return load_parts([processed.path(SPLIT_FILES["test"]), *(batch.path(HOLDOUT_FILE) for batch in batches)])
 
 
 def read_metadata(path: Path) -> dict:

@@ -10,6 +10,7 @@ The endpoint and credentials are the standard AWS variables (`AWS_ENDPOINT_URL`,
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -95,6 +96,16 @@ def write_text(location: Any, text: str) -> None:
     else:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(Path(location), text)
+
+
+def copy_file(path: Path, location: Any) -> None:
+    """Copy a local file to a path (its folder made if needed) or to an object."""
+    if is_remote(location):
+        with explaining():
+            filesystem().put_file(str(path), str(location))
+    else:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, location)
 
 
 def remove(location: Any) -> None:

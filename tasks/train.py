@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,17 @@ from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
 from tasks.layout import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, SPLIT_FILES, TRAIN_STATE_DIR
 from tasks.models import KNOBS, LOSS, TrainConfig, build_model, describe_model
-from tasks.preprocess import load_split
+from tasks.preprocess import load_parts
 
 # Called after each epoch with (epochs done, epochs, that epoch's metrics).
 Progress = Callable[[int, int, dict[str, float]], None]
 
 
 def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_classes: int = NUM_CLASSES,
-              log: Log = quiet, progress: Progress = lambda done, epochs, logs: None,
-              state_dir: Path | None = None) -> ArtifactRef:
-    """Fit the configured model on `train.parquet` of `processed` and publish the model, history and config under `out_dir`.
+              batches: Sequence[ArtifactRef] = (), log: Log = quiet,
+              progress: Progress = lambda done, epochs, logs: None, state_dir: Path | None = None) -> ArtifactRef:
+    """Fit the configured model on `train.parquet` of `processed` and of each accepted batch (tasks.batches), in that
+    order, and publish the model, history and config (with the data version: the base and the batches) under `out_dir`.
 
     Training is Keras's `fit` with callbacks: `log` gets one line per epoch, `progress(epochs_done, epochs, logs)` is
     called after each epoch, `config.patience` adds early stopping, and with `state_dir` every epoch is backed up
@@ -42,7 +43,7 @@ def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_cl
 
     tf, keras = import_tensorflow()
     config = config.resolved()
-    x, y = load_split(processed.path(SPLIT_FILES["train"]))
+    x, y = load_parts([ref.path(SPLIT_FILES["train"]) for ref in (processed, *batches)])
     train_rows = len(x)
     # Keras's validation_split: the last rows, before any shuffling.
     split = int(np.ceil(train_rows * (1.0 - config.validation_split)))
@@ -107,6 +108,7 @@ def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_cl
         "architecture": describe_model(model),
         "processed_digest": processed.digest,
         "train_rows": train_rows,
+        **({"data_version": data_version(processed, batches)} if batches else {}),
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
     }
@@ -152,7 +154,16 @@ def weights_digest(model: Any) -> str:
     return sha256_json(parts)
 
 
-def state_folder(artifacts_dir: Path, processed: ArtifactRef, config: TrainConfig, num_classes: int) -> Path:
-    """Return where the training of `config` on `processed` keeps its resume state: one folder per training."""
-    identity = sha256_json({"data": processed.digest, "config": config.resolved().model_dump(mode="json"), "classes": num_classes})
+def data_version(processed: ArtifactRef, batches: Sequence[ArtifactRef]) -> dict[str, Any]:
+    """Return what a model is trained on: the base's processed digest and the digests of the accepted batches, in
+    order."""
+    return {"base": processed.digest, "batches": [ref.digest for ref in batches]}
+
+
+def state_folder(artifacts_dir: Path, processed: ArtifactRef, config: TrainConfig, num_classes: int,
+                 batches: Sequence[ArtifactRef] = ()) -> Path:
+    """Return where the training of `config` on `processed` (and `batches`) keeps its resume state: one folder per
+    training."""
+    data = data_version(processed, batches) if batches else processed.digest
+    identity = sha256_json({"data": data, "config": config.resolved().model_dump(mode="json"), "classes": num_classes})
     return Path(artifacts_dir) / TRAIN_STATE_DIR / identity[:32]

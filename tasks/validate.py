@@ -4,7 +4,6 @@ download converted, resized or inverted."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from tasks.artifacts import ArtifactRef, publish
 from tasks.dataset import SPLITS, ValidateConfig
 from tasks.errors import Log, quiet
 from tasks.files import workdir, write_json
-from tasks.idx import NUM_CLASSES, Checks, check_split, read_payload
+from tasks.idx import NUM_CLASSES, Checks, check_split, pixel_digests, read_payload
 from tasks.layout import SOURCES_FILE, VALIDATION_FILE
 
 # Version 2: the report records num_classes and where the raw files came from (the "source" block). Version 3: the
@@ -56,8 +55,7 @@ def validate_files(
         if arrays is not None:
             splits[split], arrays_of[split] = summarize(*arrays, num_classes=num_classes), arrays[0]
     checks.raise_first()
-    digests = {split: [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
-               for split, images in arrays_of.items()}
+    digests = {split: pixel_digests(images) for split, images in arrays_of.items()}
     for split, found in digests.items():
         splits[split]["duplicates"] = len(found) - len(set(found))
     leakage = _leakage(digests, _namer(raw), config.max_leakage, checks)
@@ -113,7 +111,8 @@ def _leakage(digests: dict[str, list[bytes]], name: Callable[[str, int], str], l
 
 
 def summarize(images: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLASSES) -> dict:
-    """Return the data summary of one split: shape, dtype, label range, class counts, pixel mean/std."""
+    """Return the data summary of one split: shape, dtype, label range, class counts, pixel mean/std, the share of
+    pixels that are ink (above 127)."""
     counts = np.bincount(labels, minlength=num_classes)
     # A histogram of the 256 pixel values gives exact moments without a float copy of the images.
     hist = sum(np.bincount(chunk.ravel(), minlength=256) for chunk in np.array_split(images, max(1, len(images) // 5000)))
@@ -129,4 +128,5 @@ def summarize(images: np.ndarray, labels: np.ndarray, num_classes: int = NUM_CLA
         "class_counts": {str(c): int(n) for c, n in enumerate(counts)},
         "pixel_mean": round(mean, 4),
         "pixel_std": round(std, 4),
+        "ink_fraction": round(float(hist[128:].sum() / pixels), 4),
     }

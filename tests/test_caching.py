@@ -182,16 +182,18 @@ DATA = ["download", "validate", "preprocess"]
 MODEL = ["train", "evaluate"]
 PREDICT = ["load_inputs", "predict_classes", "write_predictions"]
 SWEEP = "write_sweep_report"
-EVERY = [*DATA, *MODEL, "report", *PREDICT, SWEEP]
+BATCH = "check_batch"
+EVERY = [*DATA, *MODEL, "report", *PREDICT, SWEEP, BATCH]
 # What each module is code of. Shared foundations are every stage's; a stage's own module and what only it imports
 # are its own; orchestration (flows/), the registry's writer, the UI documents, keys and locks are no stage's.
 CODE_OF = {
     **{f"tasks/{name}.py": EVERY for name in ("__init__", "artifacts", "dataset", "errors", "files", "idx", "layout",
                                               "storage")},
-    "tasks/preprocess.py": ["preprocess", *MODEL, "report", *PREDICT, SWEEP],  # load_split and the parquet schema
+    "tasks/preprocess.py": ["preprocess", *MODEL, "report", *PREDICT, SWEEP, BATCH],  # load_split and the parquet schema
     "tasks/models.py": [*MODEL, *PREDICT, SWEEP], "tasks/keras_runtime.py": [*MODEL, *PREDICT, SWEEP],
-    "tasks/download.py": ["download"], "tasks/sources.py": ["download"], "tasks/images.py": ["download", *PREDICT],
-    "tasks/validate.py": ["validate"], "tasks/train.py": ["train"],
+    "tasks/download.py": ["download"], "tasks/sources.py": ["download", BATCH],
+    "tasks/images.py": ["download", *PREDICT, BATCH], "tasks/validate.py": ["validate", BATCH],
+    "tasks/batches.py": [BATCH], "tasks/train.py": ["train"],
     "tasks/callbacks.py": ["train"], "tasks/evaluate.py": ["evaluate"], "tasks/predict.py": PREDICT,
     "tasks/registry.py": ["report"],  # the decision the report shows
     "tasks/report/__init__.py": ["report"], "tasks/sweep.py": [SWEEP],

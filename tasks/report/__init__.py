@@ -6,6 +6,7 @@ into HTML), and `ui` writes the summary and tables that flows/ui.py publishes in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from tasks.artifacts import ArtifactRef, publish
@@ -21,13 +22,13 @@ from tasks.report.render import data_uri, markdown_page, render
 
 def write_report(validation: ArtifactRef, processed: ArtifactRef, model: ArtifactRef, evaluation: ArtifactRef,
                  out_dir: Path, decision: Decision | None = None, dataset: DatasetConfig | None = None,
-                 log: Log = quiet) -> ArtifactRef:
+                 batches: Sequence[ArtifactRef] = (), log: Log = quiet) -> ArtifactRef:
     """Write `report.md`, a self-contained `report.html` and the PNG figures, and publish them under `out_dir`.
 
     `decision` (from `tasks.promote.decide_promotion`) adds a "Model promotion" section; `dataset` gives the title and
     the class names. The artifact's meta records the title and names, so its UI artifacts can be published again.
     """
-    ctx = load_context(validation, processed, model, evaluation, dataset or DatasetConfig())
+    ctx = load_context(validation, processed, model, evaluation, dataset or DatasetConfig(), batches)
     pngs = {name: to_png(fig) for name, fig in draw_figures(ctx).items()}
     m = ctx.metrics
     headline = {

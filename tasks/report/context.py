@@ -17,7 +17,7 @@ from tasks.artifacts import ArtifactRef
 from tasks.dataset import BY_MNIST, BY_SUMS, BY_USER, DatasetConfig
 from tasks.errors import PipelineError
 from tasks.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PREDICTIONS_FILE, SPLIT_FILES, VALIDATION_FILE
-from tasks.preprocess import load_split
+from tasks.preprocess import load_holdout
 from tasks.storage import read_bytes
 
 GALLERY_MAX = 30  # misclassified images shown, the first by test index
@@ -155,10 +155,11 @@ def layer_shape(shape: list[int | None]) -> str:
 
 
 def load_context(validation: ArtifactRef, processed: ArtifactRef, model: ArtifactRef, evaluation: ArtifactRef,
-                 dataset: DatasetConfig | None = None) -> ReportContext:
-    """Read the report's inputs from the upstream artifacts and check that they describe the same test set."""
+                 dataset: DatasetConfig | None = None, batches: Sequence[ArtifactRef] = ()) -> ReportContext:
+    """Read the report's inputs from the upstream artifacts and check that they describe the same test set (the
+    holdout: the base test split and the accepted batches' holdout shares)."""
     test_path = processed.path(SPLIT_FILES["test"])
-    images, labels = load_split(test_path)
+    images, labels = load_holdout(processed, batches)
     columns = ["index", "label", "predicted", "confidence"]
     ctx = ReportContext(
         validation=read_json(validation.path(VALIDATION_FILE)),
