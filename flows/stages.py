@@ -11,7 +11,7 @@ from typing import Any
 
 from flows.config import STAGES, PipelineConfig, Stage
 from tasks import layout
-from tasks.dataset import SPLITS, DatasetConfig, listing_digest, source_fingerprint
+from tasks.dataset import DatasetConfig, listing_digest, source_fingerprint
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def batch_inputs(config: PipelineConfig, results: dict[str, Any], name: str, acc
     accepted before it, the checks' settings and the dataset's classes."""
     location = f"{str(config.batches.root).rstrip('/')}/{name}"
     classes = dataset(config, results)
-    return {"batch": location, "name": name, "raw": results["download"], "validation": results["validate"],
+    return {"batch": location, "name": name, "validation": results["validate"],
             "earlier": list(accepted), "config": config.batches, "class_names": classes.class_names,
             "num_classes": classes.num_classes, "data_dir": config.data_dir, "fingerprint": listing_digest(location)}
 
@@ -71,7 +71,8 @@ STEPS: dict[Stage, Step] = {
         "batches": r["batches"] if c.batches.root else [], "artifacts_dir": c.artifacts_dir},
         files={"processed": (layout.SPLIT_FILES["train"],), "batches": (layout.SPLIT_FILES["train"],)}),
     "evaluate": Step("evaluate_model", "tasks.evaluate:score_model", "artifacts_dir", layout.EVALUATION_DIR,
-                     lambda c, r: {"model": r["train"], "processed": r["preprocess"], "batches": r["batches"] if c.batches.root else [],
+                     lambda c, r: {"model": r["train"], "processed": r["preprocess"],
+                                   "batches": r["batches"] if c.batches.root else [],
                                    "artifacts_dir": c.artifacts_dir},
                      files={"processed": (layout.SPLIT_FILES["test"],), "batches": (layout.HOLDOUT_FILE,)}),
     "report": Step("report_results", "tasks.report:write_report", "artifacts_dir", layout.REPORTS_DIR, lambda c, r: {
@@ -94,6 +95,6 @@ OTHER_STEPS: dict[str, Step] = {
     "write_sweep_report": Step("write_sweep_report", "tasks.sweep:write_report", "artifacts_dir", layout.SWEEPS_DIR),
     # One per landed batch (flows/pipeline.py builds its inputs); the fingerprint keys it on the batch's files.
     "check_batch": Step("check_batch", "tasks.batches:check_batch", "data_dir", layout.BATCHES_DIR,
-                        files={"raw": tuple(f"{name}.gz" for name in (*SPLITS["train"][:1], *SPLITS["test"][:1])),
-                               "validation": (layout.VALIDATION_FILE,)}, key_only=("fingerprint",)),
+                        files={"validation": (layout.VALIDATION_FILE, *layout.DIGEST_FILES.values()),
+                               "earlier": (layout.DIGESTS_FILE,)}, key_only=("fingerprint",)),
 }

@@ -22,8 +22,9 @@ from tasks.artifacts import ArtifactRef, publish
 from tasks.dataset import SPLITS, BatchesConfig
 from tasks.errors import Log, PipelineError, quiet
 from tasks.files import workdir, write_json
-from tasks.idx import Checks, check_split, decode_payload, idx_array, pixel_digests, read_payload
-from tasks.layout import BATCH_FILE, DIGESTS_FILE, HOLDOUT_FILE, SPLIT_FILES, SUCCESS_MARKER, VALIDATION_FILE
+from tasks.idx import Checks, check_split, decode_payload, pixel_digests
+from tasks.layout import (BATCH_FILE, DIGEST_FILES, DIGESTS_FILE, HOLDOUT_FILE, SPLIT_FILES, SUCCESS_MARKER,
+                          VALIDATION_FILE)
 from tasks.preprocess import to_table
 from tasks.sources import Dataset, format_of, read_folder, read_npz, split_by_pixels
 from tasks.validate import summarize
@@ -62,7 +63,8 @@ def read_batch(folder: Path) -> Dataset:
         return read_folder(folder, None, test_fraction=0.5)  # the split is redrawn by check_batch
     dataset = Dataset({}, {}, {"train": [], "test": []}, None)
     for split, (images, labels) in SPLITS.items():
-        paths = [folder / f"{name}.gz" if (folder / f"{name}.gz").is_file() else folder / name for name in (images, labels)]
+        paths = [folder / f"{name}.gz" if (folder / f"{name}.gz").is_file() else folder / name
+                 for name in (images, labels)]
         if not all(path.is_file() for path in paths):
             raise PipelineError(f"{folder}: IDX batch: expected {images} and {labels} (.gz or not), found "
                                 f"{', '.join(p.name for p in paths if p.is_file()) or 'neither'}")
@@ -74,10 +76,10 @@ def read_batch(folder: Path) -> Dataset:
     return dataset
 
 
-def check_batch(batch: str, name: str, raw: ArtifactRef, validation: ArtifactRef, earlier: list[ArtifactRef],
+def check_batch(batch: str, name: str, validation: ArtifactRef, earlier: list[ArtifactRef],
                 config: BatchesConfig, class_names: list[str] | None, num_classes: int, out_dir: Path,
                 log: Log = quiet) -> ArtifactRef:
-    """Read and check one batch against the base dataset (`raw`, `validation`) and the batches accepted before it
+    """Read and check one batch against the base dataset (its `validation`) and the batches accepted before it
     (`earlier`); publish its training rows, its holdout share, the digests of its images and `batch.json` (the
     verdict, with the reasons of a quarantine and the figures behind them)."""
     with storage.local_copy(batch, 10**6, 8 << 30) as local:
@@ -97,10 +99,10 @@ def check_batch(batch: str, name: str, raw: ArtifactRef, validation: ArtifactRef
         if unknown:
             reasons.append(f"classes outside the dataset's: {', '.join(unknown[:5])}")
     digests = pixel_digests(images)
-    base_test = set(pixel_digests(idx_array(read_payload(raw.path(f"{SPLITS['test'][0]}.gz")))))
-    seen = set(pixel_digests(idx_array(read_payload(raw.path(f"{SPLITS['train'][0]}.gz")))))
+    base_test = set(_digests(validation.path(DIGEST_FILES["test"])))
+    seen = set(_digests(validation.path(DIGEST_FILES["train"])))
     for ref in earlier:
-        seen.update(_digests(ref))
+        seen.update(_digests(ref.path(DIGESTS_FILE)))
     leaked = sum(d in base_test for d in digests)
     copies = sum(d in seen for d in digests)
     if leaked:
@@ -145,8 +147,9 @@ def _labels(dataset: Dataset, class_names: list[str] | None, num_classes: int) -
     return mapping[labels], unknown
 
 
-def _digests(ref: ArtifactRef) -> list[bytes]:
-    data = ref.path(DIGESTS_FILE).read_bytes()
+def _digests(path: Path) -> list[bytes]:
+    """Return the image digests of a digests file (16 bytes each, see tasks.idx.pixel_digests)."""
+    data = path.read_bytes()
     return [data[i : i + 16] for i in range(0, len(data), 16)]
 
 

@@ -14,7 +14,7 @@ BATCHES_DIR = "batches"  # a checked batch: SPLIT_FILES["train"], HOLDOUT_FILE, 
 SNAPSHOT = ("snapshot", "mnist")  # the verified copy of MNIST shipped with the project, under the checkout's data/
 
 # The artifacts root.
-VALIDATION_DIR = "validation"  # validate: VALIDATION_FILE
+VALIDATION_DIR = "validation"  # validate: VALIDATION_FILE, DIGEST_FILES
 MODELS_DIR = "models"  # train: MODEL_FILE, HISTORY_FILE, CONFIG_FILE
 EVALUATION_DIR = "evaluation"  # evaluate: METRICS_FILE, PREDICTIONS_FILE
 REPORTS_DIR = "reports"  # report: REPORT_MD, REPORT_HTML and the FIGURES
@@ -35,6 +35,7 @@ HOLDOUT_FILE = "holdout.parquet"
 DIGESTS_FILE = "digests.bin"  # 16 bytes per image: the BLAKE2 digest of its pixels
 BATCH_FILE = "batch.json"
 VALIDATION_FILE = "validation.json"
+DIGEST_FILES = {"train": "train-digests.bin", "test": "test-digests.bin"}  # as DIGESTS_FILE, per split
 SPLIT_FILES = {"train": "train.parquet", "test": "test.parquet"}
 MODEL_FILE = "model.keras"
 HISTORY_FILE = "history.json"

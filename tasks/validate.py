@@ -15,7 +15,7 @@ from tasks.dataset import SPLITS, ValidateConfig
 from tasks.errors import Log, quiet
 from tasks.files import workdir, write_json
 from tasks.idx import NUM_CLASSES, Checks, check_split, pixel_digests, read_payload
-from tasks.layout import SOURCES_FILE, VALIDATION_FILE
+from tasks.layout import DIGEST_FILES, SOURCES_FILE, VALIDATION_FILE
 
 # Version 2: the report records num_classes and where the raw files came from (the "source" block). Version 3: the
 # duplicates, the leakage and the changes made to the images.
@@ -80,6 +80,8 @@ def validate_files(
     }
     with workdir(out_dir) as work:
         write_json(work / VALIDATION_FILE, report)
+        for split, found in digests.items():  # what batches are checked against, without reading the images again
+            (work / DIGEST_FILES[split]).write_bytes(b"".join(found))
         ref = publish("validate", work, meta={"splits": splits, "checks": len(checks.items), "source": source,
                                               "leakage": leakage})
     log(f"all {len(checks.items)} checks passed")

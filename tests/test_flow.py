@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tree_state
 from flows.pipeline import mnist_pipeline
-from helpers import states
+from helpers import artifact, states
 from tasks.errors import PipelineError
 
 
@@ -152,7 +152,7 @@ def test_a_dataset_of_its_own_with_other_counts_and_three_named_classes_runs_end
     config = own_dataset_config(tmp_path, source, name="Shapes", num_classes=3, class_names=["circle", "square", "triangle"])
     summary = mnist_pipeline(config=config)
     assert set(states(summary).values()) == {"completed"}
-    validation = json.loads(Path(summary["stages"]["validate"]["artifacts"][0]).read_text())
+    validation = json.loads(artifact(summary, "validate", "validation.json").read_text())
     assert validation["num_classes"] == 3 and validation["source"]["pinned_by"] == []
     assert {s: v["count"] for s, v in validation["splits"].items()} == {"train": 90, "test": 30}
     metrics = json.loads(next(Path(p) for p in summary["stages"]["evaluate"]["artifacts"] if p.endswith("metrics.json")).read_text())

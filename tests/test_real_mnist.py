@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import artifact
 from test_cli import cli
 
 from conftest import REPO, tree_state
@@ -58,8 +59,7 @@ def test_parquet_holds_every_image_divided_by_255_exactly(real_run):
 
 
 def test_validation_report_passes_with_the_mnist_class_counts(real_run):
-    (report_path,) = real_run["summary"]["stages"]["validate"]["artifacts"]
-    report = json.loads(open(report_path).read())
+    report = json.loads(artifact(real_run["summary"], "validate", "validation.json").read_text())
     assert report["passed"] and all(c["passed"] for c in report["checks"])
     assert report["splits"]["train"]["class_counts"]["1"] == 6742
     assert report["splits"]["test"]["count"] == 10000
