@@ -26,7 +26,7 @@ from tasks.idx import Checks, check_split, decode_payload, pixel_digests
 from tasks.layout import (BATCH_FILE, DIGEST_FILES, DIGESTS_FILE, HOLDOUT_FILE, SPLIT_FILES, SUCCESS_MARKER,
                           VALIDATION_FILE)
 from tasks.preprocess import to_table
-from tasks.sources import Dataset, format_of, read_folder, read_npz, split_by_pixels
+from tasks.sources import MAX_SOURCE_BYTES, MAX_SOURCE_FILES, Dataset, format_of, read_folder, read_npz, split_by_pixels
 from tasks.validate import summarize
 
 def add_batch(source: Path, root: object, name: str) -> int:
@@ -82,7 +82,7 @@ def check_batch(batch: str, name: str, validation: ArtifactRef, earlier: list[Ar
     """Read and check one batch against the base dataset (its `validation`) and the batches accepted before it
     (`earlier`); publish its training rows, its holdout share, the digests of its images and `batch.json` (the
     verdict, with the reasons of a quarantine and the figures behind them)."""
-    with storage.local_copy(batch, 10**6, 8 << 30) as local:
+    with storage.local_copy(batch, MAX_SOURCE_FILES, MAX_SOURCE_BYTES) as local:
         try:
             dataset = read_batch(Path(local))
         except PipelineError as exc:  # a batch that cannot be read is quarantined; the run goes on
@@ -116,7 +116,8 @@ def check_batch(batch: str, name: str, validation: ArtifactRef, earlier: list[Ar
                                ("ink fraction", drift["ink_shift"], config.max_pixel_shift)):
         if len(images) and value > limit and not (unknown and what == "label distribution"):
             reasons.append(f"drift of the {what}: {value:.3f} (more than {limit})")
-    accepted = not reasons or name in config.accept
+    # Taken by `accept` unless its labels cannot be given in the dataset's classes.
+    accepted = not reasons or (name in config.accept and not unknown)
     holdout = split_by_pixels(images, config.holdout_fraction)
     report.update(verdict="accepted" if accepted else "quarantined", reasons=reasons,
                   accepted_by_config=bool(reasons) and accepted, images=len(images), train=int((~holdout).sum()),

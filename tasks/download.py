@@ -34,7 +34,7 @@ from tasks.errors import Log, PipelineError, quiet
 from tasks.files import sha256_bytes, sha256_file, sha256_json, workdir, write_json
 from tasks.idx import MAX_IMAGES, MAX_PAYLOAD_BYTES, PIXELS, Checks, check_split, decode_payload, encode_idx
 from tasks.layout import SOURCES_FILE
-from tasks.sources import Dataset, format_of, read_folder, read_npz
+from tasks.sources import MAX_SOURCE_BYTES, MAX_SOURCE_FILES, Dataset, format_of, read_folder, read_npz
 
 # Payload digests of the original MNIST files (SHA-256 of the uncompressed IDX bytes).
 MNIST_SHA256 = {
@@ -49,8 +49,6 @@ PIN_CHECKS = {BY_MNIST: "MNIST SHA-256", BY_SUMS: f"{SUMS_FILE} digest", BY_USER
 MAX_FILE_BYTES = MAX_PAYLOAD_BYTES + 4096
 # An .npz holds up to MAX_IMAGES images (compressed or not).
 MAX_NPZ_BYTES = MAX_IMAGES * (PIXELS + 8) + (1 << 20)
-# The most that is copied from an s3:// prefix: a million images of 8 KB on average.
-MAX_SOURCE_BYTES = 8 << 30
 
 class Unreachable(Exception):
     """A source did not answer (after retries); another source may be tried."""
@@ -81,7 +79,7 @@ def download_files(
     Raises PipelineError for a bad source or bad content; nothing is left under a final name.
     """
     if urllib.parse.urlparse(source).scheme == "s3":  # a prefix of objects: read from a local copy of them
-        with storage.local_copy(source, MAX_IMAGES + 16, MAX_SOURCE_BYTES) as copy:
+        with storage.local_copy(source, MAX_SOURCE_FILES, MAX_SOURCE_BYTES) as copy:
             ref = download_files(copy, raw_dir, expected_sha256=expected_sha256, class_names=class_names,
                                  test_fraction=test_fraction, log=log)
         return ref.model_copy(update={"meta": {**ref.meta, "source": source}})

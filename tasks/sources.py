@@ -38,6 +38,9 @@ SPLIT_NAMES = ("train", "test")
 MANIFESTS = ("labels.csv", "labels.jsonl")
 NPZ_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_MANIFEST_BYTES = 256 << 20
+# The most that is copied from an s3:// prefix (a source or a batch): a million images of 8 KB on average, and a few
+# other files (a manifest, SHA256SUMS, the _SUCCESS marker).
+MAX_SOURCE_BYTES, MAX_SOURCE_FILES = 8 << 30, MAX_IMAGES + 16
 # Below this many files decoding stays in this process: starting worker processes costs more than it saves.
 PARALLEL_FROM = 2048
 _CHUNK = 1024

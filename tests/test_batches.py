@@ -76,9 +76,11 @@ def test_batches_are_checked_quarantined_with_reasons_and_taken_by_flag(syntheti
     assert summary["data_version"]["base"][:16] == processed.name  # folders are named by their digest
     assert summary["data_version"]["batches"] == [summary["batches"]["1-good"]["digest"]]
 
-    accepted = mnist_pipeline(config=with_batches(synthetic_config, root, accept=["2-shifted"]), until="preprocess")
+    accepted = mnist_pipeline(config=with_batches(synthetic_config, root, accept=["2-shifted", "4-letters"]),
+                              until="preprocess")
 
     assert accepted["batches"]["2-shifted"]["verdict"] == "accepted"
+    assert accepted["batches"]["4-letters"]["verdict"] == "quarantined"  # its labels have no place in the dataset
     assert accepted["batches"]["2-shifted"]["reasons"] == reasons["2-shifted"]  # recorded with the batch
     assert not (quarantine / "2-shifted.json").exists()
     assert len(accepted["data_version"]["batches"]) == 2
