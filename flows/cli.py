@@ -139,7 +139,7 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["download"] = download
     if args.max_leakage is not None:
         overrides["validation"] = {"max_leakage": args.max_leakage}
-    batches = {"root": _batches_root(args.batches)} if args.batches else {}
+    batches = {"root": str(as_root(args.batches))} if args.batches else {}
     if args.accept:
         batches["accept"] = args.accept
     if batches:
@@ -526,11 +526,6 @@ def sweep_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _batches_root(root: str) -> str:
-    """Return a batches root as given: an s3:// prefix as is, a folder made absolute now."""
-    return str(as_root(root))
-
-
 def _add_add_batch(commands: argparse._SubParsersAction) -> None:
     add = commands.add_parser(
         "add-batch", help="copy a labelled batch into the batches root (files first, the _SUCCESS marker last)",
@@ -551,7 +546,7 @@ def add_batch_command(args: argparse.Namespace) -> int:
 
     from tasks.batches import add_batch
 
-    config = pipeline_config({"batches": {"root": _batches_root(args.batches)}} if args.batches else {})
+    config = pipeline_config({"batches": {"root": str(as_root(args.batches))}} if args.batches else {})
     if not config.batches.root:
         raise PipelineError("add-batch: expected a batches root (--batches DIR or MNIST_PIPELINE_BATCHES__ROOT), "
                             "found none")

@@ -13,7 +13,7 @@ from flows.runner import TASKS, recorded, run_stage
 from flows.stages import STEPS, batch_inputs, dataset
 from tasks import keras_runtime, promote, storage
 from tasks.artifacts import ArtifactRef
-from tasks.dataset import landed
+from tasks.dataset import data_version, landed
 from tasks.errors import PipelineError
 from tasks.layout import BATCH_FILE, QUARANTINE_DIR, REPORT_HTML, SUCCESS_MARKER
 
@@ -79,7 +79,7 @@ def _check_batches(config: PipelineConfig, results: dict[str, Any], summary: dic
             storage.remove(record)
         else:
             storage.write_text(record, ref.path(BATCH_FILE).read_text())
-    summary["data_version"] = {"base": results["preprocess"].digest, "batches": [ref.digest for ref in accepted]}
+    summary["data_version"] = data_version(results["preprocess"], accepted)
     return accepted
 
 

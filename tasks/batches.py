@@ -3,7 +3,7 @@
 A batches root holds one subfolder per batch, in any dataset format of tasks.sources (class folders, a manifest,
 an .npz, IDX files), taken in name order and only once its `_SUCCESS` marker exists (written last, as Hadoop and
 Spark do): a half-copied batch is not seen. `check_batch` reads one batch, divides its images into training rows and
-a holdout share by a hash of their pixels (the rule of `tasks.sources.split_by_pixels`: an image's side never
+a holdout share by a hash of their pixels (the rule of `tasks.sources.split_by_digests`: an image's side never
 changes), and checks it against the base: classes outside the dataset's, images identical to holdout images, copies
 of earlier batches, and drift of its labels and pixels. A batch that fails a check is quarantined with its reasons,
 unless it is named in `accept`.
@@ -26,7 +26,8 @@ from tasks.idx import Checks, check_split, decode_payload, pixel_digests
 from tasks.layout import (BATCH_FILE, DIGEST_FILES, DIGESTS_FILE, HOLDOUT_FILE, SPLIT_FILES, SUCCESS_MARKER,
                           VALIDATION_FILE)
 from tasks.preprocess import to_table
-from tasks.sources import MAX_SOURCE_BYTES, MAX_SOURCE_FILES, Dataset, format_of, read_folder, read_npz, split_by_pixels
+from tasks.sources import (MAX_SOURCE_BYTES, MAX_SOURCE_FILES, Dataset, format_of, read_folder, read_npz,
+                           split_by_digests)
 from tasks.validate import summarize
 
 def add_batch(source: Path, root: object, name: str) -> int:
@@ -61,7 +62,7 @@ def read_batch(folder: Path) -> Dataset:
         return read_npz(npz[0], str(npz[0]))
     if format_of(folder) != "idx":
         return read_folder(folder, None, test_fraction=0.5)  # the split is redrawn by check_batch
-    dataset = Dataset({}, {}, {"train": [], "test": []}, None)
+    dataset = Dataset({}, {}, {"train": [], "test": []}, None, format="idx")
     for split, (images, labels) in SPLITS.items():
         paths = [folder / f"{name}.gz" if (folder / f"{name}.gz").is_file() else folder / name
                  for name in (images, labels)]
@@ -118,7 +119,7 @@ def check_batch(batch: str, name: str, validation: ArtifactRef, earlier: list[Ar
             reasons.append(f"drift of the {what}: {value:.3f} (more than {limit})")
     # Taken by `accept` unless its labels cannot be given in the dataset's classes.
     accepted = not reasons or (name in config.accept and not unknown)
-    holdout = split_by_pixels(images, config.holdout_fraction)
+    holdout = split_by_digests(digests, config.holdout_fraction)  # the digests computed above: one hash per image
     report.update(verdict="accepted" if accepted else "quarantined", reasons=reasons,
                   accepted_by_config=bool(reasons) and accepted, images=len(images), train=int((~holdout).sum()),
                   holdout=int(holdout.sum()), holdout_leaks=leaked, duplicates=copies, drift=drift)

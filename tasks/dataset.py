@@ -10,7 +10,9 @@ import hashlib
 import re
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -82,6 +84,12 @@ def listing_digest(folder: object) -> str:
     for name, signature in storage.file_listing(folder).items():  # sorted by name; one line per file
         digest.update(f"{name}\0{signature}\n".encode())
     return digest.hexdigest()
+
+
+def data_version(base: Any, batches: Sequence[Any]) -> dict[str, Any]:
+    """Return what a model is trained and judged on: the digest of the base's processed artifact and those of the
+    accepted batches, in order."""
+    return {"base": base.digest, "batches": [batch.digest for batch in batches]}
 
 
 def local_folder(source: str) -> Path | None:

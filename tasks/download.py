@@ -301,7 +301,7 @@ def _store(payloads: dict[str, bytes], digests: dict[str, str], raw_dir: Path, s
             # for a few percent more bytes.
             (work / f"{name}.gz").write_bytes(gzip.compress(payloads[name], compresslevel=1, mtime=0))
         if dataset is not None:
-            meta.update(format=_format(served), class_names=dataset.class_names, changes=dataset.changes)
+            meta.update(format=dataset.format, class_names=dataset.class_names, changes=dataset.changes)
             if any(dataset.files.values()):
                 write_json(work / SOURCES_FILE, dataset.files)
             if dataset.class_names is not None or any(dataset.files.values()):
@@ -309,11 +309,6 @@ def _store(payloads: dict[str, bytes], digests: dict[str, str], raw_dir: Path, s
                 # MNIST's arrays is MNIST's raw artifact).
                 key = {"payloads": digests, "class_names": dataset.class_names, "files": sha256_json(dataset.files)}
         return publish("download", work, digest=sha256_json(key), meta=meta)
-
-
-def _format(source: str) -> str:
-    folder = local_folder(source)
-    return "npz" if folder is None or folder.is_file() else format_of(folder)
 
 
 def keras_mnist() -> Path:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.artifacts import ArtifactRef, publish
+from tasks.dataset import data_version
 from tasks.errors import Log, quiet
 from tasks.files import workdir, write_json
 from tasks.keras_runtime import import_tensorflow
@@ -61,7 +62,7 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, batch
             {"name": name, "images": int(end - start),
              "accuracy": float(np.mean(predicted[start:end] == y[start:end])) if end > start else None}
             for name, start, end in zip(names, bounds[:-1], bounds[1:])]
-        metrics["holdout_version"] = {"base": processed.digest, "batches": [b.digest for b in batches]}
+        metrics["holdout_version"] = data_version(processed, batches)
     log(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on {metrics['num_test']} "
         f"images; {metrics['misclassified']['count']} misclassified; first {FIRST} predictions "
         + " ".join(map(str, metrics["first_20_predictions"])))

@@ -15,7 +15,6 @@ file. Decoding runs on every core; the writers at the end produce each format (f
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -31,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import Log, PipelineError, quiet
-from tasks.idx import IMAGE_SHAPE, MAX_IMAGES, PIXELS
+from tasks.dataset import FILES
+from tasks.idx import IMAGE_SHAPE, MAX_IMAGES, PIXELS, pixel_digests
 from tasks.images import IMAGE_SUFFIXES, load_image, to_model_size
 
 SPLIT_NAMES = ("train", "test")
@@ -50,28 +50,31 @@ _LOG_EVERY = 10_000
 @dataclass
 class Dataset:
     """A dataset read from a source: per split the images (n, 28, 28) uint8, labels (n,) uint8 and each image's file
-    (relative to the source; empty for arrays), the class names (None: integer labels), and how many images were
-    converted to grayscale, resized or inverted."""
+    (relative to the source; empty for arrays), the class names (None: integer labels), how many images were
+    converted to grayscale, resized or inverted, and the format it was read from."""
 
     images: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     files: dict[str, list[str]]
     class_names: list[str] | None
     changes: dict[str, int] = field(default_factory=lambda: {"converted": 0, "resized": 0, "inverted": 0})
+    format: str = "npz"
 
 
 def split_by_pixels(images: np.ndarray, test_fraction: float) -> np.ndarray:
-    """Return, per image, whether it belongs to the test split: the first 8 bytes of the SHA-256 of its pixels, as a
-    fraction of 2**64, below `test_fraction`. Identical images always share a side."""
+    """Return, per image, whether it belongs to the test split (see `split_by_digests`)."""
+    return split_by_digests(pixel_digests(images), test_fraction)
+
+
+def split_by_digests(digests: Sequence[bytes], test_fraction: float) -> np.ndarray:
+    """Return, per image digest (tasks.idx.pixel_digests), whether it belongs to the test split: its first 8 bytes, as
+    a fraction of 2**64, below `test_fraction`. Identical images always share a side."""
     cut = int(test_fraction * 2**64)
-    return np.fromiter((int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:8], "big") < cut for image in images),
-                       dtype=bool, count=len(images))
+    return np.fromiter((int.from_bytes(d[:8], "big") < cut for d in digests), dtype=bool, count=len(digests))
 
 
 def format_of(folder: Path) -> str:
     """Return the format of a source folder: idx (MNIST's files), manifest (a labels file) or class-folders."""
-    from tasks.dataset import FILES
-
     names = {p.name for p in folder.iterdir()}
     if any(name in names or f"{name}.gz" in names for name in FILES):
         return "idx"
@@ -95,7 +98,7 @@ def read_folder(folder: Path, class_names: Sequence[str] | None, test_fraction: 
                                 f"{len(unknown)} class(es) only in test/: {', '.join(unknown[:5])}")
     paths = [os.path.join(folder, path) for rows in labelled.values() for path, _ in rows]
     images, changes = decode_files(paths, log)  # both splits at once: one set of workers
-    dataset = Dataset({}, {}, {}, names, changes)
+    dataset = Dataset({}, {}, {}, names, changes, kind)
     start = 0
     for split, rows in labelled.items():
         dataset.images[split], dataset.files[split] = images[start : start + len(rows)], [path for path, _ in rows]
@@ -204,7 +207,7 @@ def _split(dataset: Dataset, test_fraction: float) -> Dataset:
     images, labels, files = dataset.images["train"], dataset.labels["train"], dataset.files["train"]
     return Dataset({"train": images[~test], "test": images[test]}, {"train": labels[~test], "test": labels[test]},
                    {split: [f for f, t in zip(files, test) if t == (split == "test")] for split in SPLIT_NAMES},
-                   dataset.class_names, dataset.changes)
+                   dataset.class_names, dataset.changes, dataset.format)
 
 
 def decode_files(paths: Sequence[str], log: Log = quiet,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tasks.artifacts import ArtifactRef, publish
+from tasks.dataset import data_version
 from tasks.errors import Log, quiet
 from tasks.files import sha256_bytes, sha256_json, workdir, write_json
 from tasks.idx import NUM_CLASSES
@@ -152,12 +153,6 @@ def weights_digest(model: Any) -> str:
     """Return the SHA-256 of a model's weights (shapes, dtypes and bytes, in layer order)."""
     parts = [f"{w.dtype}{w.shape}:{sha256_bytes(np.ascontiguousarray(w).tobytes())}" for w in model.get_weights()]
     return sha256_json(parts)
-
-
-def data_version(processed: ArtifactRef, batches: Sequence[ArtifactRef]) -> dict[str, Any]:
-    """Return what a model is trained on: the base's processed digest and the digests of the accepted batches, in
-    order."""
-    return {"base": processed.digest, "batches": [ref.digest for ref in batches]}
 
 
 def state_folder(artifacts_dir: Path, processed: ArtifactRef, config: TrainConfig, num_classes: int,

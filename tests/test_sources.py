@@ -368,3 +368,27 @@ def test_class_folders_under_an_s3_prefix_are_read_and_listed_by_etag(tmp_path, 
     assert source_fingerprint(prefix) != before
     with pytest.raises(PipelineError, match=r"^source s3://.*/empty: expected objects under this prefix, found none$"):
         download_files(f"{s3_bucket}/empty", tmp_path / "raw")
+
+
+def test_decoding_on_worker_processes_gives_what_one_process_gives_even_from_a_script_without_a_main_guard(tmp_path,
+                                                                                                         splits):
+    import subprocess
+    import sys
+
+    from tasks.sources import decode_files
+
+    images, labels = splits["train"]
+    write_class_folders(tmp_path / "src", {"": (images[:60], labels[:60])})
+    paths = sorted(str(p) for p in (tmp_path / "src").rglob("*.png"))
+    serial, changes = decode_files(paths, workers=1)
+    assert np.array_equal(decode_files(paths, workers=2)[0], serial) and changes == decode_files(paths, workers=2)[1]
+    # Spawned workers import the caller's main script again unless it is hidden: this one has no guard, and would
+    # start workers of its own in each of them (multiprocessing then refuses, and the pool breaks).
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nfrom tasks.sources import decode_files\n"
+                      f"print(decode_files({paths!r}, workers=2)[0].sum())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1], env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                                                       "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(serial.sum())]
