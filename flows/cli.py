@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from flows import server  # noqa: E402
 from flows.config import PROJECT_ROOT, STAGES, PipelineConfig  # noqa: E402
 from tasks.errors import PipelineError, validation_problems  # noqa: E402
-from tasks.dataset import BatchesConfig, DatasetConfig, DownloadConfig, ValidateConfig, read_sums  # noqa: E402
+from tasks.dataset import BatchesConfig, DatasetConfig, DownloadConfig, ValidateConfig, read_sums, version_label  # noqa: E402
 from tasks.models import MODEL_DEFAULTS, TrainConfig  # noqa: E402
 from tasks.storage import as_root, explained  # noqa: E402
 
@@ -263,6 +263,9 @@ def human_summary(summary: dict[str, Any]) -> str:
             for name, batch in summary.get("batches", {}).items():
                 why = f": {'; '.join(batch['reasons'])}" if batch["reasons"] else ""
                 lines.append(f"batch {name} ({batch['images']} images, {batch['state']}): {batch['verdict']}{why}")
+            if "data_version" in summary:
+                lines.append(f"data version {version_label(summary['data_version'])} (the base and "
+                             f"{len(summary['data_version']['batches'])} accepted batches)")
     if "metrics" in summary:
         m = summary["metrics"]
         lines.append(f"test accuracy {m['test_accuracy']:.4f}, test loss {m['test_loss']:.4f}")
@@ -276,7 +279,8 @@ def human_summary(summary: dict[str, Any]) -> str:
 
 def decision(promotion: dict[str, Any]) -> str:
     """Return the promotion decision of a run or sweep summary for people: promoted or not, and why."""
-    return f"{'promoted to champion' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}"
+    of = f" (dataset {promotion['dataset']})" if promotion.get("dataset") else ""
+    return f"{'promoted to champion' if promotion['promoted'] else 'not promoted'}{of}: {promotion['reason']}"
 
 
 def _add_status(commands: argparse._SubParsersAction) -> None:
@@ -309,23 +313,40 @@ def _add_history(commands: argparse._SubParsersAction) -> None:
         description="Every model the promotion registry has a decision on, in the order of their latest decisions: "
         "digest, date of its latest decision, the settings that differ from its model's defaults, test accuracy and "
         "loss, the decision; the champion marked with *.")
-    add_store_flags(history, "print one JSON list: per model its digest, champion, date, settings changed, "
-                    "scores and decision")
+    add_store_flags(history, "print one JSON list: per model its digest, champion, date, data version, settings "
+                    "changed, scores and decision")
+    add_dataset_flag(history)
     history.set_defaults(handler=history_command)
+
+
+def add_dataset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", metavar="KEY", help="the dataset whose models and champion are meant, by its key "
+                        "in the registry (default: the configured dataset's; `history` names it)")
+
+
+def chosen_dataset(args: argparse.Namespace, config: PipelineConfig) -> str:
+    """Return the key of the dataset a command means: --dataset, else the configured dataset's."""
+    from flows.stages import configured_dataset
+
+    return args.dataset or configured_dataset(config).key()
 
 
 def history_command(args: argparse.Namespace) -> int:
     """Print the models of the registry as a table (a JSON list with --json)."""
     from flows.history import history, history_table
+    from tasks.registry import read_history
 
     config = pipeline_config(store_overrides(args))
-    rows = history(config)
+    dataset = chosen_dataset(args, config)
+    rows = history(config, dataset)
     if args.json:
         print(json.dumps(rows, indent=2), flush=True)
     elif rows:
-        _print_tables([history_table(rows)])
+        _print_tables([history_table(rows, dataset)])
     else:
-        print(f"no model in the registry yet ({config.registry_dir}): `mnist-pipeline run` trains and judges one")
+        others = sorted({d.dataset for d in read_history(config.registry_dir)})
+        print(f"no model of dataset {dataset} in the registry yet ({config.registry_dir}): `mnist-pipeline run` trains "
+              "and judges one" + (f"; other datasets there: {', '.join(others)} (--dataset KEY)" if others else ""))
     return 0
 
 
@@ -336,7 +357,8 @@ def _add_diff(commands: argparse._SubParsersAction) -> None:
         "settings that differ, then test and train accuracy and loss and each class's recall, with B - A.")
     diff.add_argument("a", metavar="A", help="a model: champion, a digest or a unique prefix")
     diff.add_argument("b", metavar="B", help="the other model")
-    add_store_flags(diff, "print one JSON object: a, b, params (name, a, b), metrics (name, a, b, delta)")
+    add_store_flags(diff, "print one JSON object: dataset, a, b, params (name, a, b), metrics (name, a, b, delta)")
+    add_dataset_flag(diff)
     diff.set_defaults(handler=diff_command)
 
 
@@ -344,7 +366,8 @@ def diff_command(args: argparse.Namespace) -> int:
     """Print the settings and metrics of two models side by side (a JSON object with --json)."""
     from flows.history import diff, diff_tables
 
-    result = diff(pipeline_config(store_overrides(args)), args.a, args.b)
+    config = pipeline_config(store_overrides(args))
+    result = diff(config, args.a, args.b, chosen_dataset(args, config))
     if args.json:
         print(json.dumps(result, indent=2), flush=True)
     else:
@@ -440,6 +463,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--class-names", metavar="A,B,...", help="names of the model's classes in label order "
                          "(default: those recorded with the model, else the labels)")
     add_store_flags(predict, "print the summary as one JSON object on stdout")
+    add_dataset_flag(predict)
     predict.set_defaults(handler=predict_command)
 
 
@@ -456,14 +480,16 @@ def predict_command(args: argparse.Namespace) -> int:
 
     inputs = [str(Path(i).expanduser().absolute()) for i in args.inputs]
     return run_flow(local, args, predict_summary, mnist_predict, inputs=inputs, model=args.model, output=args.output,
-                    invert=args.invert, class_names=names or None, config=config)
+                    invert=args.invert, class_names=names or None, config=config,
+                    dataset=chosen_dataset(args, config) if args.model == "champion" else None)
 
 
 def predict_summary(summary: dict[str, Any]) -> str:
     """Return the lines for people after `predict`: how many images, by which model, the counts, where."""
     counts = ", ".join(f"{name}: {n}" for name, n in summary["counts"].items())
     cached = " (cached)" if all(s == "cached" for s in summary["stages"].values()) else ""
-    return (f"{summary['images']} images scored by model {summary['model'][:16]}{cached}\n"
+    champion = f" (champion of {summary['dataset']})" if summary.get("dataset") else ""
+    return (f"{summary['images']} images scored by model {summary['model'][:16]}{champion}{cached}\n"
             f"predicted classes: {counts}\npredictions: {summary['output']}")
 
 

@@ -20,7 +20,7 @@ from tasks import storage
 from tasks.dataset import SNAPSHOT_DIR
 from tasks.keys import components_path, read_records
 from tasks.layout import MANIFEST, SWEEPS_DIR
-from tasks.registry import read_champion, read_history
+from tasks.registry import read_champions, read_history
 
 
 @dataclass
@@ -48,7 +48,7 @@ def plan(config: PipelineConfig) -> Plan:
     records = read_records(config.cache_dir)
     rows = pipeline_status(config)
     current = {row.key for row in rows if row.key} | {key for row in rows for key in row.checks}
-    registry = [entry for entry in [read_champion(config.registry_dir), *read_history(config.registry_dir)] if entry]
+    registry = [*read_champions(config.registry_dir), *read_history(config.registry_dir)]
     # The registry's models with their evaluations (`history` and `diff` read them).
     scored = evaluations(records)
     current |= {key for entry in registry for key, _ in scored.get(entry.model_digest, [])}

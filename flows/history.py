@@ -13,6 +13,7 @@ from typing import Any
 from flows.config import PipelineConfig
 from tasks import storage
 from tasks.artifacts import ArtifactRef
+from tasks.dataset import version_label
 from tasks.errors import PipelineError
 from tasks.keys import read_records
 from tasks.layout import CONFIG_FILE, METRICS_FILE, MODELS_DIR
@@ -23,11 +24,12 @@ from tasks.registry import find_model, read_champion, read_history
 SETTINGS = tuple(TrainConfig.model_fields)
 
 
-def history(config: PipelineConfig) -> list[dict[str, Any]]:
-    """Return one row per model of the registry with its latest decision, in the order of those decisions; the
-    champion marked."""
-    champion = read_champion(config.registry_dir)
-    latest = {d.model_digest: d for d in read_history(config.registry_dir)}  # later decisions win
+def history(config: PipelineConfig, dataset: str) -> list[dict[str, Any]]:
+    """Return one row per model of a dataset in the registry with its latest decision, in the order of those
+    decisions; the dataset's champion marked."""
+    champion = read_champion(config.registry_dir, dataset)
+    # Later decisions win.
+    latest = {d.model_digest: d for d in read_history(config.registry_dir) if d.dataset == dataset}
     rows = []
     for digest, decision in sorted(latest.items(), key=lambda item: item[1].decided_at):
         settings = model_settings(decision.model_path)
@@ -35,6 +37,7 @@ def history(config: PipelineConfig) -> list[dict[str, Any]]:
             "model_digest": digest,
             "champion": champion is not None and champion.model_digest == digest,
             "decided_at": decision.decided_at,
+            "data_version": decision.data_version,
             "model": None if settings is None else settings["model"],
             "changed": None if settings is None else changed_settings(settings),
             "test_accuracy": decision.test_accuracy,
@@ -64,20 +67,20 @@ def changed_settings(settings: dict[str, Any]) -> dict[str, Any]:
             if name != "model" and value is not None and value != defaults[name]}
 
 
-def history_table(rows: list[dict[str, Any]]) -> Any:
+def history_table(rows: list[dict[str, Any]], dataset: str) -> Any:
     """Return a rich Table of `history` rows for people."""
     from rich.table import Table
 
-    table = Table(title="models in the registry (* champion)", title_justify="left")
-    for name in ("", "model", "decided (UTC)", "kind", "changed from the defaults", "test acc", "test loss",
+    table = Table(title=f"models of dataset {dataset} in the registry (* its champion)", title_justify="left")
+    for name in ("", "model", "decided (UTC)", "data", "kind", "changed from the defaults", "test acc", "test loss",
                  "promoted", "why"):
         table.add_column(name, justify="right" if name.startswith("test ") else "left", overflow="fold")
     for row in rows:
         changed = "(model folder gone)" if row["changed"] is None else (
             ", ".join(f"{k}={v}" for k, v in row["changed"].items()) or "-")
         table.add_row("*" if row["champion"] else "", row["model_digest"][:16], row["decided_at"][:16].replace("T", " "),
-                      row["model"] or "?", changed, f"{row['test_accuracy']:.4f}", f"{row['test_loss']:.4f}",
-                      "yes" if row["promoted"] else "no", row["reason"])
+                      version_label(row["data_version"]), row["model"] or "?", changed, f"{row['test_accuracy']:.4f}",
+                      f"{row['test_loss']:.4f}", "yes" if row["promoted"] else "no", row["reason"])
     return table
 
 
@@ -100,12 +103,13 @@ def evaluations(records: dict[str, ArtifactRef]) -> dict[str, list[tuple[str, di
     return {digest: [(key, metrics) for _, key, metrics in sorted(rows, key=lambda r: -r[0])] for digest, rows in found.items()}
 
 
-def diff(config: PipelineConfig, a: str, b: str) -> dict[str, Any]:
-    """Return two models' settings and metrics side by side, with the deltas of the metrics (B - A)."""
+def diff(config: PipelineConfig, a: str, b: str, dataset: str) -> dict[str, Any]:
+    """Return two models' settings and metrics side by side, with the deltas of the metrics (B - A): from their
+    evaluations on the same data version where there are such (the newest), else from each one's newest."""
     scored_by_model = evaluations(read_records(config.cache_dir))
     sides = []
     for spec in (a, b):
-        known = find_model(config.registry_dir, config.artifacts_dir / MODELS_DIR, spec)
+        known = find_model(config.registry_dir, config.artifacts_dir / MODELS_DIR, spec, dataset)
         settings = model_settings(known.path)
         if settings is None:
             raise PipelineError(f"model {spec}: its folder {storage.as_root(known.path).parent} is gone")
@@ -113,18 +117,28 @@ def diff(config: PipelineConfig, a: str, b: str) -> dict[str, Any]:
         if not scored:
             raise PipelineError(f"model {spec} ({known.digest[:16]}): no evaluation of it in {config.cache_dir} "
                                 "(`mnist-pipeline run` evaluates the models it trains)")
-        sides.append({"spec": spec, "model_digest": known.digest, "settings": settings, "metrics": scored[0][1]})
+        sides.append({"spec": spec, "model_digest": known.digest, "settings": settings,
+                      "metrics": [metrics for _, metrics in scored]})
+    common = [m for m in sides[0]["metrics"] if any(_version(m) == _version(n) for n in sides[1]["metrics"])]
+    sides[0]["metrics"] = (common or sides[0]["metrics"])[0]
+    sides[1]["metrics"] = next((n for n in sides[1]["metrics"] if _version(n) == _version(sides[0]["metrics"])),
+                               sides[1]["metrics"][0])
     params = [{"name": name, "a": sides[0]["settings"][name], "b": sides[1]["settings"][name]} for name in SETTINGS
               if sides[0]["settings"][name] != sides[1]["settings"][name]]
-    if sides[0]["metrics"]["data_digest"] != sides[1]["metrics"]["data_digest"]:
-        params.append({"name": "evaluated on", "a": sides[0]["metrics"]["data_digest"][:16],
-                       "b": sides[1]["metrics"]["data_digest"][:16]})
+    if _version(sides[0]["metrics"]) != _version(sides[1]["metrics"]):
+        params.append({"name": "evaluated on (data version)", "a": version_label(_version(sides[0]["metrics"])),
+                       "b": version_label(_version(sides[1]["metrics"]))})
     metrics = [_metric(name, sides, lambda m, n=name: m[n])
                for name in ("test_accuracy", "test_loss", "train_accuracy", "train_loss")]
     classes = sorted(set(sides[0]["metrics"]["per_class"]) | set(sides[1]["metrics"]["per_class"]), key=_class_order)
     metrics += [_metric(f"recall {c}", sides, lambda m, c=c: m["per_class"].get(c, {}).get("recall")) for c in classes]
-    return {"a": {k: sides[0][k] for k in ("spec", "model_digest")}, "b": {k: sides[1][k] for k in ("spec", "model_digest")},
-            "params": params, "metrics": metrics}
+    return {"dataset": dataset, "a": {k: sides[0][k] for k in ("spec", "model_digest")},
+            "b": {k: sides[1][k] for k in ("spec", "model_digest")}, "params": params, "metrics": metrics}
+
+
+def _version(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Return the data version an evaluation scored (before batches: the processed data's digest alone)."""
+    return metrics.get("data_version") or {"base": metrics["data_digest"], "batches": []}
 
 
 def _class_order(name: str) -> tuple[int, Any]:
@@ -140,7 +154,9 @@ def diff_tables(result: dict[str, Any]) -> list[Any]:
     """Return rich Tables of a `diff` for people: the settings that differ, then the metrics with their deltas."""
     from rich.table import Table
 
-    a, b = (f"{result[s]['spec']} ({result[s]['model_digest'][:16]})" if result[s]["spec"] != result[s]["model_digest"][:16]
+    specs = {s: f"champion of {result['dataset']}" if result[s]["spec"] == "champion" else result[s]["spec"]
+             for s in ("a", "b")}
+    a, b = (f"{specs[s]} ({result[s]['model_digest'][:16]})" if result[s]["spec"] != result[s]["model_digest"][:16]
             else result[s]["model_digest"][:16] for s in ("a", "b"))
     params = Table(title="settings", title_justify="left")
     for name in ("setting", "A: " + a, "B: " + b):

@@ -11,6 +11,7 @@ from prefect.runtime import flow_run
 from flows import ui
 from flows.config import PipelineConfig
 from flows.runner import TASKS, run_stage
+from flows.stages import configured_dataset
 from tasks import predict
 from tasks.artifacts import ArtifactRef, file_ref, published_problem
 from tasks.errors import PipelineError
@@ -20,8 +21,9 @@ from tasks.layout import MODEL_FILE, MODELS_DIR, PREDICTIONS_FILE
 from tasks.registry import KnownModel, find_model, read_history
 
 
-def resolve_model(spec: str, config: PipelineConfig) -> KnownModel:
-    """Return the model that `spec` names: `champion`, a digest prefix, or a path to a model.keras file."""
+def resolve_model(spec: str, config: PipelineConfig, dataset: str) -> KnownModel:
+    """Return the model that `spec` names: `champion` (the dataset's), a digest prefix, or a path to a model.keras
+    file."""
     models_dir = config.artifacts_dir / MODELS_DIR
     path = Path(spec).expanduser()
     if spec not in ("champion",) and (path.suffix == ".keras" or path.is_dir() or "/" in spec):
@@ -36,7 +38,7 @@ def resolve_model(spec: str, config: PipelineConfig) -> KnownModel:
         if decision is not None:
             return KnownModel(decision.model_digest, path, decision.class_names)
         return KnownModel(sha256_file(path), path)
-    model = find_model(config.registry_dir, models_dir, spec)
+    model = find_model(config.registry_dir, models_dir, spec, dataset)
     if published_problem(model.path.parent) is not None:
         raise PipelineError(f"{model.path}: model {model.digest[:16]}: its files differ from those published; "
                             "retrain it (`mnist-pipeline run --rerun train`) or name another model")
@@ -51,10 +53,12 @@ def mnist_predict(
     invert: Invert = "auto",
     class_names: list[str] | None = None,
     config: PipelineConfig | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Score image files, folders, IDX or parquet files with a model; write one row per image.
 
-    `model`: `champion` (the registry's), a digest or unique prefix, or a path to a model.keras. `output`: a parquet
+    `model`: `champion` (the champion of `dataset`, a key in the registry, default the configured dataset's), a
+    digest or unique prefix, or a path to a model.keras. `output`: a parquet
     (or .csv) file to write besides the predictions artifact. `invert`: auto detects dark-on-light image files.
     """
     config = config or PipelineConfig()
@@ -62,7 +66,8 @@ def mnist_predict(
     if output is not None and not Path(output).expanduser().parent.is_dir():
         raise PipelineError(f"{output}: output folder {Path(output).expanduser().parent} does not exist: "
                             "expected an existing folder")
-    chosen = resolve_model(model, config)
+    dataset = dataset or configured_dataset(config).key()
+    chosen = resolve_model(model, config, dataset)
     files = predict.list_inputs(inputs)
     names = class_names or chosen.class_names
     logger = get_run_logger()
@@ -92,6 +97,7 @@ def mnist_predict(
         "predictions": str(table.path(PREDICTIONS_FILE)),
         "images": len(frame),
         "model": chosen.digest,
+        **({"dataset": dataset} if model == "champion" else {}),
         "counts": table.meta["counts"],
         "stages": stages,
     }

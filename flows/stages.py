@@ -12,6 +12,7 @@ from typing import Any
 from flows.config import STAGES, PipelineConfig, Stage
 from tasks import layout
 from tasks.dataset import DatasetConfig, listing_digest, source_fingerprint
+from tasks.keys import check_record, key_components, key_of
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,15 @@ STEPS: dict[Stage, Step] = {
                                                  "batches": (layout.HOLDOUT_FILE,)}),
 }
 assert tuple(STEPS) == STAGES, "every stage has exactly one step, in order"
+
+
+def configured_dataset(config: PipelineConfig) -> DatasetConfig:
+    """Return the configured dataset's settings with the classes its source names, as this configuration's recorded
+    download found them (nothing runs); as configured when it was not downloaded yet."""
+    step = STEPS["download"]
+    ref, _ = check_record(config.cache_dir, key_of(key_components(step.task, step.module, step.inputs(config, {}))))
+    return config.dataset.of_source(ref.meta.get("class_names") if ref else None)
+
 
 # The steps of `mnist-pipeline predict` and the sweep's report (flows/predict.py and flows/sweep.py build their inputs).
 OTHER_STEPS: dict[str, Step] = {

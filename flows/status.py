@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import PROJECT_ROOT, STAGES, PipelineConfig, Stage
-from flows.stages import OTHER_STEPS, STEPS, batch_inputs
+from flows.stages import OTHER_STEPS, STEPS, batch_inputs, dataset
 from tasks import storage
 from tasks.errors import PipelineError
 from tasks.artifacts import ArtifactRef
 from tasks.keys import check_record, components_path, key_components, key_of, source_file
-from tasks.dataset import landed
+from tasks.dataset import data_version, landed, version_label
 from tasks.layout import KEYS_DIR, SUCCESS_MARKER
 from tasks.registry import read_champion, read_history, recorded_decision
 
@@ -57,7 +57,8 @@ def pipeline_status(config: PipelineConfig, until: Stage = STAGES[-1]) -> list[S
             row = _batches_status(config, results)  # sets results["batches"] when every landed batch is checked
         if name == "evaluate" and "evaluate" in results:
             decision = recorded_decision(results["train"].digest, read_history(config.registry_dir),
-                                         read_champion(config.registry_dir), config.promotion)
+                                         read_champion(config.registry_dir, dataset(config, results).key()),
+                                         config.promotion)
             if decision is not None:
                 results["promotion"] = decision
         rows.append(row)
@@ -70,7 +71,7 @@ def _batches_status(config: PipelineConfig, results: dict[str, Any]) -> StageSta
     if "preprocess" not in results:
         return StageStatus("batches", STALE, ["after preprocess, which is not up to date"])
     complete, incomplete = landed(str(config.batches.root).rstrip("/"))
-    step, accepted, keys = OTHER_STEPS["check_batch"], [], []
+    step, accepted, keys, quarantined = OTHER_STEPS["check_batch"], [], [], []
     for name in complete:
         keys.append(key_of(key_components(step.task, step.module, batch_inputs(config, results, name, accepted))))
         ref, problem = check_record(config.cache_dir, keys[-1])
@@ -79,10 +80,13 @@ def _batches_status(config: PipelineConfig, results: dict[str, Any]) -> StageSta
                                checks=keys[:-1])
         if ref.meta["verdict"] == "accepted":
             accepted.append(ref)
+        else:
+            quarantined.append(f"{name} quarantined: {'; '.join(ref.meta['reasons'])}")
     results["batches"] = accepted
     skipped = f"; {len(incomplete)} without their {SUCCESS_MARKER} marker" if incomplete else ""
-    return StageStatus("batches", UP_TO_DATE, [f"{len(complete)} batches checked, {len(accepted)} accepted{skipped}"],
-                       checks=keys)
+    version = version_label(data_version(results["preprocess"], accepted))
+    return StageStatus("batches", UP_TO_DATE, [f"{len(complete)} batches checked, {len(accepted)} accepted (data "
+                                               f"version {version}){skipped}", *quarantined], checks=keys)
 
 
 def _after(stage: Stage, result: str, rows: dict[str, StageStatus]) -> StageStatus:

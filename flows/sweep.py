@@ -21,9 +21,10 @@ from prefect.states import State
 
 from flows import ui
 from flows.config import PipelineConfig
+from flows.pipeline import decide
 from flows.runner import TASKS, cached, discard_failure_record, execute, record_components, recorded, run_stage
 from flows.stages import OTHER_STEPS, STEPS, dataset
-from tasks import promote, sweep
+from tasks import sweep
 from tasks.errors import PipelineError
 from tasks.layout import SWEEP_HTML
 
@@ -109,9 +110,8 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     if not done:
         raise PipelineError("sweep: every trial failed: " + "; ".join(o["error"] for o in outcomes.values()))
     best = min(done, key=lambda k: (-outcomes[k]["evaluation"].meta["test_accuracy"], outcomes[k]["evaluation"].meta["test_loss"]))
-    decision = promote.decide_promotion(outcomes[best]["model"], outcomes[best]["evaluation"], config.registry_dir,
-                                        config.promotion, run_id=str(flow_run.get_id()), log=logger.info,
-                                        class_names=classes.class_names, locks=locks)
+    decision = decide(config, {**results, "batches": [], "train": outcomes[best]["model"],
+                               "evaluate": outcomes[best]["evaluation"]}, str(flow_run.get_id()))
     report = execute(OTHER_STEPS["write_sweep_report"], {"rows": rows, "columns": columns, "best_id": best,
                                                          "decision": decision, "artifacts_dir": config.artifacts_dir})
     ui.publish_sweep(rows, columns, report)

@@ -144,17 +144,24 @@ def intact_files(folder: Path) -> dict[str, FileRef] | None:
     return files
 
 
-def published_problem(folder: Any) -> str | None:
-    """Return why a published folder no longer matches its manifest; None if it does or has no manifest (a folder
-    that was not published by a stage)."""
+def published_ref(folder: Any, stage: str = "", digest: str = "") -> ArtifactRef | None:
+    """Return a reference to the files of a published folder as its manifest lists them (not checked); None if it has
+    no manifest (a folder that was not published by a stage, or is gone)."""
     try:
         manifest = json.loads(storage.read_bytes(f"{folder}/{MANIFEST}"))
-        files = {name: FileRef(path=f"{folder}/{name}", **entry) for name, entry in manifest.items()}
     except FileNotFoundError:
         return None
+    files = {name: FileRef(path=f"{folder}/{name}", **entry) for name, entry in manifest.items()}
+    return ArtifactRef(stage=stage, digest=digest, files=files)
+
+
+def published_problem(folder: Any) -> str | None:
+    """Return why a published folder no longer matches its manifest; None if it does or has no manifest."""
+    try:
+        ref = published_ref(folder)
     except (ValueError, TypeError, AttributeError) as exc:
         return f"{folder}: unreadable {MANIFEST} ({exc})"
-    return ArtifactRef(stage="", digest="", files=files).problem()
+    return None if ref is None else ref.problem()
 
 
 def _placed(files: dict[str, FileRef], folder: Path) -> dict[str, FileRef]:

@@ -40,6 +40,11 @@ def add_batch(source: Path, root: object, name: str) -> int:
     if name.startswith((".", "_")) or "/" in name or not name.strip():
         raise PipelineError(f"--name {name!r}: expected a folder name not starting with . or _, found this one")
     target = f"{root}/{name}"
+    if storage.exists(target) and not storage.exists(f"{target}/{SUCCESS_MARKER}"):
+        # Not removed here: another add-batch may be copying it right now.
+        raise PipelineError(f"{target}: batch: expected a new batch name, found a folder of that name without its "
+                            f"{SUCCESS_MARKER} marker (still being copied, or left by an add-batch that was "
+                            "interrupted; runs skip it): remove it, then add the batch again")
     if storage.exists(target):
         raise PipelineError(f"{target}: batch: expected a new batch name, found a batch of that name already")
     images = sum(len(labels) for labels in read_batch(source).labels.values())

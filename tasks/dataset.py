@@ -88,8 +88,16 @@ def listing_digest(folder: object) -> str:
 
 def data_version(base: Any, batches: Sequence[Any]) -> dict[str, Any]:
     """Return what a model is trained and judged on: the digest of the base's processed artifact and those of the
-    accepted batches, in order."""
+    accepted batches, in order. The training rows and the holdout are both drawn from them, so this also names the
+    holdout version."""
     return {"base": base.digest, "batches": [batch.digest for batch in batches]}
+
+
+def version_label(version: dict[str, Any] | None) -> str:
+    """Return a data version in a few characters: the base's digest prefix and the number of batches."""
+    if not version:
+        return "?"
+    return version["base"][:8] + (f"+{len(version['batches'])}" if version["batches"] else "")
 
 
 def local_folder(source: str) -> Path | None:
@@ -192,6 +200,12 @@ class DatasetConfig(BaseModel):
     def names(self) -> list[str]:
         """Return the name of each class in label order (the labels themselves when no names are given)."""
         return list(self.class_names) if self.class_names else [str(c) for c in range(self.num_classes)]
+
+    def key(self) -> str:
+        """Return the dataset's identity in the registry, by its name and classes: each dataset has its own champion,
+        and models of another dataset never compete (`10-classes-1a2b3c4d` for MNIST's digits)."""
+        slug = re.sub(r"[^a-z0-9]+", "-", (self.name or "").lower()).strip("-")[:40] or f"{self.num_classes}-classes"
+        return f"{slug}-{sha256_json([self.name, self.names()])[:8]}"
 
     def title(self, is_mnist: bool) -> str:
         """Return the dataset's title: its configured name, else MNIST's or a neutral one."""

@@ -53,7 +53,9 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, batch
                             test_loss=float(np.mean(np.asarray(losses), dtype=np.float64)),
                             test_accuracy=float(np.mean(predicted == y)),
                             train_loss=float(history["loss"][best]), train_accuracy=float(history["accuracy"][best]))
-    metrics.update(model_digest=model.digest, data_digest=processed.digest)
+    # The holdout's version: that of the data the challenger was trained on, so champion and challenger are judged on
+    # the same images (tasks.promote).
+    metrics.update(model_digest=model.digest, data_digest=processed.digest, data_version=data_version(processed, batches))
     if batches:  # each part of the holdout on its own: how the model does on the newest data
         sizes = [len(y) - sum(b.meta["holdout"] for b in batches), *(b.meta["holdout"] for b in batches)]
         bounds = np.cumsum([0, *sizes])
@@ -62,7 +64,6 @@ def score_model(model: ArtifactRef, processed: ArtifactRef, out_dir: Path, batch
             {"name": name, "images": int(end - start),
              "accuracy": float(np.mean(predicted[start:end] == y[start:end])) if end > start else None}
             for name, start, end in zip(names, bounds[:-1], bounds[1:])]
-        metrics["holdout_version"] = data_version(processed, batches)
     log(f"test accuracy {metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} on {metrics['num_test']} "
         f"images; {metrics['misclassified']['count']} misclassified; first {FIRST} predictions "
         + " ".join(map(str, metrics["first_20_predictions"])))

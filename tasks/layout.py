@@ -24,7 +24,7 @@ PREDICTIONS_DIR = "predictions"  # predict: PREDICTIONS_FILE
 SWEEPS_DIR = "sweeps"  # sweep: SWEEP_MD, SWEEP_HTML, SWEEP_PNG
 TRAIN_STATE_DIR = "train-state"  # an interrupted training's last finished epoch, one folder per training
 QUARANTINE_DIR = "quarantine"  # `<batch name>.json`: the BATCH_FILE of each batch quarantined by the last run
-REGISTRY_DIR = "registry"  # CHAMPION_FILE, DECISIONS_FILE, REGISTRY_LOCK
+REGISTRY_DIR = "registry"  # CHAMPIONS_DIR, DECISIONS_FILE, REGISTRY_LOCK (and CHAMPION_FILE of earlier versions)
 CACHE_DIR = "cache"  # Prefect's result records, by cache key
 KEYS_DIR = "keys"  # under CACHE_DIR: what each recorded key covers, `<key>.json`
 
@@ -55,7 +55,8 @@ SWEEP_MD = "sweep.md"
 SWEEP_HTML = "sweep.html"
 SWEEP_PNG = "accuracy.png"
 TRAIN_STATE_FILE = "state.json"
-CHAMPION_FILE = "champion.json"
+CHAMPIONS_DIR = "champions"  # `<dataset key>.json`: each dataset's champion
+CHAMPION_FILE = "champion.json"  # the one champion of a registry written before datasets had their own
 DECISIONS_FILE = "history.jsonl"
 REGISTRY_LOCK = ".lock"
 

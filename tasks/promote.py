@@ -1,7 +1,7 @@
 """Promote stage: decide whether an evaluated model becomes the champion, and keep a registry of every decision.
 
-The registry (read by tasks/registry.py) is a folder holding `champion.json` (the current champion) and
-`history.jsonl` (one decision per line, appended). Deciding is idempotent: a rerun on the same model with nothing changed returns the recorded decision and
+The registry (read by tasks/registry.py) is a folder holding `champions/<dataset>.json` (each dataset's champion)
+and `history.jsonl` (one decision per line, appended). Deciding is idempotent: a rerun on the same model with nothing changed returns the recorded decision and
 writes nothing, so the flow can call it on every run and hand the result to cached stages.
 """
 
@@ -11,14 +11,17 @@ import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tasks.artifacts import ArtifactRef
 from tasks.errors import Log, PipelineError, quiet
 from tasks.files import flocked
-from tasks.layout import CHAMPION_FILE, DECISIONS_FILE, METRICS_FILE, MODEL_FILE, REGISTRY_LOCK
+from tasks.dataset import version_label
+from tasks.layout import DECISIONS_FILE, METRICS_FILE, MODEL_FILE, REGISTRY_LOCK
 from tasks.locks import RedisLockManager
-from tasks.registry import Champion, Decision, PromotionConfig, Scores, read_champion, read_history, recorded_decision
+from tasks.registry import (Champion, Decision, PromotionConfig, Registered, Scores, champion_path, read_champion,
+                            read_history, recorded_decision)
 from tasks.storage import append_line, as_root, lock_file, make_folder, write_text
 
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
@@ -27,25 +30,36 @@ SLACK = 1e-6
 
 
 def decide_promotion(model: ArtifactRef, evaluation: ArtifactRef, registry_dir: Path, config: PromotionConfig,
-                     run_id: str | None = None, log: Log = quiet, class_names: list[str] | None = None,
-                     locks: Any = None) -> Decision:
-    """Decide whether the evaluated model becomes the champion, record the decision, and return it.
+                     dataset: str, run_id: str | None = None, log: Log = quiet, class_names: list[str] | None = None,
+                     locks: Any = None, rescore: Callable[[Champion], Scores] | None = None) -> Decision:
+    """Decide whether the evaluated model becomes its dataset's champion, record the decision, and return it.
 
-    The registry is locked for the decision by its lock file, or with Redis stage locks (`locks`, roots that several
-    machines share) by its key in Redis.
+    Both are judged on the same data: a champion whose scores were measured on another data version than the
+    challenger's evaluation is scored on the challenger's first, by `rescore` (an evaluation of the champion's model,
+    cached). The registry is locked for the decision by its lock file, or with Redis stage locks (`locks`, roots that
+    several machines share) by its key in Redis.
     """
     registry_dir = as_root(registry_dir)
-    test_accuracy, test_loss = _scores(model, evaluation)
+    test_accuracy, test_loss, version = _scores(model, evaluation)
     make_folder(registry_dir)
     with (locks.held("registry") if isinstance(locks, RedisLockManager)
           else flocked(lock_file(registry_dir, REGISTRY_LOCK))):
-        champion = read_champion(registry_dir)
+        champion = read_champion(registry_dir, dataset)
         recorded = recorded_decision(model.digest, read_history(registry_dir), champion, config)
         if recorded is not None:
             log(f"model {model.digest[:16]}: decision of {recorded.decided_at} still holds: {recorded.verdict}")
             return recorded
 
-        promoted, reason = judge(test_accuracy, champion, config)
+        before: Scores | None = champion
+        if champion is not None and champion.model_digest != model.digest and champion.data_version != version:
+            if rescore is None:
+                raise PipelineError(f"the champion {champion.model_digest[:16]} was scored on other data than model "
+                                    f"{model.digest[:16]}: expected a way to score it on the same data")
+            before = rescore(champion)
+            log(f"champion {champion.model_digest[:16]} scored on data version {version_label(version)}: test "
+                f"accuracy {before.test_accuracy:.4f} (was {champion.test_accuracy:.4f} on "
+                f"{version_label(champion.data_version)})")
+        promoted, reason = judge(test_accuracy, before, config)
         if champion is not None and champion.model_digest == model.digest:
             # Only when the history has no valid decision for the champion (history deleted, champion.json set by
             # hand): judging a model against itself means nothing, and it stays champion.
@@ -57,20 +71,22 @@ def decide_promotion(model: ArtifactRef, evaluation: ArtifactRef, registry_dir: 
             test_loss=test_loss,
             promoted=promoted,
             reason=reason,
-            champion_before=None if champion is None else Scores(**champion.model_dump(include=set(Scores.model_fields))),
+            champion_before=None if before is None else Scores(**before.model_dump(include=set(Scores.model_fields))),
             gate=config.min_test_accuracy,
             tolerance=config.tolerance,
             decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             run_id=run_id,
             class_names=class_names,
+            dataset=dataset,
+            data_version=version,
         )
         # History first: a crash before the champion is replaced leaves a promotion on record that did not take effect,
         # and the next run decides again against the real champion; the other order would lose the previous champion.
         append_line(registry_dir / DECISIONS_FILE, decision.model_dump_json() + "\n")
         if promoted and (champion is None or champion.model_digest != model.digest):
-            record = Champion(**decision.model_dump(include=set(Scores.model_fields) | {"model_path", "run_id", "class_names"}),
+            record = Champion(**decision.model_dump(include=set(Registered.model_fields) - {"schema_version"}),
                               promoted_at=decision.decided_at)
-            write_text(registry_dir / CHAMPION_FILE, record.model_dump_json(indent=2) + "\n")
+            write_text(champion_path(registry_dir, dataset), record.model_dump_json(indent=2) + "\n")
     log(f"model {model.digest[:16]}: {decision.verdict}")
     return decision
 
@@ -98,7 +114,7 @@ def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig
     return True, f"test accuracy {acc:.4f} beats the champion's {best:.4f} by {-drop:.4f}"
 
 
-def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float]:
+def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float, dict[str, Any] | None]:
     path = evaluation.path(METRICS_FILE)
     try:
         metrics = json.loads(path.read_text())
@@ -111,4 +127,4 @@ def _scores(model: ArtifactRef, evaluation: ArtifactRef) -> tuple[float, float]:
     evaluated = metrics.get("model_digest")
     if evaluated is not None and evaluated != model.digest:
         raise PipelineError(f"{path}: evaluates model {evaluated}, expected the model to promote, {model.digest}")
-    return scores
+    return (*scores, metrics.get("data_version"))

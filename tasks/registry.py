@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.dataset import DatasetConfig
 from tasks.errors import PipelineError, validation_problems
-from tasks.layout import CHAMPION_FILE, DECISIONS_FILE, MODEL_FILE
-from tasks.storage import as_root
+from tasks.layout import CHAMPION_FILE, CHAMPIONS_DIR, DECISIONS_FILE, MODEL_FILE
+from tasks.storage import as_root, list_names
 
 SCHEMA_VERSION = 1
 
@@ -40,30 +41,46 @@ class Scores(BaseModel):
     test_loss: float
 
 
-class Champion(Scores):
-    """The record in `champion.json`: the model currently promoted."""
+class Registered(Scores):
+    """What the registry records of a model besides its scores: its dataset and the data it was judged on."""
 
     schema_version: int = SCHEMA_VERSION
     model_path: str
-    promoted_at: str
     run_id: str | None
     # The names of the model's classes (label order) when its dataset has them; predictions name their classes.
     class_names: list[str] | None = None
+    # The dataset's identity (DatasetConfig.key): models of another dataset never compete.
+    dataset: str
+    # The data the model was trained and its scores measured on (tasks.dataset.data_version); None before batches.
+    data_version: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_of_earlier_records(cls, data: Any) -> Any:
+        # Records written before datasets had their own champions: the unnamed dataset of their classes.
+        if isinstance(data, dict) and "dataset" not in data:
+            names = data.get("class_names")
+            data = {**data, "dataset": DatasetConfig(num_classes=len(names) if names else DatasetConfig().num_classes,
+                                                     class_names=names).key()}
+        return data
 
 
-class Decision(Scores):
-    """One line of `history.jsonl`: whether a model was promoted, why, and against which champion."""
+class Champion(Registered):
+    """The record of a dataset's champion (`champions/<dataset>.json`): the model currently promoted."""
 
-    schema_version: int = SCHEMA_VERSION
-    model_path: str
+    promoted_at: str
+
+
+class Decision(Registered):
+    """One line of `history.jsonl`: whether a model was promoted, why, and against which champion (its scores on the
+    same data version)."""
+
     promoted: bool
     reason: str
     champion_before: Scores | None
     gate: float
     tolerance: float
     decided_at: str
-    run_id: str | None
-    class_names: list[str] | None = None
 
     @property
     def verdict(self) -> str:
@@ -74,8 +91,33 @@ class Decision(Scores):
 Record = TypeVar("Record", bound=BaseModel)
 
 
-def read_champion(registry_dir: Path) -> Champion | None:
-    """Return the current champion record, or None if there is none yet."""
+def champion_path(registry_dir: Path, dataset: str) -> Path:
+    """Return where the record of a dataset's champion lives."""
+    return as_root(registry_dir) / CHAMPIONS_DIR / f"{dataset}.json"
+
+
+def read_champion(registry_dir: Path, dataset: str) -> Champion | None:
+    """Return the record of a dataset's champion, or None if it has none yet."""
+    path = champion_path(registry_dir, dataset)
+    text = read_text(path, "the champion record")
+    if text is not None:
+        return _parse(Champion, text, str(path), "the champion record")
+    earlier = _earlier_champion(registry_dir)  # a registry from before datasets had their own champions
+    return earlier if earlier is not None and earlier.dataset == dataset else None
+
+
+def read_champions(registry_dir: Path) -> list[Champion]:
+    """Return the champion of every dataset in the registry."""
+    folder = as_root(registry_dir) / CHAMPIONS_DIR
+    champions = [read_champion(registry_dir, name[: -len(".json")])
+                 for name in list_names(folder) if name.endswith(".json")]
+    earlier = _earlier_champion(registry_dir)
+    if earlier is not None and earlier.dataset not in {c.dataset for c in champions if c}:
+        champions.append(earlier)
+    return [c for c in champions if c is not None]
+
+
+def _earlier_champion(registry_dir: Path) -> Champion | None:
     path = as_root(registry_dir) / CHAMPION_FILE
     text = read_text(path, "the champion record")
     return None if text is None else _parse(Champion, text, str(path), "the champion record")
@@ -130,19 +172,22 @@ class KnownModel:
     class_names: list[str] | None = None
 
 
-def find_model(registry_dir: Path, models_dir: Path, spec: str) -> KnownModel:
-    """Return the model that `spec` names: `champion`, a digest or a unique prefix of one (at least 4 hex digits).
+def find_model(registry_dir: Path, models_dir: Path, spec: str, dataset: str) -> KnownModel:
+    """Return the model that `spec` names: `champion` (the dataset's), a digest or a unique prefix of one (at least 4
+    hex digits).
 
     Digests are those of the registry's decisions and of the published folders in `models_dir` (named by their
     first 16 hex digits).
     """
     registry_dir, models_dir = as_root(registry_dir), as_root(models_dir)
     if spec == "champion":
-        champion = read_champion(registry_dir)
+        champion = read_champion(registry_dir, dataset)
         if champion is None:
-            raise PipelineError(f"{registry_dir / CHAMPION_FILE}: no champion yet: run `mnist-pipeline run` first "
-                                "(a model that passes the promotion gate becomes the champion), or name a model by "
-                                "digest or path")
+            others = ", ".join(c.dataset for c in read_champions(registry_dir))
+            raise PipelineError(f"{champion_path(registry_dir, dataset)}: dataset {dataset} has no champion yet: run "
+                                "`mnist-pipeline run` first (a model that passes the promotion gate becomes the "
+                                "champion), or name a model by digest or path"
+                                + (f"; champions of other datasets: {others} (--dataset)" if others else ""))
         return KnownModel(champion.model_digest, as_root(champion.model_path), champion.class_names)
     prefix = spec.lower()
     if len(prefix) < 4 or any(c not in "0123456789abcdef" for c in prefix):

@@ -22,7 +22,7 @@ def artifact(summary, stage, name) -> Path:
 
 def config_env(config) -> dict[str, str]:
     """Return the environment that gives `config` to a command (the synthetic one of conftest: no flags for all)."""
-    fields = config.model_dump(mode="json", include={"data_dir", "artifacts_dir", "download", "validation", "train"})
+    fields = config.model_dump(mode="json", include={"data_dir", "artifacts_dir", "download", "validation", "train", "dataset", "promotion"})
     return {f"MNIST_PIPELINE_{name.upper()}": value if isinstance(value, str) else json.dumps(value)
             for name, value in fields.items()}
 
@@ -46,3 +46,17 @@ def run_cli(env, args, code=None) -> subprocess.CompletedProcess:
     """Run `mnist-pipeline ARGS` (or `python -c CODE ARGS`) in the repo with exactly `env`."""
     command = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "flows.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def dataset_key(config) -> str:
+    """Return the registry key of a configuration's dataset (its classes as its recorded download found them)."""
+    from flows.stages import configured_dataset
+
+    return configured_dataset(config).key()
+
+
+def champion_of(config):
+    """Return the champion record of a configuration's dataset, None if it has none."""
+    from tasks.registry import read_champion
+
+    return read_champion(config.registry_dir, dataset_key(config))

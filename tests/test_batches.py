@@ -86,6 +86,40 @@ def test_batches_are_checked_quarantined_with_reasons_and_taken_by_flag(syntheti
     assert len(accepted["data_version"]["batches"]) == 2
 
 
+def test_copies_pixel_drift_and_an_unreadable_batch_are_quarantined_with_their_reasons(synthetic_config, tmp_path):
+    root = tmp_path / "batches"
+    base_train = make_split(200, 0)  # the training split of the synthetic source (tests/synthetic.payloads)
+    fresh = make_split(40, 70)
+    land(root, "1-copies", lambda f: write_class_folders(f, {"": (np.concatenate([base_train[0][:20], fresh[0]]),
+                                                                  np.concatenate([base_train[1][:20], fresh[1]]))}))
+    good = make_split(60, 71)
+    land(root, "2-good", lambda f: write_npz(f / "week.npz", {"train": good, "test": make_split(10, 72)}))
+    land(root, "3-again", lambda f: write_class_folders(f, {"": good}))  # the accepted batch 2-good once more
+    images, labels = make_split(60, 73)
+    land(root, "4-dim", lambda f: write_npz(f / "week.npz", {"train": (images // 3, labels), "test": make_split(0, 74)}))
+
+    def unreadable(folder):
+        write_class_folders(folder, {"": make_split(20, 75)})
+        (folder / "3" / "notes.png").write_text("not an image")
+
+    land(root, "5-unreadable", unreadable)
+
+    summary = mnist_pipeline(config=with_batches(synthetic_config, root), until="preprocess")
+
+    reasons = {name: batch["reasons"] for name, batch in summary["batches"].items()}
+    assert reasons["1-copies"] == ["20 of 60 images are copies of training images or earlier batches (more than 10%)"]
+    assert reasons["2-good"] == [] and reasons["3-again"] == [
+        "60 of 60 images are copies of training images or earlier batches (more than 10%)"]
+    assert [r.split(":")[0] for r in reasons["4-dim"]] == ["drift of the mean intensity", "drift of the ink fraction"]
+    (why,) = reasons["5-unreadable"]
+    assert why.startswith("unreadable: ") and "notes.png" in why
+    assert [name for name, b in summary["batches"].items() if b["verdict"] == "accepted"] == ["2-good"]
+    quarantine = synthetic_config.artifacts_dir / "quarantine"
+    assert sorted(p.name for p in quarantine.iterdir()) == ["1-copies.json", "3-again.json", "4-dim.json",
+                                                            "5-unreadable.json"]
+    assert json.loads((quarantine / "4-dim.json").read_text())["drift"]["mean_shift"] > 0.3
+
+
 def test_each_batch_is_checked_once_and_a_changed_batch_is_a_new_version(synthetic_config, tmp_path):
     root = tmp_path / "batches"
     land(root, "a", lambda f: write_class_folders(f, {"": make_split(80, 3)}))
@@ -107,6 +141,97 @@ def test_each_batch_is_checked_once_and_a_changed_batch_is_a_new_version(synthet
     shutil.rmtree(root / "a")
     fourth = mnist_pipeline(config=config, until="preprocess")
     assert list(fourth["batches"]) == ["b"] and fourth["data_version"]["batches"] == [second["batches"]["b"]["digest"]]
+
+
+def test_a_batch_changed_in_place_after_training_is_a_new_version_and_the_model_retrains(synthetic_config, tmp_path):
+    from helpers import artifact
+    from PIL import Image
+
+    from tasks.idx import pixel_digests
+
+    root = tmp_path / "batches"
+    land(root, "a", lambda f: write_class_folders(f, {"": make_split(100, 40)}))
+    land(root, "b", lambda f: write_class_folders(f, {"": make_split(100, 41)}))
+    config = with_batches(synthetic_config, root)
+    first = mnist_pipeline(config=config, until="evaluate")
+    # One image of the taken batch "b" replaced in place by another of its class (same file name, marker kept).
+    images, labels = make_split(20, 42)
+    new = images[labels == 3][:1]
+    write_class_folders(tmp_path / "new", {"": (new, [3])})
+    replaced = min((root / "b" / "3").iterdir())
+    old = pixel_digests(np.asarray(Image.open(replaced))[None])[0]
+    shutil.copyfile(tmp_path / "new" / "3" / "000000.png", replaced)
+
+    second = mnist_pipeline(config=config, until="evaluate")
+
+    assert first["batches"]["b"]["state"] == "completed" and second["batches"]["b"]["state"] == "completed"
+    assert second["batches"]["b"]["digest"] != first["batches"]["b"]["digest"]
+    # The batch before it is unchanged: not checked again, the same version.
+    assert second["batches"]["a"] == {**first["batches"]["a"], "state": "cached"}
+    assert second["data_version"] == {"base": first["data_version"]["base"], "batches": [
+        first["batches"]["a"]["digest"], second["batches"]["b"]["digest"]]} != first["data_version"]
+    assert {s: second["stages"][s]["state"] for s in ("preprocess", "train", "evaluate")} == {
+        "preprocess": "cached", "train": "completed", "evaluate": "completed"}
+    trained = json.loads(artifact(second, "train", "config.json").read_text())
+    assert trained["data_version"] == second["data_version"]
+    assert artifact(second, "train", "model.keras") != artifact(first, "train", "model.keras")
+    # What was read is the new file: its image is in the new version, the one it replaced is gone.
+    checked = next((config.data_dir / "batches").glob(f"{second['batches']['b']['digest'][:16]}/digests.bin"))
+    digests = {checked.read_bytes()[i : i + 16] for i in range(0, checked.stat().st_size, 16)}
+    assert pixel_digests(new)[0] in digests and old not in digests and len(digests) == 100
+    # The new version is checked once: the next run has nothing to do.
+    third = mnist_pipeline(config=config, until="evaluate")
+    assert {b["state"] for b in third["batches"].values()} == {"cached"}
+    assert {s["state"] for s in third["stages"].values()} == {"cached"}
+
+
+def test_two_runs_started_at_once_when_a_batch_lands_check_it_and_train_once(tmp_path, prefect_api_url):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, artifact, synthetic_run
+    from synthetic import write_source
+    from tasks.registry import read_champion, read_history
+
+    digests = write_source(tmp_path / "source")
+    env, args = synthetic_run(tmp_path / "source", digests, tmp_path / "data", tmp_path / "artifacts")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api_url, **env}
+    root = tmp_path / "batches"
+    args = [*args, "--batches", str(root)]
+    write_class_folders(tmp_path / "week-50", {"": make_split(100, 60)})
+    add_batch(tmp_path / "week-50", root, "2026-12-07")
+    first = run_cli(env, args)
+    assert first.returncode == 0, first.stderr
+    write_class_folders(tmp_path / "week-51", {"": make_split(100, 61)})
+    add_batch(tmp_path / "week-51", root, "2026-12-14")
+
+    runs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+    summaries = [json.loads(out) for out, _ in outputs]
+    # The new batch is checked by one run; the other waits for it and takes its result. The earlier one stays cached.
+    assert sorted(s["batches"]["2026-12-14"]["state"] for s in summaries) == ["cached", "completed"]
+    assert [s["batches"]["2026-12-07"]["state"] for s in summaries] == ["cached", "cached"]
+    assert summaries[0]["batches"] == {**summaries[1]["batches"], "2026-12-14": {
+        **summaries[1]["batches"]["2026-12-14"], "state": summaries[0]["batches"]["2026-12-14"]["state"]}}
+    assert summaries[0]["data_version"] == summaries[1]["data_version"] and len(summaries[0]["data_version"]["batches"]) == 2
+    for stage in ("train", "evaluate", "report"):
+        assert sorted(s["stages"][stage]["state"] for s in summaries) == ["cached", "completed"], stage
+        assert summaries[0]["stages"][stage]["artifacts"] == summaries[1]["stages"][stage]["artifacts"]
+    assert len(list((tmp_path / "data" / "batches").iterdir())) == 2  # one checked folder per batch
+    assert len(list((tmp_path / "artifacts" / "models").iterdir())) == 2  # the first run's model and one more
+    # One decision on the new model, the same for both runs; the champion is what that decision says.
+    model = artifact(summaries[0], "train", "model.keras").parent.name
+    history = read_history(tmp_path / "artifacts" / "registry")
+    assert [d.model_digest[:16] for d in history].count(model) == 1
+    (decision,) = [d for d in history if d.model_digest.startswith(model)]
+    assert summaries[0]["promotion"] == summaries[1]["promotion"] == {
+        "promoted": decision.promoted, "reason": decision.reason, "dataset": decision.dataset}
+    champion = read_champion(tmp_path / "artifacts" / "registry", decision.dataset)
+    assert (champion is not None and champion.model_digest == decision.model_digest) == decision.promoted
 
 
 def test_a_batch_of_idx_files_or_a_manifest_is_read_too(synthetic_config, tmp_path):
@@ -147,6 +272,55 @@ def test_add_batch_copies_files_then_the_marker_and_refuses_a_bad_batch_leaving_
     with pytest.raises(PipelineError, match=r"x.png: format: expected an image file"):
         add_batch(tmp_path / "bad", root, "2026-12-14")
     assert sorted(p.name for p in root.iterdir()) == ["2026-12-07"]
+
+
+# Runs `mnist-pipeline add-batch`, SIGKILLed as it is about to copy its 11th file: a crash in the middle of the copy.
+ADD_THEN_DIE = """
+import os, signal, sys
+from tasks import storage
+real, copied = storage.copy_file, []
+def copy_file(path, location):
+    if len(copied) == 10:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, location)
+    copied.append(location)
+storage.copy_file = copy_file
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_add_batch_killed_mid_copy_leaves_a_batch_that_runs_skip_until_it_is_added_again(synthetic_config, tmp_path,
+                                                                                         caplog):
+    import logging
+    import os
+    import signal
+
+    write_class_folders(tmp_path / "week", {"": make_split(30, 12)})
+    root = tmp_path / "batches"
+    env = {**os.environ, "MNIST_PIPELINE_BATCHES__ROOT": str(root)}
+    env.pop("PREFECT_API_URL", None)
+    add = ["add-batch", str(tmp_path / "week"), "--name", "2026-12-07"]
+
+    killed = run_cli(env, add, code=ADD_THEN_DIE)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = root / "2026-12-07"
+    assert len(list(left.rglob("*.png"))) == 10 and not (left / SUCCESS_MARKER).exists()
+    config = with_batches(synthetic_config, root)
+    with caplog.at_level(logging.WARNING, logger="prefect"):
+        skipped = mnist_pipeline(config=config, until="preprocess")
+    assert skipped["batches"] == {} and skipped["data_version"]["batches"] == []
+    assert f"batch 2026-12-07 has no {SUCCESS_MARKER} marker (still being copied, or abandoned): skipped" in caplog.text
+    (row,) = [row for row in pipeline_status(config, until="preprocess") if row.stage == "batches"]
+    assert row.state == UP_TO_DATE and f"1 without their {SUCCESS_MARKER} marker" in row.why[0]
+    # Adding it again under that name says what is in the way; once that is removed, it lands whole and is taken.
+    again = run_cli(env, add)
+    assert again.returncode == 1 and f"without its {SUCCESS_MARKER} marker" in again.stderr and "remove it" in again.stderr
+    shutil.rmtree(left)
+    assert run_cli(env, add).returncode == 0
+    taken = mnist_pipeline(config=config, until="preprocess")
+    assert taken["batches"]["2026-12-07"] == {**taken["batches"]["2026-12-07"], "verdict": "accepted", "images": 30}
 
 
 def test_add_batch_command_names_the_batch_by_date_and_says_what_it_added(tmp_path):
@@ -216,7 +390,7 @@ def test_accepted_batches_are_trained_on_and_scored_on_their_holdout_share(synth
     slices = metrics["holdout_slices"]
     assert [s["name"] for s in slices] == ["base", "2026-12-07", "2026-12-14"] and slices[0]["images"] == 50
     assert metrics["num_test"] == sum(s["images"] for s in slices) and all(0 <= s["accuracy"] <= 1 for s in slices)
-    assert metrics["holdout_version"] == second["data_version"]
+    assert metrics["data_version"] == second["data_version"]
     third = mnist_pipeline(config=config)  # and the report
     report = artifact(third, "report", "report.md").read_text()
     assert "## Data version" in report and f"`{trained['data_version']['batches'][1][:16]}`." in report

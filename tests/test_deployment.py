@@ -175,13 +175,18 @@ def _run_deployment(server: SimpleNamespace, deployed: dict[str, Any], name: str
     _cli(server, "deployment", "run", name, "--params", json.dumps(params))
     runs = _filter(server, "flow_runs", {"deployments": {"id": {"any_": [deployed[name.split("/")[1]]["id"]]}}})
     assert len(runs) == 1, runs
-    run_id = runs[0]["id"]
+    return _work(server, runs[0]["id"], name, cwd)
 
+
+def _work(server: SimpleNamespace, run_id: str, name: str, cwd: Path,
+          env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Let a process worker (environment `env`, default the tests' Prefect one) run flow run `run_id` of deployment
+    `name`, and return the completed flow run."""
     # Started outside the checkout on purpose: the deployment's pull step, not the worker's folder, locates the code.
     log = server.base / f"worker-{name.replace('/', '-')}.log"
     started = time.monotonic()
     worker = _start([PREFECT, "worker", "start", "--pool", POOL, "--name", "test-worker", "--run-once", "--limit", "1"],
-                    log, cwd=cwd, env=server.env)
+                    log, cwd=cwd, env=env or server.env)
     try:
         worker.wait(timeout=WORKER_RUN_S)  # --run-once with a limit: one poll, then wait for the run it took
     except subprocess.TimeoutExpired:
@@ -318,6 +323,95 @@ def test_sweep_deployment_runs_its_trials_on_a_local_cluster_in_the_worker(serve
     artifacts = {a["key"]: a for a in _filter(server, "artifacts", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})}
     assert [row["hidden_units"] for row in json.loads(artifacts["mnist-sweep"]["data"])] == [16, 24]
     assert list((base / "artifacts" / "sweeps").glob("*/sweep.html"))
+
+
+# --- the event-driven deployment ------------------------------------------------------------------------------------
+
+
+def _worker_env(config: dict[str, Any]) -> dict[str, str]:
+    """A config as MNIST_PIPELINE_* variables, as an operator sets them for the worker: SECTION__FIELD, JSON values."""
+    env = {}
+    for section, value in config.items():
+        for field, item in (value.items() if isinstance(value, dict) else [("", value)]):
+            name = f"MNIST_PIPELINE_{section}__{field}" if field else f"MNIST_PIPELINE_{section}"
+            env[name.upper()] = item if isinstance(item, str) else json.dumps(item)
+    return env
+
+
+def _wait_for(what: str, check, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what}: not so after {timeout} s"
+        time.sleep(1)
+    return value
+
+
+def test_batches_landing_together_trigger_one_run_of_batch_landed_that_trains_on_them(server, deployed):
+    from flows.cli import BATCH_EVENT
+    from synthetic import make_split
+    from tasks.sources import write_class_folders
+
+    [trigger] = DEPLOYMENTS["batch-landed"]["triggers"]
+    deployment = deployed["batch-landed"]
+    assert trigger["expect"] == [BATCH_EVENT] and deployment["schedules"] == []
+    [automation] = server.client.get(f"/automations/related-to/prefect.deployment.{deployment['id']}").json()
+    assert automation["trigger"]["expect"] == [BATCH_EVENT] and automation["enabled"]
+
+    base = server.base / "batch-landed"
+    root = base / "batches"
+    names = ["2026-12-07", "2026-12-14"]
+    for seed, name in enumerate(names, start=7):
+        write_class_folders(base / "incoming" / name, {"": make_split(100, seed)})
+    # Two producers adding a batch each at the same time, with the real CLI: two events within the trigger's window.
+    cli = str(Path(sys.executable).with_name("mnist-pipeline"))
+    adds = [_start([cli, "add-batch", str(base / "incoming" / name), "--name", name, "--batches", str(root)],
+                   base / f"add-{name}.log", cwd=base, env=server.env) for name in names]
+    try:
+        for add, name in zip(adds, names):
+            add.wait(timeout=120)
+            output = (base / f"add-{name}.log").read_text()
+            assert add.returncode == 0 and f"emitted {BATCH_EVENT} for batch {name}" in output, output
+    finally:
+        for add in adds:
+            _stop(add)
+
+    # The events are on the server, each with its batch in its resource.
+    ids = [f"mnist-pipeline.batch.{name}" for name in names]
+    query = {"filter": {"event": {"name": [BATCH_EVENT]}, "resource": {"id": ids}}, "limit": 10}
+    events = _wait_for("both events are on the server", lambda: (
+        found if len(found := server.client.post("/events/filter", json=query).json()["events"]) == 2 else None))
+    assert sorted(e["resource"]["prefect.resource.id"] for e in events) == ids
+    assert {e["resource"]["mnist-pipeline.batches-root"] for e in events} == {str(root)}
+
+    # One run, created by the deployment's automation, starting once the trigger's window has closed.
+    runs_of_deployment = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+    [run] = _wait_for("the automation created a run", lambda: _filter(server, "flow_runs", runs_of_deployment))
+    assert run["created_by"]["type"] == "AUTOMATION" and run["created_by"]["id"] == automation["id"]
+    assert run["parameters"] == {"until": "report"} and run["state_type"] == "SCHEDULED"
+    start = datetime.fromisoformat(run["expected_start_time"])
+    first = min(datetime.fromisoformat(e["occurred"]) for e in events)
+    assert (start - first).total_seconds() >= trigger["schedule_after"] >= trigger["within"]
+    time.sleep(max(10.0, (start - datetime.now(timezone.utc)).total_seconds()))  # 10 s: time for a second run to appear
+    assert len(_filter(server, "flow_runs", runs_of_deployment)) == 1  # the second event started no run of its own
+
+    # The roots and settings come from the worker's environment, which the flow-run process inherits.
+    config = {**_config(base), "batches": {"root": str(root)}}
+    run = _work(server, run["id"], f"{FLOW}/batch-landed", base, env={**server.env, **_worker_env(config)})
+    assert run["deployment_id"] == deployment["id"]
+    [model_config] = (base / "artifacts" / "models").glob("*/config.json")
+    version = json.loads(model_config.read_text())["data_version"]
+    checked = {json.loads(p.read_text())["name"]: p.parent.name
+               for p in (base / "data" / "batches").glob("*/batch.json")}
+    assert [digest[:16] for digest in version["batches"]] == [checked[name] for name in names]
+
+    # Other producers emit the event themselves (README); after the window it starts a new run.
+    resource = {"prefect.resource.id": "mnist-pipeline.batch.2026-12-21"}
+    _cli(server, "event", "emit", BATCH_EVENT, "--resource", json.dumps(resource))
+    runs = _wait_for("the emitted event created a second run", lambda: (
+        found if len(found := _filter(server, "flow_runs", runs_of_deployment)) == 2 else None))
+    [second] = [r for r in runs if r["id"] != run["id"]]
+    assert second["created_by"]["id"] == automation["id"] and second["state_type"] == "SCHEDULED"
+    server.client.delete(f"/flow_runs/{second['id']}").raise_for_status()  # not for a later worker of this module
 
 
 # --- the UI in headless Chromium ------------------------------------------------------------------------------------

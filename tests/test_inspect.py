@@ -16,11 +16,10 @@ from flows import gc
 from flows.history import diff, history
 from flows.pipeline import mnist_pipeline
 from flows.status import UP_TO_DATE, pipeline_status
-from helpers import config_env
+from helpers import champion_of, config_env, dataset_key
 from synthetic import payloads, write_source
 from tasks.errors import PipelineError
 from tasks.layout import DECISIONS_FILE
-from tasks.registry import read_champion
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +56,7 @@ def two_models(synthetic_config):
 
 def test_history_lists_every_model_with_its_decision_and_the_champion(two_models):
     config, _, a, b = two_models
-    rows = history(config)
+    rows = history(config, dataset_key(config))
     assert [r["model_digest"] for r in rows] == [a["model_digest"], b["model_digest"]]
     assert [r["champion"] for r in rows] == [False, True]
     assert rows[0]["changed"] == {"epochs": 2, "batch_size": 32, "hidden_units": 32, "jit_compile": False}
@@ -83,7 +82,7 @@ def test_history_lists_every_model_with_its_decision_and_the_champion(two_models
 
 def test_diff_puts_settings_and_metrics_side_by_side(two_models):
     config, _, a, b = two_models
-    result = diff(config, a["model_digest"][:6], "champion")
+    result = diff(config, a["model_digest"][:6], "champion", dataset_key(config))
     assert result["a"]["model_digest"] == a["model_digest"] and result["b"]["model_digest"] == b["model_digest"]
     assert result["params"] == [{"name": "epochs", "a": 2, "b": 3}, {"name": "learning_rate", "a": 0.001, "b": 0.003}]
     metrics = {row["name"]: row for row in result["metrics"]}
@@ -163,9 +162,9 @@ def test_gc_removes_what_neither_the_config_nor_the_registry_uses(synthetic_conf
 
     again = mnist_pipeline(config=config_a)
     assert {s: i["state"] for s, i in again["stages"].items()} == dict.fromkeys(again["stages"], "cached")
-    assert read_champion(config_a.registry_dir).model_path == next(
+    assert champion_of(config_a).model_path == next(
         p for p in a["stages"]["train"]["artifacts"] if p.endswith("model.keras"))  # A, decided last
-    assert diff(config_a, "champion", b["stages"]["train"]["artifacts"][0].split("/")[-2])["params"] == [
+    assert diff(config_a, "champion", b["stages"]["train"]["artifacts"][0].split("/")[-2], dataset_key(config_a))["params"] == [
         {"name": "epochs", "a": 2, "b": 3}]
     # What gc removed is computed again when asked for.
     rerun_d = mnist_pipeline(config=config_d, until="preprocess")
@@ -243,7 +242,7 @@ def test_records_written_before_the_reference_moved_are_still_read_by_history_an
         assert '"tasks.artifacts.ArtifactRef"' in data["result"]
         record.write_text(json.dumps({**data, "result": data["result"].replace("tasks.artifacts.", "tasks.core.")}))
 
-    assert [row["test_accuracy"] for row in history(synthetic_config)][0] == first["metrics"]["test_accuracy"]
+    assert [row["test_accuracy"] for row in history(synthetic_config, dataset_key(synthetic_config))][0] == first["metrics"]["test_accuracy"]
     planned = gc.plan(synthetic_config)
     assert planned.folders and planned.kept_records > 0
     garbage = ["not an artifact reference", '{"__class__": "tasks.other.ArtifactRef", "data": {}}']

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tree_state
 from flows.pipeline import mnist_pipeline
-from helpers import artifact, states
+from helpers import artifact, champion_of, states
 from tasks.errors import PipelineError
 
 ALL = ["download", "validate", "preprocess", "train", "evaluate", "report"]
@@ -113,7 +113,7 @@ def run_artifact_keys(run_id):
 
 
 def test_promotion_is_decided_once_and_every_run_shows_the_report(synthetic_config, first_run):
-    from tasks.registry import read_champion, read_history
+    from tasks.registry import read_history
 
     second = mnist_pipeline(config=synthetic_config)
 
@@ -123,7 +123,7 @@ def test_promotion_is_decided_once_and_every_run_shows_the_report(synthetic_conf
     (decision,) = read_history(synthetic_config.registry_dir)
     model = artifact(first_run, "train", "model.keras")
     assert decision.promoted and decision.run_id == first_run["run_id"] and decision.model_path == str(model)
-    champion = read_champion(synthetic_config.registry_dir)
+    champion = champion_of(synthetic_config)
     assert champion is not None and champion.model_digest == decision.model_digest
     assert champion.model_path == str(model) and champion.run_id == first_run["run_id"]
     expected = {"mnist-report", "mnist-metrics", "mnist-confusion-matrix", "mnist-promotion"}

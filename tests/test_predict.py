@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import tree_state
+from helpers import champion_of, dataset_key
 from synthetic import idx_bytes, make_split, write_source
 from tasks import images, predict
 from tasks.errors import PipelineError
@@ -43,9 +44,7 @@ def trained(tmp_path_factory, prefect_api_url):
     )
     summary = mnist_pipeline(config=config)
     assert summary["promotion"]["promoted"], summary["promotion"]
-    from tasks.registry import read_champion
-
-    champion = read_champion(config.registry_dir)
+    champion = champion_of(config)
     images, labels = make_split(40, seed=7)
     return {"base": base, "config": config, "champion": champion, "images": images, "labels": labels}
 
@@ -164,11 +163,11 @@ def test_models_are_found_by_champion_digest_prefix_and_path(trained):
     from flows.predict import resolve_model
 
     config, champion = trained["config"], trained["champion"]
-    assert resolve_model("champion", config).digest == champion.model_digest
-    assert resolve_model("champion", config).class_names == NAMES
-    assert resolve_model(champion.model_digest[:6], config).path == Path(champion.model_path)
+    assert resolve_model("champion", config, dataset_key(config)).digest == champion.model_digest
+    assert resolve_model("champion", config, dataset_key(config)).class_names == NAMES
+    assert resolve_model(champion.model_digest[:6], config, dataset_key(config)).path == Path(champion.model_path)
     # A path to a model the registry knows keeps its digest and class names.
-    by_path = resolve_model(champion.model_path, config)
+    by_path = resolve_model(champion.model_path, config, dataset_key(config))
     assert (by_path.digest, by_path.class_names) == (champion.model_digest, NAMES)
 
 
@@ -232,15 +231,19 @@ def run_artifacts(run_id: str) -> dict:
 # --- the command line and bad input ---
 
 def cli(*args, env=None):
+    """Run `mnist-pipeline predict ARGS` configured for the dataset of `trained` (its champion is the default model)."""
     return subprocess.run([sys.executable, "-m", "flows.cli", "predict", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600, cwd=REPO)
+                          env={**os.environ, "MNIST_PIPELINE_DATASET__CLASS_NAMES": ",".join(NAMES), **(env or {})},
+                          timeout=600, cwd=REPO)
 
 
 def test_cli_scores_a_folder_with_the_champion(tmp_path, trained, prefect_api_url):
     write_pngs(tmp_path / "digits", trained["images"][:8])
     out = tmp_path / "scores.parquet"
+    # The champion of the configured dataset: these ten named classes.
+    env = {"PREFECT_API_URL": prefect_api_url}
     result = cli(str(tmp_path / "digits"), "--output", str(out), "--artifacts-dir", str(trained["config"].artifacts_dir),
-                 "--json", env={"PREFECT_API_URL": prefect_api_url})
+                 "--json", env=env)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     frame = pd.read_parquet(out)
@@ -248,10 +251,10 @@ def test_cli_scores_a_folder_with_the_champion(tmp_path, trained, prefect_api_ur
     assert summary["model"] == trained["champion"].model_digest
     assert list(frame["predicted"]) == list(model_classes(trained, trained["images"][:8]))
 
-    human = cli(str(tmp_path / "digits"), "--artifacts-dir", str(trained["config"].artifacts_dir),
-                env={"PREFECT_API_URL": prefect_api_url})
+    human = cli(str(tmp_path / "digits"), "--artifacts-dir", str(trained["config"].artifacts_dir), env=env)
     assert human.returncode == 0, human.stderr
-    assert "8 images scored by model " + trained["champion"].model_digest[:16] + " (cached)" in human.stdout
+    assert (f"8 images scored by model {trained['champion'].model_digest[:16]} (champion of "
+            f"{trained['champion'].dataset}) (cached)") in human.stdout
     assert "predicted classes: " in human.stdout
 
 

@@ -15,14 +15,18 @@ from tasks.artifacts import ArtifactRef, publish
 from tasks.errors import PipelineError
 from tasks.files import new_workdir, write_json
 from tasks.promote import decide_promotion, judge
-from tasks.registry import PromotionConfig, read_champion, read_history
+from tasks.dataset import DatasetConfig
+from tasks.registry import PromotionConfig, champion_path, read_champion, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = PromotionConfig()  # gate 0.97, tolerance 0.002
+DATASET = DatasetConfig().key()  # MNIST's digits
 
 
-def candidate(root: Path, tag: str, accuracy: float, loss: float = 0.08) -> tuple[ArtifactRef, ArtifactRef]:
-    """Publish a model and its evaluation as the train and evaluate stages would (the model file is a stand-in)."""
+def candidate(root: Path, tag: str, accuracy: float, loss: float = 0.08,
+              version: dict | None = None) -> tuple[ArtifactRef, ArtifactRef]:
+    """Publish a model and its evaluation (on data version `version`) as the train and evaluate stages would (the
+    model file is a stand-in)."""
     work = new_workdir(root / "models")
     (work / "model.keras").write_bytes(f"weights of {tag}".encode())
     write_json(work / "history.json", {"loss": [0.2, loss], "accuracy": [0.95, 0.99]})
@@ -30,7 +34,7 @@ def candidate(root: Path, tag: str, accuracy: float, loss: float = 0.08) -> tupl
     model = publish("train", work)
     work = new_workdir(root / "evaluation")
     write_json(work / "metrics.json", {"schema_version": 1, "test_accuracy": accuracy, "test_loss": loss,
-                                       "model_digest": model.digest})
+                                       "model_digest": model.digest, "data_version": version})
     evaluation = publish("evaluate", work, meta={"test_accuracy": accuracy, "test_loss": loss})
     return model, evaluation
 
@@ -41,13 +45,13 @@ def registry(tmp_path):
 
 
 def decide(registry, model_and_evaluation, config=RULES, run_id="run-1"):
-    return decide_promotion(*model_and_evaluation, registry, config, run_id=run_id)
+    return decide_promotion(*model_and_evaluation, registry, config, DATASET, run_id=run_id)
 
 
 def test_first_model_passing_the_gate_becomes_champion(tmp_path, registry):
     model, evaluation = candidate(tmp_path, "a", 0.9782, 0.0704)
     lines = []
-    decision = decide_promotion(model, evaluation, registry, RULES, run_id="run-1", log=lines.append)
+    decision = decide_promotion(model, evaluation, registry, RULES, DATASET, run_id="run-1", log=lines.append)
 
     assert decision.promoted is True
     assert decision.reason == "first model: no champion yet and test accuracy 0.9782 passes the gate 0.9700"
@@ -60,8 +64,8 @@ def test_first_model_passing_the_gate_becomes_champion(tmp_path, registry):
     assert decided.utcoffset() == timedelta(0)
     assert promote.Decision.model_validate_json(decision.model_dump_json()) == decision
 
-    champion = json.loads((registry / "champion.json").read_text())
-    assert promote.Champion.model_validate(champion) == read_champion(registry)
+    champion = json.loads(champion_path(registry, DATASET).read_text())
+    assert promote.Champion.model_validate(champion) == read_champion(registry, DATASET)
     assert {k: champion[k] for k in ("model_digest", "model_path", "test_accuracy", "test_loss", "run_id")} == {
         "model_digest": model.digest, "model_path": str(model.path("model.keras")), "test_accuracy": 0.9782,
         "test_loss": 0.0704, "run_id": "run-1"}
@@ -82,13 +86,13 @@ def test_better_and_slightly_worse_models_are_promoted_a_clearly_worse_one_is_no
     worse = decide(registry, c)
     assert worse.promoted is False
     assert worse.reason == "test accuracy 0.9701 is 0.0099 below the champion's 0.9800, more than the tolerance 0.0020"
-    assert read_champion(registry).model_digest == b[0].digest
+    assert read_champion(registry, DATASET).model_digest == b[0].digest
 
     within = decide(registry, d)
     assert within.promoted is True
     assert within.reason == "test accuracy 0.9785 is 0.0015 below the champion's 0.9800, within the tolerance 0.0020"
     assert within.champion_before.model_digest == b[0].digest
-    assert read_champion(registry).model_digest == d[0].digest
+    assert read_champion(registry, DATASET).model_digest == d[0].digest
 
     history = read_history(registry)
     assert history == [*decisions, worse, within]
@@ -100,7 +104,7 @@ def test_model_below_the_gate_is_not_promoted_with_or_without_a_champion(tmp_pat
     first = decide(registry, low)
     assert first.promoted is False
     assert first.reason == "no champion yet, but test accuracy 0.9612 is below the gate 0.9700"
-    assert read_champion(registry) is None and not (registry / "champion.json").exists()
+    assert read_champion(registry, DATASET) is None and not champion_path(registry, DATASET).exists()
 
     decide(registry, candidate(tmp_path, "good", 0.975))
     # Within the tolerance of this champion, but the gate comes first.
@@ -128,13 +132,13 @@ def test_boundaries_are_inclusive(accuracy, champion, promoted):
 def test_same_model_again_returns_the_recorded_decision_and_writes_nothing(tmp_path, registry):
     good, bad = candidate(tmp_path, "good", 0.98), candidate(tmp_path, "bad", 0.95)
     first_good, first_bad = decide(registry, good, run_id="run-1"), decide(registry, bad, run_id="run-1")
-    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in registry.iterdir()}
+    files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in registry.rglob("*") if p.is_file()}
 
     assert decide(registry, good, run_id="run-2") == first_good
     assert decide(registry, bad, run_id="run-2") == first_bad
     same_rules = PromotionConfig(min_test_accuracy=0.97, tolerance=0.002)
     assert decide(registry, good, same_rules, run_id="run-3") == first_good
-    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in registry.iterdir()} == files
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in registry.rglob("*") if p.is_file()} == files
     assert len(read_history(registry)) == 2
 
 
@@ -152,7 +156,7 @@ def test_rejected_model_is_decided_again_when_the_champion_or_the_rules_change(t
 
     looser = decide(registry, c, PromotionConfig(tolerance=0.02))
     assert looser.promoted is True and looser.tolerance == 0.02
-    assert read_champion(registry).model_digest == c[0].digest
+    assert read_champion(registry, DATASET).model_digest == c[0].digest
     assert len(read_history(registry)) == 5
 
 
@@ -163,18 +167,18 @@ def test_former_champion_is_decided_again_against_the_new_one(tmp_path, registry
     back = decide(registry, a)
     assert back != first and back.promoted is True
     assert back.champion_before.model_digest == b[0].digest
-    assert read_champion(registry).model_digest == a[0].digest
+    assert read_champion(registry, DATASET).model_digest == a[0].digest
     assert decide(registry, a) == back and len(read_history(registry)) == 3
 
 
 def test_champion_without_a_recorded_decision_stays_champion(tmp_path, registry):
     a = candidate(tmp_path, "a", 0.98)
     decide(registry, a)
-    champion = (registry / "champion.json").read_bytes()
+    champion = champion_path(registry, DATASET).read_bytes()
     (registry / "history.jsonl").unlink()
     decision = decide(registry, a)
     assert decision.promoted is True and decision.reason.startswith("already the champion")
-    assert (registry / "champion.json").read_bytes() == champion
+    assert champion_path(registry, DATASET).read_bytes() == champion
     assert decide(registry, a) == decision
 
 
@@ -182,13 +186,13 @@ def test_champion_without_a_recorded_decision_stays_champion(tmp_path, registry)
     "content", ['{"model_digest": "abc", "test_accuracy": 0.9', "[1, 2]", '{"model_digest": "abc"}', ""]
 )
 def test_corrupt_champion_record_is_an_error_naming_it(tmp_path, registry, content):
-    registry.mkdir(parents=True)
-    (registry / "champion.json").write_text(content)
-    with pytest.raises(PipelineError, match=r"champion\.json") as error:
+    champion_path(registry, DATASET).parent.mkdir(parents=True)
+    champion_path(registry, DATASET).write_text(content)
+    with pytest.raises(PipelineError, match="the champion record") as error:
         decide(registry, candidate(tmp_path, "a", 0.98))
-    assert str(registry / "champion.json") in str(error.value) and "\n" not in str(error.value)
+    assert str(champion_path(registry, DATASET)) in str(error.value) and "\n" not in str(error.value)
     assert not (registry / "history.jsonl").exists()
-    assert (registry / "champion.json").read_text() == content
+    assert champion_path(registry, DATASET).read_text() == content
 
 
 @pytest.mark.parametrize("damage", ["not json\n", '{"model_digest": "x"}\n', '{"model_digest": "x", "promoted": tr'])
@@ -205,7 +209,7 @@ def test_corrupt_history_line_is_an_error_naming_the_file_and_line(tmp_path, reg
 def test_evaluation_of_another_model_is_refused(tmp_path, registry):
     a, b = candidate(tmp_path, "a", 0.98), candidate(tmp_path, "b", 0.99)
     with pytest.raises(PipelineError, match="metrics.json: evaluates model"):
-        decide_promotion(a[0], b[1], registry, RULES)
+        decide_promotion(a[0], b[1], registry, RULES, DATASET)
     assert not registry.exists() or not (registry / "history.jsonl").exists()
 
 
@@ -229,7 +233,7 @@ def assert_consistent(registry: Path, expected_lines: int) -> None:
         assert decision.promoted == judge(decision.test_accuracy, champion, RULES)[0]
         if decision.promoted:
             champion = decision
-    assert read_champion(registry).model_digest == champion.model_digest
+    assert read_champion(registry, DATASET).model_digest == champion.model_digest
 
 
 def test_concurrent_threads_decide_one_after_another(tmp_path, registry, monkeypatch):
@@ -260,7 +264,7 @@ def test_concurrent_threads_decide_one_after_another(tmp_path, registry, monkeyp
         t.join()
     assert errors == []
     assert_consistent(registry, len(models))
-    assert read_champion(registry).test_accuracy == 0.995
+    assert read_champion(registry, DATASET).test_accuracy == 0.995
 
 
 def test_concurrent_processes_decide_one_after_another(tmp_path, registry):
@@ -274,18 +278,18 @@ def test_concurrent_processes_decide_one_after_another(tmp_path, registry):
         "read = promote.read_history; promote.read_history = lambda folder: (read(folder), time.sleep(0.05))[0]\n"
         "model, evaluation = (ArtifactRef.model_validate_json(Path(p).read_text()) for p in sys.argv[1:3])\n"
         "while not Path(sys.argv[4]).exists(): time.sleep(0.005)\n"
-        "decide_promotion(model, evaluation, Path(sys.argv[3]), PromotionConfig(), run_id='proc')\n"
+        "decide_promotion(model, evaluation, Path(sys.argv[3]), PromotionConfig(), sys.argv[5], run_id='proc')\n"
     )
     procs = []
     for i, (model, evaluation) in enumerate(models):
         (tmp_path / f"model{i}.json").write_text(model.model_dump_json())
         (tmp_path / f"evaluation{i}.json").write_text(evaluation.model_dump_json())
         procs.append(subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"model{i}.json"),
-                                       str(tmp_path / f"evaluation{i}.json"), str(registry), str(go)], cwd=REPO))
+                                       str(tmp_path / f"evaluation{i}.json"), str(registry), str(go), DATASET], cwd=REPO))
     go.touch()
     assert [p.wait(timeout=60) for p in procs] == [0] * len(models)
     assert_consistent(registry, len(models))
-    assert read_champion(registry).test_accuracy == 0.99
+    assert read_champion(registry, DATASET).test_accuracy == 0.99
 
 
 def test_importing_the_module_loads_no_tensorflow():
@@ -302,10 +306,68 @@ def test_with_redis_stage_locks_the_registry_is_locked_in_redis(tmp_path, regist
     elsewhere = RedisLockManager(redis_url, namespace=tmp_path.name)  # another machine's run, deciding right now
     done = threading.Event()
     decider = threading.Thread(target=lambda: (decide_promotion(
-        *model_and_evaluation, registry, RULES, locks=RedisLockManager(redis_url, namespace=tmp_path.name)), done.set()))
+        *model_and_evaluation, registry, RULES, DATASET, locks=RedisLockManager(redis_url, namespace=tmp_path.name)), done.set()))
     with elsewhere.held("registry"):
         decider.start()
         assert not done.wait(1.0)  # waits for the registry's key in Redis (its lock file is free)
         assert read_history(registry) == []
     decider.join(timeout=30)
     assert done.is_set() and [d.model_digest for d in read_history(registry)] == [model_and_evaluation[0].digest]
+
+
+V1 = {"base": "b" * 64, "batches": []}
+V2 = {"base": "b" * 64, "batches": ["1" * 64]}
+
+
+def test_a_champion_scored_on_other_data_is_scored_on_the_challengers_first(tmp_path, registry):
+    champion = candidate(tmp_path, "a", 0.985, version=V1)
+    decide(registry, champion)
+    asked = []
+
+    def rescore(record):  # the champion on V2's holdout: worse than on V1's, and worse than the challenger
+        asked.append(record)
+        return promote.Scores(model_digest=record.model_digest, test_accuracy=0.975, test_loss=0.09)
+
+    challenger = candidate(tmp_path, "b", 0.98, version=V2)
+    lines = []
+    decision = decide_promotion(*challenger, registry, RULES, DATASET, log=lines.append, rescore=rescore)
+    assert [r.model_digest for r in asked] == [champion[0].digest] and asked[0].data_version == V1
+    # Against its 0.985 on V1 the challenger would lose by more than the tolerance; on the same images it wins.
+    assert decision.promoted and decision.reason == "test accuracy 0.9800 beats the champion's 0.9750 by 0.0050"
+    assert decision.champion_before.test_accuracy == 0.975 and decision.data_version == V2
+    assert "scored on data version bbbbbbbb+1: test accuracy 0.9750 (was 0.9850 on bbbbbbbb)" in lines[0]
+    assert read_champion(registry, DATASET).data_version == V2
+
+    same_data = candidate(tmp_path, "c", 0.97, version=V2)  # the champion's own data: its recorded scores count
+    assert not decide_promotion(*same_data, registry, RULES, DATASET, rescore=rescore).promoted and len(asked) == 1
+    with pytest.raises(PipelineError, match="scored on other data"):
+        decide(registry, candidate(tmp_path, "d", 0.99, version=V1))
+    assert len(read_history(registry)) == 3
+
+
+def test_each_dataset_has_its_own_champion(tmp_path, registry):
+    letters = DatasetConfig(name="letters", num_classes=3, class_names=["a", "b", "c"]).key()
+    assert letters.startswith("letters-") and letters != DATASET
+    digits = decide(registry, candidate(tmp_path, "digits", 0.99))
+    first = decide_promotion(*candidate(tmp_path, "letters", 0.975), registry, RULES, letters)
+    # Far below the digits' champion, yet the first model of its dataset: it never competed with the digits'.
+    assert first.promoted and first.reason.startswith("first model") and first.dataset == letters
+    assert read_champion(registry, DATASET).model_digest == digits.model_digest
+    assert read_champion(registry, letters).model_digest == first.model_digest
+    assert sorted(p.name for p in champion_path(registry, DATASET).parent.iterdir()) == sorted(
+        [f"{DATASET}.json", f"{letters}.json"])
+
+
+def test_a_registry_from_before_datasets_keeps_its_champion_for_its_dataset(tmp_path, registry):
+    model = candidate(tmp_path, "a", 0.98)
+    decision = decide(registry, model)
+    record = json.loads(champion_path(registry, DATASET).read_text())
+    registry.joinpath("champion.json").write_text(json.dumps({k: v for k, v in record.items() if k != "dataset"}))
+    champion_path(registry, DATASET).unlink()
+    history = registry / "history.jsonl"
+    history.write_text(json.dumps({k: v for k, v in json.loads(history.read_text()).items() if k != "dataset"}) + "\n")
+
+    assert read_champion(registry, DATASET).model_digest == model[0].digest
+    assert read_champion(registry, DatasetConfig(name="other").key()) is None
+    assert read_history(registry)[0].dataset == DATASET
+    assert decide(registry, model) == decision  # the recorded decision still holds

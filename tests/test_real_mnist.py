@@ -136,3 +136,62 @@ def test_mnist_kept_as_png_class_folders_gives_the_same_rows_and_a_model_as_good
     accuracy = summary["metrics"]["test_accuracy"]
     assert accuracy >= 0.975 and abs(accuracy - real_run["summary"]["metrics"]["test_accuracy"]) <= 0.01
     assert "decoded 70,000 of 70,000 images" in result.stderr
+
+
+def test_mnist_split_into_a_base_and_batches_in_three_formats_trains_and_scores_on_all(tmp_path, prefect_api_url):
+    """A base of 20,000 MNIST training images and the test split, and three batches from the rest of the training
+    split, one per format (PNG class folders, Keras's .npz, IDX files), added with add-batch: all accepted, trained
+    on with the base, and their holdout shares scored beside the test split."""
+    from tasks.batches import add_batch
+    from tasks.dataset import SPLITS
+    from tasks.idx import encode_idx, read_payload
+    from tasks.idx import idx_array as array_of
+    from tasks.sources import write_class_folders, write_npz
+
+    def read(split):
+        return tuple(array_of(read_payload(SNAPSHOT / f"{name}.gz")) for name in SPLITS[split])
+
+    def write_idx(folder, splits):
+        folder.mkdir(parents=True)
+        for split, arrays in splits.items():
+            for name, array in zip(SPLITS[split], arrays):
+                (folder / f"{name}.gz").write_bytes(gzip.compress(encode_idx(array), mtime=0))
+
+    (train_x, train_y), test = read("train"), read("test")
+    base_rows = 20_000
+    write_idx(tmp_path / "source", {"train": (train_x[:base_rows], train_y[:base_rows]), "test": test})
+    part = {name: (train_x[start:end], train_y[start:end]) for name, start, end in (
+        ("2026-12-07", 20_000, 21_000), ("2026-12-14", 21_000, 24_000), ("2026-12-21", 24_000, 27_000))}
+    write_class_folders(tmp_path / "png", {"": part["2026-12-07"]})
+    (tmp_path / "npz").mkdir()
+    x, y = part["2026-12-14"]
+    write_npz(tmp_path / "npz" / "week.npz", {"train": (x[:2_500], y[:2_500]), "test": (x[2_500:], y[2_500:])})
+    x, y = part["2026-12-21"]
+    write_idx(tmp_path / "idx", {"train": (x[:2_000], y[:2_000]), "test": (x[2_000:], y[2_000:])})
+    root = tmp_path / "batches"
+    for name, folder in zip(part, ("png", "npz", "idx")):
+        assert add_batch(tmp_path / folder, root, name) == len(part[name][1])
+    args = ["run", "--json", "--until", "evaluate", "--source", str(tmp_path / "source"), "--batches", str(root),
+            "--epochs", "3", "--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
+
+    result = cli(*args, env={"MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]"}, api_url=prefect_api_url)
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert {name: (b["verdict"], b["images"]) for name, b in summary["batches"].items()} == {
+        "2026-12-07": ("accepted", 1_000), "2026-12-14": ("accepted", 3_000), "2026-12-21": ("accepted", 3_000)}
+    checked = {name: json.loads((tmp_path / "data" / "batches" / b["digest"][:16] / "batch.json").read_text())
+               for name, b in summary["batches"].items()}
+    for name, batch in checked.items():  # the holdout share by the pixel hash: about 10% of each batch
+        assert batch["train"] + batch["holdout"] == batch["images"] and 0.07 < batch["holdout"] / batch["images"] < 0.13
+    config = json.loads(artifact(summary, "train", "config.json").read_text())
+    assert config["train_rows"] == base_rows + sum(b["train"] for b in checked.values())
+    assert config["data_version"] == summary["data_version"]
+    assert summary["data_version"]["batches"] == [b["digest"] for b in summary["batches"].values()]
+    metrics = json.loads(artifact(summary, "evaluate", "metrics.json").read_text())
+    assert metrics["num_test"] == 10_000 + sum(b["holdout"] for b in checked.values())
+    assert [(s["name"], s["images"]) for s in metrics["holdout_slices"]] == [("base", 10_000)] + [
+        (name, b["holdout"]) for name, b in checked.items()]
+    # Three epochs on 26,000 images: about 0.96; each batch's holdout share (100 to 300 images) near it.
+    assert summary["metrics"]["test_accuracy"] >= 0.95 and all(s["accuracy"] >= 0.88 for s in metrics["holdout_slices"])
+    assert "batch 2026-12-21: accepted;" in result.stderr

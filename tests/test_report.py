@@ -81,8 +81,8 @@ def stages(tmp_path_factory):
     for name, config in (("good", GOOD), ("weak", WEAK)):
         model = fit_model(processed, root / "models", config)
         runs[name] = (model, score_model(model, processed, root / "evaluations"))
-    promoted = decide_promotion(*runs["good"], root / "registry", PromotionConfig(), run_id="run-1")
-    rejected = decide_promotion(*runs["weak"], root / "registry", PromotionConfig(), run_id="run-2")
+    promoted = decide_promotion(*runs["good"], root / "registry", PromotionConfig(), DatasetConfig().key(), run_id="run-1")
+    rejected = decide_promotion(*runs["weak"], root / "registry", PromotionConfig(), DatasetConfig().key(), run_id="run-2")
     return SimpleNamespace(root=root, validation=validation, processed=processed, good=runs["good"], weak=runs["weak"],
                            promoted=promoted, rejected=rejected)
 
@@ -403,6 +403,7 @@ def test_promotion_section_states_the_decision_against_the_champion(rejected_rep
     assert (f"| difference |  | {d.test_accuracy - before.test_accuracy:+.4f} "
             f"| {d.test_loss - before.test_loss:+.4f} |") in promotion
     assert "at least 0.9700 and at most 0.0020 below" in promotion and "No champion before" not in promotion
+    assert f"Both scored on the same images (data version {d.data_version['base'][:8]}). Rule:" in promotion
 
     page = rejected_report.path(REPORT_HTML).read_text()
     assert f"<h2>Model promotion</h2>\n<p><strong>Not promoted</strong> ({escaped(d.reason)}).</p>" in page

@@ -16,11 +16,11 @@ from flows.cli import human_summary
 from flows.history import history
 from flows.pipeline import mnist_pipeline
 from flows.status import UP_TO_DATE, pipeline_status
-from helpers import run_cli, states, synthetic_run
+from helpers import champion_of, dataset_key, run_cli, states, synthetic_run
 from synthetic import write_source
 from tasks.errors import PipelineError
 from tasks.layout import MANIFEST
-from tasks.registry import read_champion, read_history
+from tasks.registry import read_history
 from tasks.storage import as_root, filesystem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_every_stage_publishes_on_s3_roots_and_a_rerun_is_all_cached(s3_config, 
     assert human_summary(first).splitlines()[3].split() == ["train", "completed", artifact(first, "train", "model.keras")
                                                             .rpartition("/")[0]]  # s3://..., as given
     (decision,) = read_history(s3_config.registry_dir)
-    assert read_champion(s3_config.registry_dir).model_path == artifact(first, "train", "model.keras")
+    assert champion_of(s3_config).model_path == artifact(first, "train", "model.keras")
     before = objects(s3_bucket)
 
     second = mnist_pipeline(config=s3_config)
@@ -93,7 +93,7 @@ def test_every_stage_publishes_on_s3_roots_and_a_rerun_is_all_cached(s3_config, 
     assert {row.state for row in pipeline_status(s3_config)} == {UP_TO_DATE}
     changed = s3_config.model_copy(update={"train": s3_config.train.model_copy(update={"epochs": 3})})
     assert next(row.why for row in pipeline_status(changed) if row.stage == "train") == ["train.epochs: 2 -> 3"]
-    assert [row["model_digest"] for row in history(s3_config)] == [decision.model_digest]
+    assert [row["model_digest"] for row in history(s3_config, dataset_key(s3_config))] == [decision.model_digest]
     planned = gc.plan(s3_config)
     assert (planned.folders, planned.records, planned.kept_folders) == ({}, [], len({p.rpartition("/")[0] for p in paths}))
     assert objects(s3_bucket) == before
@@ -285,7 +285,7 @@ def test_a_sweep_on_dask_workers_that_share_no_disk_trains_each_distinct_trial_o
     assert len({row["model_digest"] for row in first["trials"]}) == 3
     models = filesystem().ls(f"{s3_bucket}/team/artifacts/models")
     assert sorted(m.rpartition("/")[2] for m in models) == sorted({r["model_digest"][:16] for r in first["trials"]})
-    assert read_champion(config.registry_dir).model_digest == first["best"]["model_digest"]
+    assert champion_of(config).model_digest == first["best"]["model_digest"]
     assert first["report"].startswith(f"{s3_bucket}/team/artifacts/sweeps/")
     assert "data:image/png;base64," in filesystem().cat_file(first["report"]).decode()
     assert [row["state"] for row in again["trials"]] == ["cached"] * 4
@@ -301,7 +301,7 @@ def test_predict_scores_with_the_champion_on_s3_roots_and_caches_by_content(s3_c
     images = [f"{s3_config.download.source}/t10k-images-idx3-ubyte.gz"]
 
     first = mnist_predict(inputs=images, output=str(tmp_path / "out.csv"), config=s3_config)
-    again = mnist_predict(inputs=images, model=read_champion(s3_config.registry_dir).model_digest[:8], config=s3_config)
+    again = mnist_predict(inputs=images, model=champion_of(s3_config).model_digest[:8], config=s3_config)
 
     steps = ["load_inputs", "predict_classes", "write_predictions"]
     assert first["stages"] == dict.fromkeys(steps, "completed") and again["stages"] == dict.fromkeys(steps, "cached")

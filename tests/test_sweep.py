@@ -192,7 +192,9 @@ def test_tensorflow_in_a_worker_is_sized_to_the_worker_threads(cluster):
 
 def test_a_sweep_on_the_cluster_trains_each_distinct_trial_once_and_reruns_cached(tmp_path, cluster):
     from flows.sweep import mnist_sweep
-    from tasks.registry import read_champion, read_history
+    from helpers import champion_of
+
+    from tasks.registry import read_history
 
     config = sweep_config(tmp_path, cluster["address"])
     space = {"grid": {"hidden_units": [16, 24, 32, 32]}}
@@ -219,7 +221,7 @@ def test_a_sweep_on_the_cluster_trains_each_distinct_trial_once_and_reruns_cache
     assert len(list((config.artifacts_dir / "models").glob("*/model.keras"))) == 3
     best = max(first["trials"], key=lambda r: (r["test_accuracy"], -r["test_loss"]))
     assert first["best"]["model_digest"] == best["model_digest"]
-    assert read_champion(config.registry_dir).model_digest == best["model_digest"]
+    assert champion_of(config).model_digest == best["model_digest"]
     assert len(read_history(config.registry_dir)) == 1
     report = Path(first["report"])
     assert report.is_file() and "data:image/png;base64," in report.read_text()

@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 from markdown_it import MarkdownIt
 
+from tasks.dataset import version_label
 from tasks.report.context import GALLERY_MAX
 from tasks.report.figures import FIGURES
 
@@ -64,6 +65,7 @@ def _environment() -> jinja2.Environment:
         n=lambda v: str(operator.index(v)),  # an integer, or an error
         grouped=lambda v: f"{operator.index(v):,}",  # an integer with thousands separators, or an error
         times=lambda v, word: f"{operator.index(v)} {word}{'' if v == 1 else 's'}",  # `1 epoch`, `2 epochs`
+        version=version_label,
     )
     env.globals.update(FIGURES=FIGURES, GALLERY_MAX=GALLERY_MAX, CONFUSION_TABLE_MAX=CONFUSION_TABLE_MAX,
                        CLASS_LIST_MAX=CLASS_LIST_MAX, zip=zip)
