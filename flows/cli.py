@@ -472,8 +472,7 @@ def predict_command(args: argparse.Namespace) -> int:
     local, config = flow_setup(store_overrides(args))
     # Checked as the config checks them (non-empty, distinct); how many the model needs is known once it is loaded.
     try:
-        names = args.class_names and DatasetConfig(class_names=args.class_names,
-                                                   num_classes=len(args.class_names.split(","))).class_names
+        names = args.class_names and DatasetConfig(class_names=args.class_names).class_names
     except ValidationError as exc:
         raise PipelineError(f"--class-names: {validation_problems(exc)}") from None
     from flows.predict import mnist_predict

@@ -89,10 +89,17 @@ def _check_batches(config: PipelineConfig, results: dict[str, Any], summary: dic
         if verdict == "accepted":
             accepted.append(ref)
             storage.remove(record)
-        else:
-            storage.write_text(record, ref.path(BATCH_FILE).read_text())
+        elif not _holds(record, text := ref.path(BATCH_FILE).read_text()):  # a no-op run rewrites nothing
+            storage.write_text(record, text)
     summary["data_version"] = data_version(results["preprocess"], accepted)
     return accepted
+
+
+def _holds(path: str, text: str) -> bool:
+    try:
+        return storage.read_bytes(path) == text.encode()
+    except FileNotFoundError:
+        return False
 
 
 def _log_dropped(config: PipelineConfig, results: dict[str, Any]) -> None:

@@ -22,7 +22,8 @@ from tasks.artifacts import ArtifactRef, publish
 from tasks.dataset import SPLITS, BatchesConfig
 from tasks.errors import Log, PipelineError, quiet
 from tasks.files import workdir, write_json
-from tasks.idx import Checks, check_split, decode_payload, pixel_digests
+from tasks.download import local_payloads
+from tasks.idx import Checks, check_split, pixel_digests
 from tasks.layout import (BATCH_FILE, DIGEST_FILES, DIGESTS_FILE, HOLDOUT_FILE, SPLIT_FILES, SUCCESS_MARKER,
                           VALIDATION_FILE)
 from tasks.preprocess import to_table
@@ -49,6 +50,10 @@ def add_batch(source: Path, root: object, name: str) -> int:
         raise PipelineError(f"{target}: batch: expected a new batch name, found a batch of that name already")
     images = sum(len(labels) for labels in read_batch(source).labels.values())
     files = sorted(p for p in source.rglob("*") if p.is_file() and p.name != SUCCESS_MARKER)
+    outside = next((p for p in files if not p.resolve().is_relative_to(source.resolve())), None)
+    if outside is not None:  # what a link points at is not the batch's to copy
+        raise PipelineError(f"{outside}: location: expected a file inside the batch folder {source}, found a link to "
+                            f"{outside.resolve()}")
     try:
         for path in files:
             storage.copy_file(path, f"{target}/{path.relative_to(source).as_posix()}")
@@ -68,15 +73,10 @@ def read_batch(folder: Path) -> Dataset:
     if format_of(folder) != "idx":
         return read_folder(folder, None, test_fraction=0.5)  # the split is redrawn by check_batch
     dataset = Dataset({}, {}, {"train": [], "test": []}, None, format="idx")
+    payloads = local_payloads(folder)
     for split, (images, labels) in SPLITS.items():
-        paths = [folder / f"{name}.gz" if (folder / f"{name}.gz").is_file() else folder / name
-                 for name in (images, labels)]
-        if not all(path.is_file() for path in paths):
-            raise PipelineError(f"{folder}: IDX batch: expected {images} and {labels} (.gz or not), found "
-                                f"{', '.join(p.name for p in paths if p.is_file()) or 'neither'}")
         checks = Checks()
-        payloads = [decode_payload(path.read_bytes(), path.name) for path in paths]  # bounded: not our own files
-        arrays = check_split(*payloads, paths[0].name, paths[1].name, checks, num_classes=None)
+        arrays = check_split(payloads[images], payloads[labels], images, labels, checks, num_classes=None)
         checks.raise_first()
         dataset.images[split], dataset.labels[split] = arrays
     return dataset
@@ -88,11 +88,11 @@ def check_batch(batch: str, name: str, validation: ArtifactRef, earlier: list[Ar
     """Read and check one batch against the base dataset (its `validation`) and the batches accepted before it
     (`earlier`); publish its training rows, its holdout share, the digests of its images and `batch.json` (the
     verdict, with the reasons of a quarantine and the figures behind them)."""
-    with storage.local_copy(batch, MAX_SOURCE_FILES, MAX_SOURCE_BYTES) as local:
-        try:
+    try:
+        with storage.local_copy(batch, MAX_SOURCE_FILES, MAX_SOURCE_BYTES) as local:
             dataset = read_batch(Path(local))
-        except PipelineError as exc:  # a batch that cannot be read is quarantined; the run goes on
-            dataset, unreadable = None, str(exc)
+    except PipelineError as exc:  # a batch that cannot be read is quarantined; the run goes on
+        dataset, unreadable = None, str(exc)
     reasons: list[str] = []
     unknown: list[str] = []  # classes outside the dataset's: their labels mean nothing, nor does their distribution
     report: dict = {"name": name, "source": str(batch)}

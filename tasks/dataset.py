@@ -170,6 +170,14 @@ class DatasetConfig(BaseModel):
         # The command line and the environment give one comma-separated string.
         return [part.strip() for part in value.split(",")] if isinstance(value, str) else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _as_many_classes_as_names(cls, data: object) -> object:
+        # Names given without a number of classes: one class per name.
+        if isinstance(data, dict) and data.get("class_names") and data.get("num_classes") is None:
+            data = {**data, "num_classes": len(cls._split(data["class_names"]))}
+        return data
+
     @field_validator("class_names")
     @classmethod
     def _distinct(cls, names: list[str] | None) -> list[str] | None:

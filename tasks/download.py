@@ -185,6 +185,11 @@ def _fetch_all(
     return payloads, as_served, get(SUMS_FILE)
 
 
+def local_payloads(folder: Path) -> dict[str, bytes]:
+    """Return the four IDX payloads of a local folder, read as a source folder is (bounded, no link out of it)."""
+    return _fetch_all(str(folder), 0, 0.0, 0.0, quiet, give_up_on_dns=False)[0]
+
+
 def _read_local(path: Path, folder: Path) -> bytes | None:
     if not path.is_file():
         return None

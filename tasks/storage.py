@@ -176,7 +176,8 @@ def _stat_tree(folder: str, prefix: str) -> Iterator[tuple[str, list[int]]]:
 @contextmanager
 def local_copy(source: str, max_files: int, max_bytes: int) -> Iterator[str]:
     """Yield a source as a local folder: itself, or for an s3:// prefix a temporary copy of its objects (at most
-    `max_files` of at most `max_bytes` in all, checked from the listing before anything is copied)."""
+    `max_files` of at most `max_bytes` in all, checked from the listing before anything is copied). An error about
+    a file of the copy names its object."""
     if not is_remote(source):
         yield source
         return
@@ -189,7 +190,10 @@ def local_copy(source: str, max_files: int, max_bytes: int) -> Iterator[str]:
         raise PipelineError(f"source {source}: expected objects under this prefix, found none")
     with tempfile.TemporaryDirectory(prefix="mnist-pipeline-source-") as tmp, explaining():
         filesystem().get([f"{source.rstrip('/')}/{name}" for name in listing], [f"{tmp}/{name}" for name in listing])
-        yield tmp
+        try:
+            yield tmp
+        except PipelineError as exc:
+            raise PipelineError(str(exc).replace(tmp, source.rstrip("/"))) from None
 
 
 def make_folder(folder: Any) -> None:

@@ -75,6 +75,9 @@ def test_batches_are_checked_quarantined_with_reasons_and_taken_by_flag(syntheti
     processed = Path(summary["stages"]["preprocess"]["artifacts"][0]).parent
     assert summary["data_version"]["base"][:16] == processed.name  # folders are named by their digest
     assert summary["data_version"]["batches"] == [summary["batches"]["1-good"]["digest"]]
+    recorded = {p.name: p.stat().st_mtime_ns for p in quarantine.iterdir()}
+    mnist_pipeline(config=config, until="preprocess")
+    assert {p.name: p.stat().st_mtime_ns for p in quarantine.iterdir()} == recorded  # a no-op run rewrites nothing
 
     accepted = mnist_pipeline(config=with_batches(synthetic_config, root, accept=["2-shifted", "4-letters"]),
                               until="preprocess")
@@ -271,6 +274,10 @@ def test_add_batch_copies_files_then_the_marker_and_refuses_a_bad_batch_leaving_
     (tmp_path / "bad" / "3" / "x.png").write_bytes(b"not a png")
     with pytest.raises(PipelineError, match=r"x.png: format: expected an image file"):
         add_batch(tmp_path / "bad", root, "2026-12-14")
+    write_class_folders(tmp_path / "linked", {"": make_split(30, 2)})
+    (tmp_path / "linked" / "3" / "outside.png").symlink_to(next((tmp_path / "week" / "3").iterdir()))
+    with pytest.raises(PipelineError, match=r"outside.png: location: expected a file inside the batch folder"):
+        add_batch(tmp_path / "linked", root, "2026-12-21")
     assert sorted(p.name for p in root.iterdir()) == ["2026-12-07"]
 
 

@@ -142,7 +142,8 @@ def test_malformed_source_fails_with_one_line_and_leaves_artifacts_intact(good, 
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (["--class-names", "a,b,c"], "class_names: expected 10 names (one per class, num_classes 10), found 3"),
+        (["--num-classes", "10", "--class-names", "a,b,c"],
+         "class_names: expected 10 names (one per class, num_classes 10), found 3"),
         (["--num-classes", "3", "--class-names", "a,b"], "expected 3 names"),
         (["--class-names", "a,a,b,c,d,e,f,g,h,i"], "expected distinct names, found 'a' more than once"),
         (["--model", "cnn", "--hidden-units", "64"], "hidden_units: a knob of model mlp, not of model cnn"),
@@ -283,3 +284,13 @@ def test_a_run_killed_mid_training_resumes_from_its_last_epoch(tmp_path, prefect
     assert history["resumed_from_epoch"] == done and len(history["loss"]) == 40
     assert summary["metrics"]["test_accuracy"] > 0.9
     assert not state.parent.exists()
+
+
+def test_class_names_alone_set_the_number_of_classes(monkeypatch):
+    from flows.cli import build_parser, config_overrides, pipeline_config
+
+    assert pipeline_config(config_overrides(build_parser().parse_args(
+        ["run", "--class-names", "circle,square,triangle"]))).dataset.model_dump(exclude={"name"}) == {
+        "num_classes": 3, "class_names": ["circle", "square", "triangle"]}
+    monkeypatch.setenv("MNIST_PIPELINE_DATASET__CLASS_NAMES", "a,b")
+    assert pipeline_config({}).dataset.num_classes == 2

@@ -368,6 +368,10 @@ def test_class_folders_under_an_s3_prefix_are_read_and_listed_by_etag(tmp_path, 
     assert source_fingerprint(prefix) != before
     with pytest.raises(PipelineError, match=r"^source s3://.*/empty: expected objects under this prefix, found none$"):
         download_files(f"{s3_bucket}/empty", tmp_path / "raw")
+    filesystem().pipe_file(f"{prefix[len('s3://'):]}/train/one/notes.png", b"not an image")
+    with pytest.raises(PipelineError) as error:  # named by its object, not by the local copy that was read
+        download_files(prefix, tmp_path / "raw")
+    assert str(error.value).startswith(f"{prefix}/train/one/notes.png: ") and "mnist-pipeline-source-" not in str(error.value)
 
 
 def test_decoding_on_worker_processes_gives_what_one_process_gives_even_from_a_script_without_a_main_guard(tmp_path,
