@@ -272,8 +272,10 @@ class Bench:
 
 
 def train_history(summary: dict) -> dict:
-    """Return the train stage's history.json of a run, from its `--json` summary."""
-    return json.loads(next(Path(p) for p in summary["stages"]["train"]["artifacts"] if Path(p).name == HISTORY_FILE).read_text())
+    """Return the train stage's history.json of a run, with its timings, from its `--json` summary."""
+    train = summary["stages"]["train"]
+    history = json.loads(next(Path(p) for p in train["artifacts"] if Path(p).name == HISTORY_FILE).read_text())
+    return {**history, "fit_seconds": train["fit_seconds"], "epoch_seconds": train["epoch_seconds"]}
 
 
 def matmul_gflops() -> float:

@@ -46,6 +46,9 @@ def mnist_pipeline(
                 "state": "completed" if computed else "cached",
                 "artifacts": [f.path for f in results[name].files.values()],
             }
+            if name == "train":  # how the model was trained (by the run that trained it): the timings, a resume
+                summary["stages"][name].update({key: results[name].meta.get(key) for key in (
+                    "fit_seconds", "epoch_seconds", "resumed_from_epoch")})
             if computed and "train" in stages[stages.index(name) + 1 :]:
                 # Training likely follows (unless this stage's output is unchanged): import TensorFlow meanwhile.
                 keras_runtime.warm_up()

@@ -7,6 +7,8 @@ evaluation, prediction and the report work the same for all of them.
 
 from __future__ import annotations
 
+import json
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,6 +121,33 @@ def describe_model(model: Any) -> dict[str, Any]:
                "parameters": int(layer.count_params())} for layer in model.layers]
     trainable = sum(int(w.numpy().size) for w in model.trainable_weights)
     return {"layers": layers, "parameters": int(model.count_params()), "trainable_parameters": trainable}
+
+
+def save_model(model: Any, path: Path) -> None:
+    """Save a model as Keras does, without what differs from one save of it to the next (the save date, the
+    archive's file times, the process's object ids that link shared objects, numbered in order instead): the same
+    weights give the same bytes, so two runs that train the same model publish identical files under its digest."""
+    model.save(path)
+    with zipfile.ZipFile(path) as saved:
+        entries = [(info, saved.read(info)) for info in saved.infolist()]
+    with zipfile.ZipFile(path, "w") as fixed:
+        for info, data in entries:
+            if info.filename == "metadata.json":
+                data = json.dumps({**json.loads(data), "date_saved": None}).encode()
+            elif info.filename == "config.json":
+                data = json.dumps(_numbered(json.loads(data), {})).encode()
+            info.date_time = (1980, 1, 1, 0, 0, 0)
+            fixed.writestr(info, data)
+
+
+def _numbered(value: Any, ids: dict[int, int]) -> Any:
+    """Return a saved model's config with each `shared_object_id` replaced by its number in order of appearance."""
+    if isinstance(value, dict):
+        return {key: ids.setdefault(item, len(ids)) if key == "shared_object_id" else _numbered(item, ids)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbered(item, ids) for item in value]
+    return value
 
 
 def load_model(path: Path) -> Any:

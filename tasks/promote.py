@@ -22,7 +22,7 @@ from tasks.layout import DECISIONS_FILE, METRICS_FILE, MODEL_FILE, REGISTRY_LOCK
 from tasks.locks import RedisLockManager
 from tasks.registry import (Champion, Decision, PromotionConfig, Registered, Scores, champion_path, read_champion,
                             read_history, recorded_decision)
-from tasks.storage import append_line, as_root, lock_file, make_folder, write_text
+from tasks.storage import append_line, as_root, lock_file, make_folder, version, write_text
 
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
 # image in ten thousand, so that a model exactly at the gate or exactly at the tolerance passes as the rules say.
@@ -37,58 +37,72 @@ def decide_promotion(model: ArtifactRef, evaluation: ArtifactRef, registry_dir: 
     Both are judged on the same data: a champion whose scores were measured on another data version than the
     challenger's evaluation is scored on the challenger's first, by `rescore` (an evaluation of the champion's model,
     cached). The registry is locked for the decision by its lock file, or with Redis stage locks (`locks`, roots that
-    several machines share) by its key in Redis.
+    several machines share) by its key in Redis. On object storage without Redis the lock file is this machine's
+    alone: the decision is then written only if no other machine wrote the history since it was read here (a
+    conditional write), else the history is read again and the model judged again.
     """
     registry_dir = as_root(registry_dir)
-    test_accuracy, test_loss, version = _scores(model, evaluation)
+    scores = _scores(model, evaluation)
     make_folder(registry_dir)
-    with (locks.held("registry") if isinstance(locks, RedisLockManager)
-          else flocked(lock_file(registry_dir, REGISTRY_LOCK))):
-        champion = read_champion(registry_dir, dataset)
-        recorded = recorded_decision(model.digest, read_history(registry_dir), champion, config)
-        if recorded is not None:
-            log(f"model {model.digest[:16]}: decision of {recorded.decided_at} still holds: {recorded.verdict}")
-            return recorded
-
-        before: Scores | None = champion
-        if champion is not None and champion.model_digest != model.digest and champion.data_version != version:
-            if rescore is None:
-                raise PipelineError(f"the champion {champion.model_digest[:16]} was scored on other data than model "
-                                    f"{model.digest[:16]}: expected a way to score it on the same data")
-            before = rescore(champion)
-            log(f"champion {champion.model_digest[:16]} scored on data version {version_label(version)}: test "
-                f"accuracy {before.test_accuracy:.4f} (was {champion.test_accuracy:.4f} on "
-                f"{version_label(champion.data_version)})")
-        promoted, reason = judge(test_accuracy, before, config)
-        if champion is not None and champion.model_digest == model.digest:
-            # Only when the history has no valid decision for the champion (history deleted, champion.json set by
-            # hand): judging a model against itself means nothing, and it stays champion.
-            promoted, reason = True, f"already the champion (test accuracy {test_accuracy:.4f}), no decision on record"
-        decision = Decision(
-            model_digest=model.digest,
-            model_path=str(model.path(MODEL_FILE)),
-            test_accuracy=test_accuracy,
-            test_loss=test_loss,
-            promoted=promoted,
-            reason=reason,
-            champion_before=None if before is None else Scores(**before.model_dump(include=set(Scores.model_fields))),
-            gate=config.min_test_accuracy,
-            tolerance=config.tolerance,
-            decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            run_id=run_id,
-            class_names=class_names,
-            dataset=dataset,
-            data_version=version,
-        )
-        # History first: a crash before the champion is replaced leaves a promotion on record that did not take effect,
-        # and the next run decides again against the real champion; the other order would lose the previous champion.
-        append_line(registry_dir / DECISIONS_FILE, decision.model_dump_json() + "\n")
-        if promoted and (champion is None or champion.model_digest != model.digest):
+    redis = isinstance(locks, RedisLockManager)
+    with locks.held("registry") if redis else flocked(lock_file(registry_dir, REGISTRY_LOCK)):
+        while True:
+            unchanged = None if redis else version(registry_dir / DECISIONS_FILE)
+            champion = read_champion(registry_dir, dataset)
+            decision = recorded_decision(model.digest, read_history(registry_dir), champion, config)
+            if decision is not None:
+                log(f"model {model.digest[:16]}: decision of {decision.decided_at} still holds: {decision.verdict}")
+                break
+            decision = _judged(model, scores, champion, config, dataset, run_id, log, class_names, rescore)
+            # History first: a crash before the champion is replaced leaves a promotion on record that the next
+            # decision on the model completes (its champion_before still the champion) or that was overtaken.
+            if append_line(registry_dir / DECISIONS_FILE, decision.model_dump_json() + "\n", unchanged):
+                log(f"model {model.digest[:16]}: {decision.verdict}")
+                break
+            log(f"model {model.digest[:16]}: another machine wrote the registry while this one judged the model; "
+                "judging it again")
+        if decision.promoted and (champion is None or champion.model_digest != model.digest):
             record = Champion(**decision.model_dump(include=set(Registered.model_fields) - {"schema_version"}),
                               promoted_at=decision.decided_at)
             write_text(champion_path(registry_dir, dataset), record.model_dump_json(indent=2) + "\n")
-    log(f"model {model.digest[:16]}: {decision.verdict}")
     return decision
+
+
+def _judged(model: ArtifactRef, scores: tuple[float, float, dict[str, Any] | None], champion: Champion | None,
+            config: PromotionConfig, dataset: str, run_id: str | None, log: Log, class_names: list[str] | None,
+            rescore: Callable[[Champion], Scores] | None) -> Decision:
+    """Return the decision on a model with these scores against the champion, scored on the same data first."""
+    test_accuracy, test_loss, version = scores
+    before: Scores | None = champion
+    if champion is not None and champion.model_digest != model.digest and champion.data_version != version:
+        if rescore is None:
+            raise PipelineError(f"the champion {champion.model_digest[:16]} was scored on other data than model "
+                                f"{model.digest[:16]}: expected a way to score it on the same data")
+        before = rescore(champion)
+        log(f"champion {champion.model_digest[:16]} scored on data version {version_label(version)}: test "
+            f"accuracy {before.test_accuracy:.4f} (was {champion.test_accuracy:.4f} on "
+            f"{version_label(champion.data_version)})")
+    promoted, reason = judge(test_accuracy, before, config)
+    if champion is not None and champion.model_digest == model.digest:
+        # Only when the history has no valid decision for the champion (history deleted, champion.json set by
+        # hand): judging a model against itself means nothing, and it stays champion.
+        promoted, reason = True, f"already the champion (test accuracy {test_accuracy:.4f}), no decision on record"
+    return Decision(
+        model_digest=model.digest,
+        model_path=str(model.path(MODEL_FILE)),
+        test_accuracy=test_accuracy,
+        test_loss=test_loss,
+        promoted=promoted,
+        reason=reason,
+        champion_before=None if before is None else Scores(**before.model_dump(include=set(Scores.model_fields))),
+        gate=config.min_test_accuracy,
+        tolerance=config.tolerance,
+        decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        run_id=run_id,
+        class_names=class_names,
+        dataset=dataset,
+        data_version=version,
+    )
 
 
 def judge(test_accuracy: float, champion: Scores | None, config: PromotionConfig) -> tuple[bool, str]:

@@ -156,10 +156,12 @@ def recorded_decision(digest: str, history: list[Decision], champion: Champion |
     if latest is None:
         return None
     champion_digest = None if champion is None else champion.model_digest
-    if latest.promoted:
-        return latest if champion_digest == digest else None
     before_digest = None if latest.champion_before is None else latest.champion_before.model_digest
     same_rules = latest.gate == config.min_test_accuracy and latest.tolerance == config.tolerance
+    if latest.promoted and champion_digest == digest:
+        return latest
+    # A promotion whose champion record is not written yet (by another machine right now, or cut short by a crash)
+    # holds while the champion it beat is still the champion: the caller completes it.
     return latest if before_digest == champion_digest and same_rules else None
 
 

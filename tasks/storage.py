@@ -202,18 +202,41 @@ def make_folder(folder: Any) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
 
 
-def append_line(path: Any, line: str) -> None:
+def version(path: Any) -> str | None:
+    """Return the version of an object to write it conditionally (`append_line`): its ETag, "" while there is none;
+    None for a local file (appended to under a lock)."""
+    if not is_remote(path):
+        return None
+    with explaining():
+        try:
+            return filesystem().info(str(path), refresh=True)["ETag"]
+        except FileNotFoundError:
+            return ""
+
+
+def append_line(path: Any, line: str, unchanged: str | None = None) -> bool:
     """Append one line to a file in one write (no line is interleaved with another or split) and sync it.
 
-    Objects cannot be appended to: on object storage the whole file is written again, so callers hold a lock.
+    Objects cannot be appended to: on object storage the whole object is written again, and only if it is still the
+    version `unchanged` (from `version`; a conditional write, If-Match or If-None-Match); False when another writer
+    changed it in between (the caller reads it again). Without `unchanged` the caller holds a lock.
     """
     if is_remote(path):
         try:
             old = read_bytes(path).decode()
         except FileNotFoundError:
             old = ""
-        write_text(path, old + line)
-        return
+        condition = {} if unchanged is None else {"IfMatch": unchanged} if unchanged else {"IfNoneMatch": "*"}
+        try:
+            with explaining():
+                filesystem().pipe_file(str(path), (old + line).encode(), **condition)
+        except (OSError, PipelineError) as exc:
+            code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code")
+            if condition and (isinstance(exc, FileExistsError) or code in ("PreconditionFailed",
+                                                                            "ConditionalRequestConflict")):
+                return False
+            raise
+        return True
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         data = line.encode()
@@ -223,6 +246,7 @@ def append_line(path: Any, line: str) -> None:
     finally:
         os.close(fd)
     fsync_path(Path(path).parent)
+    return True
 
 
 def identity(location: Any) -> str:

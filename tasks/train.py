@@ -21,7 +21,7 @@ from tasks.files import sha256_bytes, sha256_json, workdir, write_json
 from tasks.idx import NUM_CLASSES
 from tasks.keras_runtime import deterministic_after, import_tensorflow
 from tasks.layout import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, SPLIT_FILES, TRAIN_STATE_DIR
-from tasks.models import KNOBS, LOSS, TrainConfig, build_model, describe_model
+from tasks.models import KNOBS, LOSS, TrainConfig, build_model, describe_model, save_model
 from tasks.preprocess import load_parts
 
 # Called after each epoch with (epochs done, epochs, that epoch's metrics).
@@ -38,7 +38,9 @@ def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_cl
     called after each epoch, `config.patience` adds early stopping, and with `state_dir` every epoch is backed up
     there, so a training killed mid-way resumes from its last finished epoch (the folder is removed once the model is
     published). The artifact's digest covers the weights, the architecture, the per-epoch metrics and the config but
-    not the timings or the save date inside `model.keras`, so a repeatable rerun keeps downstream stages cached.
+    nothing else: the timings and whether it resumed are in the reference's meta, and `model.keras` is saved without
+    its save date (tasks.models.save_model), so the same model is the same bytes and a repeatable rerun keeps
+    downstream stages cached.
     """
     from tasks.callbacks import EpochBackup, EpochRecorder
 
@@ -87,16 +89,15 @@ def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_cl
     epochs_run = len(recorder.epoch_seconds)
     # EarlyStopping keeps the weights of the best epoch (0-based); without it, the last epoch's.
     best_epoch = stopper.best_epoch + 1 if stopper is not None and stopper.best_weights is not None else epochs_run
+    # The files hold what the digest covers and nothing else, so two runs that train the same model publish the same
+    # bytes (on shared object storage they may upload into its folder at once); this run's own facts go in the meta.
     history = {
-        "schema_version": 2,
+        "schema_version": 3,
         "epochs": config.epochs,
         "epochs_run": epochs_run,
         "best_epoch": best_epoch,
         "stopped_early": epochs_run < config.epochs,
-        "resumed_from_epoch": done or None,
         **metrics,
-        "epoch_seconds": recorder.epoch_seconds,
-        "fit_seconds": fit_seconds,
     }
     resolved = {
         "schema_version": 2,
@@ -118,10 +119,11 @@ def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_cl
     at_best = {name: values[best_epoch - 1] for name, values in metrics.items()}
     meta = {"model": config.model, "train_loss": at_best["loss"], "train_accuracy": at_best["accuracy"],
             **{name: value for name, value in at_best.items() if name.startswith("val_")},
-            "epochs": epochs_run, "best_epoch": best_epoch, "fit_seconds": round(fit_seconds, 3)}
+            "epochs": epochs_run, "best_epoch": best_epoch, "fit_seconds": round(fit_seconds, 3),
+            "epoch_seconds": [round(s, 3) for s in recorder.epoch_seconds], "resumed_from_epoch": done or None}
 
     with workdir(out_dir) as work:
-        model.save(work / MODEL_FILE)
+        save_model(model, work / MODEL_FILE)
         write_json(work / HISTORY_FILE, history)
         write_json(work / CONFIG_FILE, resolved)
         ref = publish("train", work, digest=digest, meta=meta)

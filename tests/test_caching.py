@@ -191,7 +191,7 @@ CODE_OF = {
                                               "storage")},
     "tasks/preprocess.py": ["preprocess", *MODEL, "report", *PREDICT, SWEEP, BATCH],  # load_split and the parquet schema
     "tasks/models.py": [*MODEL, *PREDICT, SWEEP], "tasks/keras_runtime.py": [*MODEL, *PREDICT, SWEEP],
-    "tasks/download.py": ["download"], "tasks/sources.py": ["download", BATCH],
+    "tasks/download.py": ["download", BATCH], "tasks/sources.py": ["download", BATCH],  # an IDX batch: local_payloads
     "tasks/images.py": ["download", *PREDICT, BATCH], "tasks/validate.py": ["validate", BATCH],
     "tasks/batches.py": [BATCH], "tasks/train.py": ["train"],
     "tasks/callbacks.py": ["train"], "tasks/evaluate.py": ["evaluate"], "tasks/predict.py": PREDICT,

@@ -371,3 +371,47 @@ def test_a_registry_from_before_datasets_keeps_its_champion_for_its_dataset(tmp_
     assert read_champion(registry, DatasetConfig(name="other").key()) is None
     assert read_history(registry)[0].dataset == DATASET
     assert decide(registry, model) == decision  # the recorded decision still holds
+
+
+def test_on_object_storage_without_redis_a_decision_written_meanwhile_elsewhere_is_found_not_repeated(
+        tmp_path, s3_bucket, monkeypatch):
+    import os
+
+    registry = f"{s3_bucket}/registry"
+    model = candidate(tmp_path, "a", 0.98)
+    (tmp_path / "model.json").write_text(model[0].model_dump_json())
+    (tmp_path / "evaluation.json").write_text(model[1].model_dump_json())
+    (tmp_path / "other").mkdir()
+    other_machine = (  # its own temp folder: its own lock files, as on another machine
+        "import sys; from pathlib import Path\n"
+        "from tasks.artifacts import ArtifactRef\n"
+        "from tasks.promote import PromotionConfig, decide_promotion\n"
+        "model, evaluation = (ArtifactRef.model_validate_json(Path(p).read_text()) for p in sys.argv[1:3])\n"
+        "decide_promotion(model, evaluation, sys.argv[3], PromotionConfig(), sys.argv[4], run_id='other')\n")
+    read, lines = promote.read_history, []
+
+    def read_while_another_machine_decides(folder):
+        history = read(folder)
+        if not lines:  # after this machine read the registry, before it writes its decision
+            lines.append(subprocess.run([sys.executable, "-c", other_machine, str(tmp_path / "model.json"),
+                                         str(tmp_path / "evaluation.json"), registry, DATASET], cwd=REPO, check=True,
+                                        env={**os.environ, "TMPDIR": str(tmp_path / "other")}))
+        return history
+
+    monkeypatch.setattr(promote, "read_history", read_while_another_machine_decides)
+    logged = []
+    decision = decide_promotion(*model, registry, RULES, DATASET, run_id="this", log=logged.append)
+
+    (only,) = read_history(registry)  # one decision, the other machine's: not written a second time
+    assert only.run_id == "other" and decision == only and decision.promoted
+    assert read_champion(registry, DATASET).model_digest == model[0].digest
+    assert any("another machine wrote the registry while this one judged the model" in line for line in logged)
+
+
+def test_a_promotion_on_record_without_its_champion_record_is_completed_not_decided_again(tmp_path, registry):
+    model = candidate(tmp_path, "a", 0.98)
+    decision = decide(registry, model)
+    champion_path(registry, DATASET).unlink()  # a crash between the history line and the champion record
+
+    assert decide(registry, model, run_id="run-2") == decision
+    assert read_history(registry) == [decision] and read_champion(registry, DATASET).model_digest == model[0].digest

@@ -163,7 +163,9 @@ def load_context(validation: ArtifactRef, processed: ArtifactRef, model: Artifac
     columns = ["index", "label", "predicted", "confidence"]
     ctx = ReportContext(
         validation=read_json(validation.path(VALIDATION_FILE)),
-        history=read_json(model.path(HISTORY_FILE)),
+        # With this run's training facts, which the model's reference carries (tasks.train.fit_model).
+        history={**read_json(model.path(HISTORY_FILE)), **{key: model.meta[key] for key in (
+            "fit_seconds", "epoch_seconds", "resumed_from_epoch") if key in model.meta}},
         config=read_json(model.path(CONFIG_FILE)),
         metrics=read_json(evaluation.path(METRICS_FILE)),
         test_images=images,
