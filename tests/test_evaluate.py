@@ -19,7 +19,7 @@ N_TEST = 60
 KEYS = {
     "schema_version", "test_loss", "test_accuracy", "train_loss", "train_accuracy", "accuracy_gap", "overfitting",
     "num_test", "first_20_predictions", "first_20_labels", "confusion_matrix", "per_class", "misclassified",
-    "model_digest", "data_digest",
+    "model_digest", "data_digest", "data_version",
 }
 
 
@@ -62,6 +62,7 @@ def test_metric_types_and_digests(evaluated):
     assert isinstance(m["num_test"], int) and m["num_test"] == N_TEST
     assert isinstance(m["overfitting"], str) and m["overfitting"].endswith(".")
     assert (m["model_digest"], m["data_digest"]) == (model.digest, processed.digest)
+    assert m["data_version"] == {"base": processed.digest, "batches": []}  # the holdout it scored: no batches
 
 
 def test_learned_model_is_well_above_chance(evaluated):
