@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import errno
 import gc
 import json
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, get_args, get_origin
@@ -176,8 +177,11 @@ def flow_setup(overrides: dict[str, Any]) -> tuple[server.LocalServer | None, Pi
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:
-    """Log expected pipeline errors as their one-line message; keep tracebacks for real bugs."""
-    if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+    """Log expected pipeline errors (and a full disk) as one line, with their message; keep tracebacks for real bugs."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, PipelineError) or getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        if str(error) not in record.getMessage():  # e.g. Prefect's "An error was encountered while committing ..."
+            record.msg, record.args = f"{record.getMessage()}: {error}", ()
         record.exc_info = record.exc_text = None
     return True
 
@@ -196,7 +200,32 @@ def prefect_api(local: server.LocalServer | None) -> Iterator[None]:
     # No heartbeat events unless configured: they serve zombie detection of deployment runs, and a run in the
     # foreground waits up to 1 s at its end for Prefect's heartbeat thread to stop.
     with settings.temporary_settings(updates=api, set_defaults={settings.PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        if local is None and settings.PREFECT_API_URL.value():
+            check_api()
         yield
+
+
+def check_api() -> None:
+    """Fail with one line unless the Prefect API of PREFECT_API_URL answers and takes this client's auth string."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    try:
+        with get_client(sync_client=True) as client:
+            client.raise_for_api_version_mismatch_once()  # Prefect's own first request (remembered: not made twice)
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 401:
+            raise
+        found = "one it refuses" if api.auth_string else "none"
+        raise PipelineError(f"Prefect API {api.url}: expected its server's auth string (PREFECT_SERVER_API_AUTH_STRING) "
+                            f"in PREFECT_API_AUTH_STRING, found {found} (401 Unauthorized)") from None
+    except RuntimeError as exc:
+        if not isinstance(exc.__cause__, httpx.HTTPError):
+            raise
+        raise PipelineError(f"Prefect API {api.url}: expected a Prefect server answering there, found none "
+                            f"({exc.__cause__})") from None
 
 
 def run_flow(local: server.LocalServer | None, args: argparse.Namespace, summarize: Callable[[dict[str, Any]], str],
@@ -394,10 +423,11 @@ def gc_command(args: argparse.Namespace) -> int:
     from flows import gc as store
 
     config = pipeline_config(config_overrides(args))
-    planned = store.plan(config)
-    removing = args.yes and not planned.held
-    if removing:
-        store.collect(config, planned)
+    with store.excluding_runs(config) if args.yes else nullcontext():  # a listing removes nothing: no need
+        planned = store.plan(config)
+        removing = args.yes and not planned.held
+        if removing:
+            store.collect(config, planned)
     print(json.dumps(store.plan_json(planned, removing), indent=2) if args.json else store.summary(planned, removing),
           flush=True)
     return 1 if planned.held else 0
@@ -419,6 +449,8 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     """Serve the flow on a cron schedule until interrupted; the config overrides become the runs' parameters."""
     overrides = config_overrides(args)
+    if "locks" in overrides:  # a password is no parameter (the server stores those): the served runs inherit it here
+        os.environ["MNIST_PIPELINE_LOCKS"] = overrides.pop("locks")
     local, config = flow_setup(overrides)
     config.check_services()  # as run_flow does
     schedule = {"cron": args.cron, "timezone": args.timezone}

@@ -12,7 +12,7 @@ from tasks import storage
 from tasks.dataset import BatchesConfig, DatasetConfig, DownloadConfig, ValidateConfig
 from tasks.errors import Log, quiet
 from tasks.layout import CACHE_DIR, REGISTRY_DIR
-from tasks.locks import LOCK_EXPIRY_S, stage_locks
+from tasks.locks import LOCK_EXPIRY_S, redacted, stage_locks
 from tasks.models import TrainConfig
 from tasks.registry import PromotionConfig
 from tasks.sweep import SweepConfig
@@ -40,8 +40,11 @@ class PipelineConfig(BaseSettings):
     train: TrainConfig = TrainConfig()
     promotion: PromotionConfig = PromotionConfig()
     sweep: SweepConfig = SweepConfig()
-    locks: str | None = Field(None, description="Stage locks from a Redis server that several machines share "
-                              "(redis://HOST:PORT/DB); default: flock on this machine.")
+    # Its password never leaves this process: JSON (a flow run's parameters, which the Prefect server stores) has it
+    # as ***, and the repr leaves the URL out.
+    locks: Annotated[str | None, PlainSerializer(lambda url: url and redacted(url), when_used="json")] = Field(
+        None, repr=False, description="Stage locks from a Redis server that several machines share "
+        "(redis://[:PASSWORD@]HOST:PORT/DB, or rediss:// for TLS); default: flock on this machine.")
     lock_expiry_s: float = Field(LOCK_EXPIRY_S, gt=0, description="A Redis stage lock expires this many seconds after its "
                                  "holder stopped renewing it (it renews every third of that while it lives).")
 

@@ -5,11 +5,23 @@ champion and every model of the registry with its evaluations, the cache records
 sweep reports, the shipped snapshot, and everything while any stage lock is held (a run in progress publishes folders
 before it records them). Removed, with `--yes`: the other published folders and the other records, each folder's
 manifest first so that a half-removed folder is never trusted.
+
+gc and runs exclude each other through the stage lock manager (flock on this machine, Redis with --locks), with one
+more lock, `gc` (`excluding_runs`), held from before gc looks at the stage locks until it has removed what it listed.
+A stage takes its own lock before it reads or writes its record, then waits while `gc` is held
+(tasks.locks._Shared._after_gc). Each side takes its lock first and looks at the other's second, so at least one
+sees the other: gc finds a stage lock held and removes nothing, or the stage starts once gc is done (and finds its
+record gone, or still there and intact). So gc never removes a folder that a stage is about to record. gc never
+waits for a stage, so the two cannot deadlock; a killed gc's lock goes as a stage's does. Runs are excluded stage by
+stage: between two stages a run holds no lock (RELIABILITY.md, Limits).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +30,10 @@ from flows.history import evaluations
 from flows.status import pipeline_status
 from tasks import storage
 from tasks.dataset import SNAPSHOT_DIR
+from tasks.errors import PipelineError
 from tasks.keys import components_path, read_records
 from tasks.layout import MANIFEST, SWEEPS_DIR
+from tasks.locks import GC_KEY
 from tasks.registry import read_champions, read_history
 
 
@@ -42,7 +56,7 @@ def plan(config: PipelineConfig) -> Plan:
     """Return what gc would remove; nothing is changed. One line naming a record or registry file that is damaged."""
     # In this order: a folder listed here whose record is not written yet belongs to a stage whose lock is held now.
     published = _published(config)
-    held = config.lock_manager().held_keys()
+    held = [key for key in config.lock_manager().held_keys() if key != GC_KEY]
     if held:
         return Plan(kept_folders=len(published), held=held)
     records = read_records(config.cache_dir)
@@ -59,6 +73,19 @@ def plan(config: PipelineConfig) -> Plan:
     return Plan(folders={folder: size for folder, size in published.items() if folder not in kept},
                 records=sorted(set(records) - kept_records), kept_folders=len(set(published) & kept),
                 kept_records=len(kept_records))
+
+
+@contextmanager
+def excluding_runs(config: PipelineConfig) -> Iterator[None]:
+    """Hold gc's lock for the block: a stage that takes its lock meanwhile waits until the block ends."""
+    locks, holder = config.lock_manager(), f"gc-{uuid.uuid4().hex}"
+    if not locks.acquire_lock(GC_KEY, holder, acquire_timeout=0):
+        raise PipelineError(f"gc of {storage.identity(config.artifacts_dir)}: expected no other gc at work there, found "
+                            f"its lock {GC_KEY!r} held: nothing removed; run gc again when it has finished")
+    try:
+        yield
+    finally:
+        locks.release_lock(GC_KEY, holder)
 
 
 def collect(config: PipelineConfig, planned: Plan) -> None:

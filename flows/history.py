@@ -132,8 +132,9 @@ def diff(config: PipelineConfig, a: str, b: str, dataset: str) -> dict[str, Any]
                for name in ("test_accuracy", "test_loss", "train_accuracy", "train_loss")]
     classes = sorted(set(sides[0]["metrics"]["per_class"]) | set(sides[1]["metrics"]["per_class"]), key=_class_order)
     metrics += [_metric(f"recall {c}", sides, lambda m, c=c: m["per_class"].get(c, {}).get("recall")) for c in classes]
-    return {"dataset": dataset, "a": {k: sides[0][k] for k in ("spec", "model_digest")},
-            "b": {k: sides[1][k] for k in ("spec", "model_digest")}, "params": params, "metrics": metrics}
+    return {"dataset": dataset, **{side: {"spec": sides[i]["spec"], "model_digest": sides[i]["model_digest"],
+                                          "data_version": _version(sides[i]["metrics"])} for i, side in enumerate("ab")},
+            "params": params, "metrics": metrics}
 
 
 def _version(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -156,8 +157,9 @@ def diff_tables(result: dict[str, Any]) -> list[Any]:
 
     specs = {s: f"champion of {result['dataset']}" if result[s]["spec"] == "champion" else result[s]["spec"]
              for s in ("a", "b")}
-    a, b = (f"{specs[s]} ({result[s]['model_digest'][:16]})" if result[s]["spec"] != result[s]["model_digest"][:16]
-            else result[s]["model_digest"][:16] for s in ("a", "b"))
+    a, b = ((f"{specs[s]} ({result[s]['model_digest'][:16]})" if result[s]["spec"] != result[s]["model_digest"][:16]
+             else result[s]["model_digest"][:16]) + f", scored on data {version_label(result[s]['data_version'])}"
+            for s in ("a", "b"))
     params = Table(title="settings", title_justify="left")
     for name in ("setting", "A: " + a, "B: " + b):
         params.add_column(name)

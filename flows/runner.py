@@ -10,6 +10,7 @@ exclude each other per stage through the lock managers of tasks.locks.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import inspect
 import json
@@ -22,6 +23,7 @@ from typing import Any
 
 from prefect import get_run_logger
 from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 from prefect.serializers import JSONSerializer
 from prefect.states import State
 from prefect.tasks import Task
@@ -31,7 +33,8 @@ from flows.config import PipelineConfig
 from flows.stages import OTHER_STEPS, STEPS, Step
 from tasks import storage
 from tasks.artifacts import ArtifactRef, staged
-from tasks.keys import SERIALIZER, check_record, components_path, key_components, key_of
+from tasks.errors import PipelineError
+from tasks.keys import SERIALIZER, check_record, components_path, key_components, key_of, read_record
 from tasks.locks import FlockLockManager
 
 assert JSONSerializer().model_dump(mode="json") == SERIALIZER, "Prefect's JSONSerializer describes itself differently"
@@ -61,13 +64,22 @@ class StageCache(CachePolicy):
         if self.lock_manager is None and self.cache_dir:
             self.lock_manager = FlockLockManager(storage.lock_dir(self.cache_dir))
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
         key = key_of(key_components(task_ctx.task.name, self.module, inputs))
-        # Under the stage's lock: a record another run is writing right now is not half-read and thrown away.
-        with self.lock_manager.held(key) if self.lock_manager else nullcontext():
-            if self.cache_dir:
-                trusted_result(self.cache_dir, key)
+        try:
+            # Under the stage's lock: a record another run is writing right now is not half-read and thrown away.
+            with self.lock_manager.held(key) if self.lock_manager else nullcontext():
+                if self.cache_dir:
+                    trusted_result(self.cache_dir, key)
+        except PipelineError as exc:  # the lock server or the object storage stopped answering
+            # Raised here, Prefect would log it and run the stage unlocked and uncached: the stage raises it instead.
+            _KEY_ERRORS[task_ctx.task_run.id] = exc
+            return None
         return key
+
+
+# The error that stopped a task run's cache key, by task run id: its task raises it (see `StageCache.compute_key`).
+_KEY_ERRORS: dict[Any, PipelineError] = {}
 
 
 def trusted_result(cache_dir: str | Path, key: str) -> ArtifactRef | None:
@@ -94,8 +106,16 @@ def record_components(step: Step, inputs: dict[str, Any], cache_dir: str | Path)
     components = key_components(step.task, step.module, inputs)
     path = components_path(cache_dir, key_of(components))
     if not storage.exists(path):
-        storage.write_text(path, json.dumps({**components, "recorded_at": datetime.now(timezone.utc).isoformat(
-            timespec="seconds")}, indent=1, sort_keys=True))
+        text = json.dumps({**components, "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                          indent=1, sort_keys=True)
+        try:
+            storage.write_text(path, text)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise PipelineError(f"{cache_dir}: disk space: expected room for the cache records, found the disk full "
+                                f"({exc.strerror or exc}); the stage's output is published, and the next run with room "
+                                "records it") from None
 
 
 def cached(stage_task: Task, config: PipelineConfig, refresh: bool = False, locks: Any = None) -> Task:
@@ -118,8 +138,29 @@ def run_stage(stage_task: Task, inputs: dict[str, Any], config: PipelineConfig, 
     if state.is_failed():
         discard_failure_record(state, config.cache_dir)
     result = state.result()  # re-raises the stage's error
-    record_components(TASK_STEPS[stage_task.name], inputs, config.cache_dir)
+    step = TASK_STEPS[stage_task.name]
+    recorded = state.name == "Cached" or was_recorded(stage_key(step, inputs), config)
+    record_components(step, inputs, config.cache_dir)  # on a full disk: one line that says so
+    if not recorded:
+        raise PipelineError(f"{config.cache_dir}/{stage_key(step, inputs)}: cache record of {step.task}: expected it "
+                            "written, found none (the error logged above says why); the stage's output is published, "
+                            "and the next run records it")
     return result, state.name != "Cached"
+
+
+def was_recorded(key: str, config: PipelineConfig) -> bool:
+    """Return whether Prefect wrote the record of a stage it computed. It logs an error writing it (a full disk, a lock
+    server gone, a lost lock) and goes on as if it had, leaving none or, on disk, part of one: that part is removed."""
+    record = f"{config.cache_dir}/{key}"
+    with config.lock_manager().held(key):  # another run may be writing it now; a lock server gone: its one line
+        try:
+            read_record(record)
+            return True
+        except FileNotFoundError:
+            return False
+        except (ValueError, KeyError, TypeError):
+            storage.remove(record)
+            return False
 
 
 def discard_failure_record(state: State, cache_dir: Path) -> None:
@@ -213,6 +254,9 @@ def stage_task(step: Step) -> Task:
     signature = inspect.Signature(own + extra, return_annotation=ArtifactRef)
 
     def run(*args: Any, **kwargs: Any) -> ArtifactRef:
+        context = TaskRunContext.get()
+        if context is not None and context.task_run.id in _KEY_ERRORS:
+            raise _KEY_ERRORS.pop(context.task_run.id)
         inputs = signature.bind(*args, **kwargs)
         inputs.apply_defaults()
         return execute(step, inputs.arguments)

@@ -8,6 +8,7 @@ third of that while the holder lives), and a holder that lost its lock does not 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from tasks.errors import PipelineError
 from tasks.files import flocked, take_flock
@@ -26,6 +28,16 @@ from tasks.storage import lock_dir, root_id
 LOCK_EXPIRY_S = 15.0
 # A child of Prefect's logger: its handlers show the line in the run log (where Prefect's own lines go).
 _log = logging.getLogger("prefect.mnist_pipeline.locks")
+# The lock `gc` holds while it plans and removes (flows/gc.py); every other lock, once taken, waits until it is free.
+GC_KEY = "gc"
+
+
+def redacted(url: str) -> str:
+    """Return a Redis URL with its password replaced by *** (for messages and anything stored)."""
+    userinfo, at, host = urlsplit(url).netloc.rpartition("@")
+    if ":" not in userinfo:
+        return url
+    return urlunsplit(urlsplit(url)._replace(netloc=f"{userinfo.partition(':')[0]}:***{at}{host}"))
 
 
 def stage_locks(url: str | None, cache_dir: str | Path, expiry_s: float) -> FlockLockManager | RedisLockManager:
@@ -52,6 +64,18 @@ class _Shared:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
+
+    def _after_gc(self, key: str, holder: str) -> None:
+        """Wait, holding the stage lock of `key` just taken, until gc does not hold its lock (flows/gc.py): gc takes
+        its lock before it looks at the stage locks, so either gc sees this lock held and removes nothing, or this
+        stage reads and records its result only after gc is done."""
+        if key == GC_KEY:
+            return
+        try:
+            self.wait_for_lock(GC_KEY)
+        except BaseException:
+            self.release_lock(key, holder)
+            raise
 
     async def aacquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
         """Take the lock of `key` (blocking: the stages are synchronous)."""
@@ -98,6 +122,7 @@ class FlockLockManager(_Shared):
             return False
         with self._guard:
             self._held[key] = (holder, fd)
+        self._after_gc(key, holder)
         return True
 
     def release_lock(self, key: str, holder: str) -> None:
@@ -129,6 +154,32 @@ class FlockLockManager(_Shared):
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
         return _wait(lambda: self.is_locked(key), timeout)
+
+
+@contextmanager
+def _answering(url: str) -> Iterator[None]:
+    """Turn a Redis server that stops answering (during a run, after its check) into one line naming it: a stage
+    fails instead of running unlocked. A lost lock (LockError) stays what it is."""
+    import redis
+
+    try:
+        yield
+    except redis.exceptions.LockError:
+        raise
+    except redis.RedisError as exc:
+        raise PipelineError(f"locks {redacted(url)}: expected a Redis server answering there, found none ({exc}); no "
+                            "stage result is recorded without its lock: run again when it answers") from None
+
+
+def _answers(method: Any) -> Any:
+    """Run a method of RedisLockManager under `_answering`."""
+
+    @functools.wraps(method)
+    def call(self: RedisLockManager, *args: Any, **kwargs: Any) -> Any:
+        with _answering(self.url):
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 class RedisLockManager(_Shared):
@@ -163,12 +214,18 @@ class RedisLockManager(_Shared):
 
         try:
             self.client.ping()
+        except redis.AuthenticationError as exc:
+            found = "a password it refuses" if urlsplit(self.url).password else "none"
+            raise PipelineError(f"locks {redacted(self.url)}: expected the Redis server's password in the URL "
+                                f"(redis://:PASSWORD@HOST:PORT/DB), found {found} ({exc})") from None
         except redis.RedisError as exc:
-            raise PipelineError(f"locks {self.url}: expected a Redis server answering there, found none ({exc})") from None
+            raise PipelineError(f"locks {redacted(self.url)}: expected a Redis server answering there, found none "
+                                f"({exc})") from None
 
     def _name(self, key: str) -> str:
         return f"mnist-pipeline:{self.namespace}:lock:{key}"
 
+    @_answers
     def held_keys(self) -> list[str]:
         """Return the keys whose lock some holder has now (and has not let expire)."""
         prefix = self._name("")
@@ -182,12 +239,15 @@ class RedisLockManager(_Shared):
     def held(self, key: str) -> Iterator[None]:
         """Hold the lock of `key` for the duration of a short block (not renewed)."""
         lock = self._lock(key, None)
-        lock.acquire(token=f"check-{uuid.uuid4().hex}")
+        with _answering(self.url):
+            lock.acquire(token=f"check-{uuid.uuid4().hex}")
         try:
             yield
         finally:
-            _release(lock)
+            with _answering(self.url):
+                _release(lock)
 
+    @_answers
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None, hold_timeout: float | None = None) -> bool:
         """Take the lock of `key` for `holder`, waiting up to `acquire_timeout` seconds (None: as long as it takes),
         and keep renewing it until it is released."""
@@ -200,6 +260,7 @@ class RedisLockManager(_Shared):
         with self._guard:
             self._held[key] = (holder, lock, stop)
         threading.Thread(target=self._renew, args=(key, lock, stop), name=f"renew-{key}", daemon=True).start()
+        self._after_gc(key, holder)
         return True
 
     def _renew(self, key: str, lock: Any, stop: threading.Event) -> None:
@@ -217,13 +278,20 @@ class RedisLockManager(_Shared):
                 continue  # the server did not answer this time: try again until the lock expires
 
     def release_lock(self, key: str, holder: str) -> None:
-        """Release the lock of `key` taken by `holder` (nothing to do if it expired meanwhile)."""
+        """Release the lock of `key` taken by `holder` (nothing to do if it expired meanwhile, or if the server does
+        not answer: then it expires)."""
+        import redis
+
         with self._guard:
             if self._held.get(key, ("",))[0] != holder:
                 raise ValueError(f"No lock held by {holder} for transaction with key {key}")
             _, lock, stop = self._held.pop(key)
-        if self._first_to_stop(stop) and not _release(lock):
-            self._warn_lost(key)  # lost before the renewal thread woke up to notice
+        try:
+            if self._first_to_stop(stop) and not _release(lock):
+                self._warn_lost(key)  # lost before the renewal thread woke up to notice
+        except redis.RedisError as exc:  # cleanup after the server stopped answering: not another error on top
+            _log.warning("stage lock %s not released: the Redis server did not answer (%s); it expires within %g s",
+                         key, exc, self.expiry_s)
 
     def _first_to_stop(self, stop: threading.Event) -> bool:
         """Set `stop`; True for the one caller (renewal thread or release) that set it first."""
@@ -237,6 +305,7 @@ class RedisLockManager(_Shared):
             "stage lock %s expired before it was renewed (this process was stopped or cut off from Redis for over "
             "%g s); another run may compute the stage, and this one will not record its result", key, self.expiry_s)
 
+    @_answers
     def is_locked(self, key: str) -> bool:
         """Return whether anyone holds the lock of `key`; a lock this process took and lost counts as held (by
         whoever has it now, or by nobody yet), so that Prefect refuses to record a result under it."""
@@ -244,6 +313,7 @@ class RedisLockManager(_Shared):
             return True
         return bool(self.client.exists(self._name(key)))
 
+    @_answers
     def is_lock_holder(self, key: str, holder: str) -> bool:
         """Return whether `holder` holds the lock of `key` (taken here and, in Redis, still its own)."""
         return self._held.get(key, ("",))[0] == holder and self._owned(key)
@@ -252,6 +322,7 @@ class RedisLockManager(_Shared):
         entry = self._held.get(key)
         return entry is not None and entry[1].owned()
 
+    @_answers
     def wait_for_lock(self, key: str, timeout: float | None = None) -> bool:
         """Wait until nobody holds the lock of `key`; False if `timeout` passed first."""
         return _wait(lambda: bool(self.client.exists(self._name(key))), timeout)

@@ -69,6 +69,7 @@ def test_the_champion_is_scored_on_the_challengers_data_before_the_decision(synt
     # `diff` compares the two on the data version they share.
     compared = diff(config, champion.model_digest[:8], decision.model_digest[:8], dataset_key(config))
     assert not any(row["name"].startswith("evaluated on") for row in compared["params"])
+    assert compared["a"]["data_version"] == compared["b"]["data_version"] == second["data_version"]
     assert compared["metrics"][0] == {"name": "test_accuracy", "a": on_new["test_accuracy"],
                                       "b": challenger["test_accuracy"],
                                       "delta": challenger["test_accuracy"] - on_new["test_accuracy"]}

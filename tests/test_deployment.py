@@ -414,6 +414,167 @@ def test_batches_landing_together_trigger_one_run_of_batch_landed_that_trains_on
     server.client.delete(f"/flow_runs/{second['id']}").raise_for_status()  # not for a later worker of this module
 
 
+# --- a worker that dies: heartbeats, and the automation that marks its run Crashed ----------------------------------
+
+AUTOMATION = REPO / "automations" / "crash-runs-without-heartbeats.yaml"
+HEARTBEAT = "prefect.flow-run.heartbeat"
+HEARTBEAT_FREQUENCY = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+CRASH_EPOCHS = 80  # about 0.3 s each: still training when killed (after epoch 2), resumed by the next run
+
+
+def _heartbeats(server: SimpleNamespace, run_id: str) -> list[datetime]:
+    """When each heartbeat event of flow run `run_id` on the server occurred (oldest first)."""
+    query = {"filter": {"event": {"name": [HEARTBEAT]}, "resource": {"id": [f"prefect.flow-run.{run_id}"]}},
+             "limit": 50}
+    response = server.client.post("/events/filter", json=query)
+    response.raise_for_status()
+    return sorted(datetime.fromisoformat(event["occurred"]) for event in response.json()["events"])
+
+
+def _messages(server: SimpleNamespace, run_id: str) -> list[str]:
+    logs = _filter(server, "logs", {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200})
+    return [entry["message"] for entry in logs]
+
+
+def _kill_machine(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL a worker started by `_start` and everything under it, as when its machine dies: its process group (its
+    PID, the session `_start` gave it) and that of each of its descendants (the worker starts each flow run in a
+    session of its own, which a SIGKILL of the worker's group does not reach). Return the descendants' PIDs."""
+    import psutil
+
+    descendants = psutil.Process(proc.pid).children(recursive=True)
+    groups = {proc.pid}
+    for child in descendants:
+        try:
+            groups.add(os.getpgid(child.pid))
+        except ProcessLookupError:
+            pass
+    groups.discard(os.getpgid(0))  # never the test's own group
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(descendants, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    return [child.pid for child in descendants]
+
+
+def test_a_run_whose_worker_is_sigkilled_is_marked_crashed_and_the_next_run_completes_intact(server, deployed):
+    # Every run of the deployments sends heartbeats every 30 s, whatever its worker's environment (this worker's has
+    # none), and carries the tag that the automation watches.
+    spec = yaml.safe_load(AUTOMATION.read_text())
+    within = spec["trigger"]["within"]
+    for name, deployment in DEPLOYMENTS.items():
+        frequency = deployment["work_pool"]["job_variables"]["env"][HEARTBEAT_FREQUENCY]
+        assert deployed[name]["job_variables"]["env"][HEARTBEAT_FREQUENCY] == frequency == "30", name
+        assert within >= 3 * int(frequency)  # three missed heartbeats: never a healthy run
+        [tag] = deployed[name]["tags"]
+        watched = {"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{tag}"}
+        assert spec["trigger"]["match_related"] == watched, name
+    assert HEARTBEAT_FREQUENCY not in server.env
+    # The README's command creates the automation.
+    output = _cli(server, "automation", "create", "--from-file", str(AUTOMATION))
+    assert f"Created automation '{spec['name']}'" in output, output
+    [automation] = [a for a in server.client.post("/automations/filter", json={}).json() if a["name"] == spec["name"]]
+    assert automation["enabled"] and automation["trigger"]["posture"] == "Proactive"
+
+    base = server.base / "heartbeats"
+    base.mkdir()
+    config = _config(base)
+    config["train"].update(epochs=CRASH_EPOCHS, batch_size=8)
+    adhoc = deployed["adhoc"]["id"]
+    created: list[str] = []
+
+    def new_run() -> str:
+        before = {r["id"] for r in _filter(server, "flow_runs", {"deployments": {"id": {"any_": [adhoc]}}})}
+        _cli(server, "deployment", "run", f"{FLOW}/adhoc", "--params", json.dumps({"config": config}))
+        [run] = [r for r in _filter(server, "flow_runs", {"deployments": {"id": {"any_": [adhoc]}}})
+                 if r["id"] not in before]
+        created.append(run["id"])
+        return run["id"]
+
+    log = base / "worker-killed.log"
+    worker = None
+    try:
+        run_id = new_run()
+        started = time.monotonic()
+        worker = _start([PREFECT, "worker", "start", "--pool", POOL, "--name", "doomed-worker", "--run-once",
+                         "--limit", "1"], log, cwd=base, env=server.env)
+
+        def training_and_heartbeating() -> bool:
+            assert worker.poll() is None, f"the worker exited {worker.returncode} before the kill\n{_tail(log, 80)}"
+            run = server.client.get(f"/flow_runs/{run_id}").json()
+            assert run["state_type"] in ("PENDING", "RUNNING", "SCHEDULED"), f"{run['state']}\n{_tail(log, 80)}"
+            return (run["state_type"] == "RUNNING" and bool(_heartbeats(server, run_id))
+                    and any(m.startswith(f"epoch 2/{CRASH_EPOCHS}:") for m in _messages(server, run_id)))
+
+        _wait_for("the run is training and sent a heartbeat", training_and_heartbeating, timeout=240)
+        epochs = [m.split(":")[0] for m in _messages(server, run_id) if m.startswith("epoch ")]
+        print(f"{epochs[-1]} done, {len(_heartbeats(server, run_id))} heartbeat(s), "
+              f"{time.monotonic() - started:.1f} s after the worker started")
+        # The flow-run process got the frequency from the deployment (30 s: not Prefect's 180, which would outlast the
+        # automation's window and get healthy runs marked Crashed).
+        import psutil
+
+        environments = [p.environ() for p in psutil.Process(worker.pid).children(recursive=True)]
+        engines = [env for env in environments if env.get("PREFECT__FLOW_RUN_ID") == run_id]
+        assert engines and {env.get(HEARTBEAT_FREQUENCY) for env in engines} == {frequency}, environments
+
+        flow_run_pids = _kill_machine(worker)
+        killed = time.monotonic()
+        print(f"SIGKILLed the worker {worker.pid} and its flow-run processes {flow_run_pids}")
+        assert flow_run_pids  # the flow-run process was killed too, not only the worker
+        # Nothing told the server: the run stays Running until its heartbeats are missed for `within` seconds.
+        assert server.client.get(f"/flow_runs/{run_id}").json()["state_type"] == "RUNNING"
+
+        # Bound: the window after the last heartbeat, the server's proactive evaluation (every 5 s), slack for 2 busy
+        # cores; counted from the kill, which came after the last heartbeat.
+        bound = within + int(frequency) + 30
+        run = _wait_for("the killed run is Crashed", lambda: (
+            found if (found := server.client.get(f"/flow_runs/{run_id}").json())["state_type"] != "RUNNING" else None),
+            timeout=bound)
+        print(f"Crashed {time.monotonic() - killed:.1f} s after the kill; its task runs: " + ", ".join(
+            f"{t['name']} {t['state_name']}" for t in _filter(server, "task_runs", {
+                "flow_runs": {"id": {"any_": [run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})))
+        assert run["state_type"] == "CRASHED" and run["state_name"] == "Crashed", run["state"]
+        assert run["state"]["message"] == spec["actions"][0]["message"]
+        last_beat = max(_heartbeats(server, run_id))
+        assert (datetime.fromisoformat(run["state"]["timestamp"]) - last_beat).total_seconds() >= within
+
+        # The next run of the deployment, on a new worker, completes: the data stages cached, training resumed from the
+        # last epoch the killed run finished, and every stage's recorded result intact.
+        next_id = new_run()
+        _work(server, next_id, f"{FLOW}/adhoc-after-crash", base)
+        messages = _messages(server, next_id)
+        resumed = [m for m in messages if m.startswith("resuming from epoch ")]
+        assert resumed, messages
+        print(resumed[0].split(" (")[0])
+        task_runs = {t["name"].rsplit("-", 1)[0]: t["state_name"]
+                     for t in _filter(server, "task_runs", {"flow_runs": {"id": {"any_": [next_id]}}})}
+        assert task_runs == {**dict.fromkeys(TASKS[:3], "Cached"), **dict.fromkeys(TASKS[3:], "Completed")}, task_runs
+        # Nothing half-recorded: every stage result recorded (by either run) names whole files with their recorded
+        # digests, and no scratch folder is left.
+        from prefect.filesystems import LocalFileSystem
+        from prefect.results import ResultStore
+        from prefect.serializers import JSONSerializer
+
+        cache = base / "artifacts" / "cache"
+        store = ResultStore(result_storage=LocalFileSystem(basepath=str(cache)), serializer=JSONSerializer())
+        records = [path.name for path in cache.iterdir() if path.is_file()]
+        assert len(records) >= len(TASKS), records
+        assert {name: store.read(name).result.problem() for name in records} == dict.fromkeys(records), records
+        roots = [base / "data", base / "artifacts"]
+        assert not [p for root in roots for p in root.rglob(".*") if p.name.startswith((".tmp-", ".trash-"))]
+    finally:
+        if worker is not None:
+            _stop(worker)
+        for run_id in created:  # the adhoc runs of other tests of this module count theirs
+            server.client.delete(f"/flow_runs/{run_id}")
+        server.client.delete(f"/automations/{automation['id']}")
+
+
 # --- the UI in headless Chromium ------------------------------------------------------------------------------------
 
 
