@@ -117,8 +117,9 @@ def _log_dropped(config: PipelineConfig, results: dict[str, Any]) -> None:
     if gone:
         names = []
         for digest in gone:  # by name while the checked batch is still in the data root
+            checked = f"{config.data_dir}/{BATCHES_DIR}/{digest[:16]}/{BATCH_FILE}"
             try:
-                names.append(json.loads(storage.read_bytes(f"{config.data_dir}/{BATCHES_DIR}/{digest[:16]}/{BATCH_FILE}"))["name"])
+                names.append(json.loads(storage.read_bytes(checked))["name"])
             except (OSError, ValueError, KeyError):
                 names.append(digest[:16])
         get_run_logger().warning(
