@@ -139,10 +139,11 @@ def run_stage(stage_task: Task, inputs: dict[str, Any], config: PipelineConfig, 
         discard_failure_record(state, config.cache_dir)
     result = state.result()  # re-raises the stage's error
     step = TASK_STEPS[stage_task.name]
-    recorded = state.name == "Cached" or was_recorded(stage_key(step, inputs), config)
+    key = stage_key(step, inputs)
+    recorded = state.name == "Cached" or was_recorded(key, config)
     record_components(step, inputs, config.cache_dir)  # on a full disk: one line that says so
     if not recorded:
-        raise PipelineError(f"{config.cache_dir}/{stage_key(step, inputs)}: cache record of {step.task}: expected it "
+        raise PipelineError(f"{config.cache_dir}/{key}: cache record of {step.task}: expected it "
                             "written, found none (the error logged above says why); the stage's output is published, "
                             "and the next run records it")
     return result, state.name != "Cached"
