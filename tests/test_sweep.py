@@ -125,10 +125,15 @@ def sweep_config(base: Path, address: str | None, epochs: int = 2, n_train: int 
 
 
 def scheduler_transitions(address: str) -> int:
-    """Return how many task state transitions the Dask scheduler has made so far."""
+    """Return how many task state transitions the Dask scheduler has made so far, once it holds no task (the tasks of
+    a sweep that returned are forgotten a moment later, each with transitions of its own)."""
     from distributed import Client
 
     with Client(address, timeout=60) as client:
+        deadline = time.monotonic() + 60
+        while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+            assert time.monotonic() < deadline, "the Dask scheduler still holds tasks after 60 s"
+            time.sleep(0.1)
         return client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
 
 
