@@ -14,7 +14,9 @@ import errno
 import importlib
 import inspect
 import json
-from contextlib import nullcontext
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cache
@@ -34,12 +36,14 @@ from flows.stages import OTHER_STEPS, STEPS, Step
 from tasks import storage
 from tasks.artifacts import ArtifactRef, staged
 from tasks.errors import PipelineError
+from tasks.files import atomic_write
 from tasks.keys import SERIALIZER, check_record, components_path, key_components, key_of, read_record
+from tasks.layout import TRAIN_STATE_FILE
 from tasks.locks import FlockLockManager
 
 assert JSONSerializer().model_dump(mode="json") == SERIALIZER, "Prefect's JSONSerializer describes itself differently"
 # What the runner gives a stage function besides the task's inputs.
-SUPPLIED = ("out_dir", "log", "progress", "state_dir")
+SUPPLIED = ("out_dir", "log", "progress", "state_dir", "on_backup")
 
 
 def stage_key(step: Step, inputs: dict[str, Any]) -> str:
@@ -204,9 +208,8 @@ def execute(step: Step, inputs: dict[str, Any]) -> ArtifactRef:
             elif isinstance(value, list) and files:  # a list of artifacts (the accepted batches), those files of each
                 arguments[name] = [stage.local(ref, *files) for ref in value]
         supplied = {"out_dir": stage.root / step.folder, "log": logger.info}
-        if step.task == "train_model":
-            supplied.update(_training_extras(stage.root, inputs, logger))
-        ref = stage.publish(function(**arguments, **supplied))
+        with _training_extras(stage.root, inputs, logger) if step.task == "train_model" else nullcontext({}) as extras:
+            ref = stage.publish(function(**arguments, **supplied, **extras))
     logger.info("output: %s", ref.path(next(iter(ref.files))).parent)
     if step.task == "validate_mnist" and not ref.meta["source"]["pinned_by"]:
         logger.warning("source %s was not pinned (no SHA256SUMS, no --sha256): its files are trusted on the IDX "
@@ -216,8 +219,13 @@ def execute(step: Step, inputs: dict[str, Any]) -> ArtifactRef:
     return ref
 
 
-def _training_extras(root: Path, inputs: dict[str, Any], logger: Any) -> dict[str, Any]:
-    """Return the training's per-epoch progress artifact in the UI and its resume folder (see tasks.train.fit_model)."""
+@contextmanager
+def _training_extras(root: Path, inputs: dict[str, Any], logger: Any) -> Iterator[dict[str, Any]]:
+    """Yield the training's per-epoch progress artifact in the UI and its resume folder (see tasks.train.fit_model).
+
+    On object storage the stage's folder is temporary: each epoch's backup is also kept under the artifacts root (its
+    `train-state/`), fetched from there before training on whichever machine runs it next, and removed once the model
+    is published."""
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     from tasks.callbacks import format_metrics
@@ -233,9 +241,63 @@ def _training_extras(root: Path, inputs: dict[str, Any], logger: Any) -> dict[st
         except Exception as exc:  # a lost progress update must not abort a long training run
             logger.warning("could not update the progress artifact: %s", exc)
 
-    # On object storage the resume state stays in the stage's temporary folder: a killed training starts over.
     state_dir = state_folder(root, inputs["processed"], inputs["config"], inputs["num_classes"], inputs["batches"])
-    return {"progress": progress, "state_dir": state_dir}
+    artifacts_dir = inputs["artifacts_dir"]
+    if not storage.is_remote(artifacts_dir):
+        yield {"progress": progress, "state_dir": state_dir}
+        return
+    kept = f"{str(artifacts_dir).rstrip('/')}/{state_dir.relative_to(root).as_posix()}"
+    problem = fetch_state(kept, state_dir)
+    if problem:
+        logger.warning("training from epoch 1: %s", problem)
+    elif state_dir.is_dir():
+        logger.info("fetched the state of an interrupted training kept in %s", kept)
+    yield {"progress": progress, "state_dir": state_dir, "on_backup": lambda folder: keep_state(folder, kept)}
+    with suppress(FileNotFoundError):
+        storage.remove_tree(kept)
+
+
+WEIGHTS_NAME = re.compile(r"epoch-(\d{4,})\.weights\.h5")
+MAX_STATE_BYTES = 1 << 20  # a state file: the epoch, a name and the per-epoch metrics
+
+
+def keep_state(folder: Path, location: str) -> None:
+    """Copy the backup in `folder` to `location` on object storage: the weights it names first, then its state file
+    (one PUT, so the state kept there always names weights that are there), then delete the weights of earlier epochs
+    kept there (never later ones: another machine training the same model may have written them)."""
+    state = json.loads((folder / TRAIN_STATE_FILE).read_text())
+    storage.copy_file(folder / state["weights"], f"{location}/{state['weights']}")
+    storage.copy_file(folder / TRAIN_STATE_FILE, f"{location}/{TRAIN_STATE_FILE}")
+    for name in storage.list_names(location):
+        match = WEIGHTS_NAME.fullmatch(name)
+        if match and int(match[1]) < state["epoch"]:
+            storage.remove(f"{location}/{name}")
+
+
+def fetch_state(location: str, folder: Path) -> str | None:
+    """Copy the backup kept at `location` on object storage (see `keep_state`) into `folder`, for EpochBackup.restore.
+    Return why none was copied when a state file is there but unusable (the training then starts over), else None."""
+    where = f"{location}/{TRAIN_STATE_FILE}"
+    try:
+        raw = storage.read_bytes(where)
+    except FileNotFoundError:
+        return None
+    if len(raw) > MAX_STATE_BYTES:
+        return f"{where}: expected a state file of at most {MAX_STATE_BYTES:,} bytes, found {len(raw):,}"
+    try:
+        state = json.loads(raw)
+    except ValueError as exc:
+        return f"{where} is not a state file this project wrote ({exc})"
+    weights = state.get("weights") if isinstance(state, dict) and isinstance(state.get("epoch"), int) else None
+    if not (isinstance(weights, str) and WEIGHTS_NAME.fullmatch(weights)):
+        return f"{where} is not a state file this project wrote"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        storage.fetch_file(f"{location}/{weights}", folder / weights)
+    except FileNotFoundError:
+        return f"{where} names {weights}, which is not there"
+    atomic_write(folder / TRAIN_STATE_FILE, json.dumps(state))
+    return None
 
 
 @cache

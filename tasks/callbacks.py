@@ -65,10 +65,11 @@ class EpochBackup(keras.callbacks.Callback):
     to resume from (BackupAndRestore overwrites its weights in place and writes the epoch number after them).
     """
 
-    def __init__(self, folder: Path, recorder: EpochRecorder) -> None:
+    def __init__(self, folder: Path, recorder: EpochRecorder, after: Callable[[Path], None] | None = None) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.recorder = recorder
+        self.after = after  # called with the folder after each backup
 
     def restore(self, model: Any) -> int:
         """Load the last backed-up epoch into `model` (compiled) and the recorder; return the epochs done (0: none)."""
@@ -92,3 +93,6 @@ class EpochBackup(keras.callbacks.Callback):
         for old in self.folder.glob("epoch-*.weights.h5"):
             if old.name != weights:
                 old.unlink()
+        if self.after is not None:
+            self.after(self.folder)
+

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import Log, PipelineError
-from tasks.files import atomic_write, fsync_path, remove_folder, sha256_bytes
+from tasks.files import atomic_file, atomic_write, fsync_path, remove_folder, sha256_bytes
 from tasks.layout import LOCKS_DIR
 
 SCHEME = "s3://"
@@ -106,6 +106,17 @@ def copy_file(path: Path, location: Any) -> None:
     else:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, location)
+
+
+def fetch_file(location: Any, path: Path) -> None:
+    """Copy a local file or an object to `path` on this disk, replacing it by one rename (FileNotFoundError if there
+    is none)."""
+    with atomic_file(path) as temp:
+        if is_remote(location):
+            with explaining():
+                filesystem().get_file(str(location), str(temp))
+        else:
+            shutil.copyfile(location, temp)
 
 
 def remove(location: Any) -> None:

@@ -30,14 +30,15 @@ Progress = Callable[[int, int, dict[str, float]], None]
 
 def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_classes: int = NUM_CLASSES,
               batches: Sequence[ArtifactRef] = (), log: Log = quiet,
-              progress: Progress = lambda done, epochs, logs: None, state_dir: Path | None = None) -> ArtifactRef:
+              progress: Progress = lambda done, epochs, logs: None, state_dir: Path | None = None,
+              on_backup: Callable[[Path], None] | None = None) -> ArtifactRef:
     """Fit the configured model on `train.parquet` of `processed` and of each accepted batch (tasks.batches), in that
     order, and publish the model, history and config (with the data version: the base and the batches) under `out_dir`.
 
     Training is Keras's `fit` with callbacks: `log` gets one line per epoch, `progress(epochs_done, epochs, logs)` is
     called after each epoch, `config.patience` adds early stopping, and with `state_dir` every epoch is backed up
     there, so a training killed mid-way resumes from its last finished epoch (the folder is removed once the model is
-    published). The artifact's digest covers the weights, the architecture, the per-epoch metrics and the config but
+    published; `on_backup(state_dir)` is called after each epoch's backup). The artifact's digest covers the weights, the architecture, the per-epoch metrics and the config but
     nothing else: the timings and whether it resumed are in the reference's meta, and `model.keras` is saved without
     its save date (tasks.models.save_model), so the same model is the same bytes and a repeatable rerun keeps
     downstream stages cached.
@@ -71,7 +72,7 @@ def fit_model(processed: ArtifactRef, out_dir: Path, config: TrainConfig, num_cl
         callbacks.append(stopper)
     done = 0
     if state_dir is not None:
-        backup = EpochBackup(state_dir, recorder)
+        backup = EpochBackup(state_dir, recorder, on_backup)
         done = backup.restore(model)
         if done:
             log(f"resuming from epoch {done}/{config.epochs} of an interrupted training (state in {state_dir})")

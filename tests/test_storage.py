@@ -235,6 +235,80 @@ def test_a_killed_lock_holder_on_one_machine_lets_the_other_train_once_after_the
     assert set(client.keys()) == before
 
 
+def test_a_training_killed_on_one_machine_resumes_on_another_from_the_state_kept_in_the_bucket(machines, tmp_path,
+                                                                                               s3_bucket):
+    import time
+
+    envs, args = machines
+    args = [*args, "--epochs", "60", "--batch-size", "8", "--until", "train"]
+    kept = f"{s3_bucket}/team/artifacts/train-state"
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=envs["a"], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # machine a dies once an epoch's state is in the bucket
+        deadline = time.monotonic() + 300
+        while not filesystem().glob(f"{kept}/*/state.json") and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before its first epoch was kept"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    (state_file,) = filesystem().glob(f"{kept}/*/state.json")
+    state = json.loads(filesystem().cat_file(state_file))
+    assert 1 <= state["epoch"] < 60
+    # The weights it names are there, and no later ones; earlier ones are deleted as each epoch is kept.
+    weights = [name for name in filesystem().ls(state_file.rpartition("/")[0]) if name.endswith(".weights.h5")]
+    assert state_file.replace("state.json", state["weights"]) in weights
+    assert all(name.rpartition("/")[2] <= state["weights"] for name in weights)
+
+    other = run_cli(envs["b"], args)  # another temp folder: only the bucket holds the state
+
+    assert other.returncode == 0, other.stderr
+    assert f"resuming from epoch {state['epoch']}/60 of an interrupted training" in other.stderr
+    summary = json.loads(other.stdout)
+    assert states(summary) == {**dict.fromkeys(ALL[:3], "cached"), "train": "completed"}
+    assert summary["stages"]["train"]["resumed_from_epoch"] == state["epoch"]
+    history = json.loads(filesystem().cat_file(artifact(summary, "train", "history.json")))
+    assert len(history["loss"]) == 60 and history["loss"][:state["epoch"]] == state["metrics"]["loss"]
+    assert not filesystem().glob(f"{kept}/**")  # removed once the model is published
+    assert left_in(tmp_path / "b" / "tmp") == []
+
+
+def test_a_kept_training_state_that_this_project_did_not_write_is_refused(s3_bucket, tmp_path):
+    import keras
+
+    from flows.runner import fetch_state, keep_state
+    from tasks.callbacks import EpochBackup, EpochRecorder
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    backup = EpochBackup(tmp_path / "ours", EpochRecorder(5, print, lambda *_: None))
+    backup.set_model(model)
+    for epoch in range(2):
+        backup.on_epoch_end(epoch)
+        keep_state(tmp_path / "ours", f"{s3_bucket}/kept")
+    assert sorted(name.rpartition("/")[2] for name in filesystem().ls(f"{s3_bucket}/kept")) == [
+        "epoch-0002.weights.h5", "state.json"]
+    assert fetch_state(f"{s3_bucket}/kept", tmp_path / "fetched") is None
+    assert {p.name: p.read_bytes() for p in (tmp_path / "fetched").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "ours").iterdir()}
+    assert fetch_state(f"{s3_bucket}/none", tmp_path / "none") is None and not (tmp_path / "none").exists()
+
+    state = json.loads((tmp_path / "ours" / "state.json").read_text())
+    where = f"{s3_bucket}/kept/state.json"
+    for content, problem in [
+        (b"{not json", f"{where} is not a state file this project wrote (Expecting property name"),
+        (json.dumps({**state, "weights": "../../elsewhere.weights.h5"}).encode(),
+         f"{where} is not a state file this project wrote"),
+        (json.dumps({**state, "metrics": {"loss": [0.0] * 300_000}}).encode(),
+         f"{where}: expected a state file of at most 1,048,576 bytes, found 1,5"),
+        (json.dumps({**state, "weights": "epoch-0009.weights.h5"}).encode(),
+         f"{where} names epoch-0009.weights.h5, which is not there"),
+    ]:
+        filesystem().pipe_file(where, content)
+        folder = tmp_path / f"refused-{len(content)}"
+        assert fetch_state(f"{s3_bucket}/kept", folder).startswith(problem)
+        assert not (folder / "state.json").exists()
+
+
 def test_an_endpoint_that_does_not_answer_is_one_line_before_anything_runs(machines, s3_bucket):
     from conftest import free_port
 
