@@ -18,6 +18,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 # Tasks called outside a flow (tests/test_tasks_direct.py) have no flow run to send their logs to.
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ.pop("PREFECT_API_URL", None)
+# pytest-xdist's worker processes get COLUMNS=80 and LINES=24: commands the tests start would wrap their tables.
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 for _name in [n for n in os.environ if n.startswith("MNIST_PIPELINE_")]:
     del os.environ[_name]
 # Commands started by tests use Prefect's temporary server or the test server, never a local server that would
