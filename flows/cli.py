@@ -549,8 +549,10 @@ def sweep_command(args: argparse.Namespace) -> int:
         overrides["sweep"] = {name: getattr(args, name) for name in ("dask_address", "dask_workers") if getattr(args, name)}
     local, config = flow_setup(overrides)
     space = sweep_space(args, config)
-    from flows.sweep import mnist_sweep
+    from flows.sweep import check_scheduler, mnist_sweep
 
+    if config.sweep.dask_address:  # as the flow does, but before any flow run (as run_flow checks the services)
+        check_scheduler(config.sweep.dask_address, config.sweep.dask_timeout_s)
     return run_flow(local, args, sweep_summary, mnist_sweep, space=space, config=config)
 
 

@@ -2,18 +2,18 @@
 
 Kept: the results of the configuration's stages (the keys `status` computes: a run with it stays all cached), the
 champion and every model of the registry with its evaluations, the cache records that reference only kept folders,
-sweep reports, the shipped snapshot, and everything while any stage lock is held (a run in progress publishes folders
-before it records them). Removed, with `--yes`: the other published folders and the other records, each folder's
-manifest first so that a half-removed folder is never trusted.
+sweep reports, the shipped snapshot, and everything while any lock is held (a run in progress). Removed, with
+`--yes`: the other published folders and the other records, each folder's manifest first so that a half-removed
+folder is never trusted.
 
-gc and runs exclude each other through the stage lock manager (flock on this machine, Redis with --locks), with one
-more lock, `gc` (`excluding_runs`), held from before gc looks at the stage locks until it has removed what it listed.
-A stage takes its own lock before it reads or writes its record, then waits while `gc` is held
-(tasks.locks._Shared._after_gc). Each side takes its lock first and looks at the other's second, so at least one
-sees the other: gc finds a stage lock held and removes nothing, or the stage starts once gc is done (and finds its
-record gone, or still there and intact). So gc never removes a folder that a stage is about to record. gc never
-waits for a stage, so the two cannot deadlock; a killed gc's lock goes as a stage's does. Runs are excluded stage by
-stage: between two stages a run holds no lock (RELIABILITY.md, Limits).
+gc and runs exclude each other through the stage lock manager (flock on this machine, Redis with --locks). Each run
+holds a lock of its own from its start to its end (`run-<random>`, tasks.locks.holding_run_lock), each stage its
+stage lock, and gc one more lock, `gc` (`excluding_runs`), from before it looks at the others until it has removed
+what it listed. A run or stage that takes its lock waits while `gc` is held (tasks.locks._Shared._after_gc). Each
+side takes its lock first and looks at the other's second, so at least one sees the other: gc finds a lock held and
+removes nothing, or the run starts once gc is done. So gc never removes what a run has published and reads next (even
+between two of its stages) or is about to record. gc never waits for a run, so the two cannot deadlock; a killed
+gc's lock goes as a stage's does.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _folder(path: Any) -> str:
 def summary(planned: Plan, removed: bool) -> str:
     """Return gc's report for people: what it removes (or would), and what it keeps."""
     if planned.held:
-        return (f"a run is in progress (stage lock {planned.held[0]} held"
+        return (f"a run is in progress (lock {planned.held[0]} held"
                 + (f", and {len(planned.held) - 1} more" if len(planned.held) > 1 else "")
                 + "): nothing removed; run gc again when it has finished")
     verb = "removed" if removed else "would remove"

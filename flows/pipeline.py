@@ -17,6 +17,7 @@ from tasks.artifacts import ArtifactRef, published_ref
 from tasks.dataset import data_version, landed, version_label
 from tasks.errors import PipelineError
 from tasks.layout import BATCH_FILE, BATCHES_DIR, QUARANTINE_DIR, REPORT_HTML, SUCCESS_MARKER
+from tasks.locks import holding_run_lock
 from tasks.registry import Champion, Scores, champion_path, read_history
 
 
@@ -30,39 +31,40 @@ def mnist_pipeline(
     """Run the stages up to `until` (or just `only`), reusing every cached stage except those named in `rerun`."""
     config = config or PipelineConfig()
     config.check_services(log=get_run_logger().warning)
-    last = only or until
-    stages = STAGES[: STAGES.index(last) + 1]
-    summary: dict[str, Any] = {"run_id": str(flow_run.get_id()), "stages": {}}
-    results: dict[str, Any] = {}
-    for name in stages:
-        step = STEPS[name]
-        inputs = step.inputs(config, results)
-        if only and name != only:
-            results[name] = _existing_artifact(name, inputs, config, only)
-        else:
-            refresh = name in (rerun or ()) or name == only
-            results[name], computed = run_stage(TASKS[name], inputs, config, refresh)
-            summary["stages"][name] = {
-                "state": "completed" if computed else "cached",
-                "artifacts": [f.path for f in results[name].files.values()],
-            }
-            if name == "train":  # how the model was trained (by the run that trained it): the timings, a resume
-                summary["stages"][name].update({key: results[name].meta.get(key) for key in (
-                    "fit_seconds", "epoch_seconds", "resumed_from_epoch")})
-            if computed and "train" in stages[stages.index(name) + 1 :]:
-                # Training likely follows (unless this stage's output is unchanged): import TensorFlow meanwhile.
-                keras_runtime.warm_up()
-            if name == "report" and not computed:
-                # A cached stage publishes nothing; the run's page in the UI should still show its report.
-                ui.publish_report(results["report"], results["evaluate"], results["promotion"])
-        if name == "preprocess" and config.batches.root:
-            results["batches"] = _check_batches(config, results, summary)
-            _log_dropped(config, results)
-        if name == "evaluate":
-            results["promotion"] = _decide_promotion(config, results, summary)
-    if "report" in results:
-        summary["report"] = str(results["report"].path(REPORT_HTML))
-    return summary
+    with holding_run_lock(config.lock_manager()):  # gc removes nothing until the run ends
+        last = only or until
+        stages = STAGES[: STAGES.index(last) + 1]
+        summary: dict[str, Any] = {"run_id": str(flow_run.get_id()), "stages": {}}
+        results: dict[str, Any] = {}
+        for name in stages:
+            step = STEPS[name]
+            inputs = step.inputs(config, results)
+            if only and name != only:
+                results[name] = _existing_artifact(name, inputs, config, only)
+            else:
+                refresh = name in (rerun or ()) or name == only
+                results[name], computed = run_stage(TASKS[name], inputs, config, refresh)
+                summary["stages"][name] = {
+                    "state": "completed" if computed else "cached",
+                    "artifacts": [f.path for f in results[name].files.values()],
+                }
+                if name == "train":  # how the model was trained (by the run that trained it): the timings, a resume
+                    summary["stages"][name].update({key: results[name].meta.get(key) for key in (
+                        "fit_seconds", "epoch_seconds", "resumed_from_epoch")})
+                if computed and "train" in stages[stages.index(name) + 1 :]:
+                    # Training likely follows (unless this stage's output is unchanged): import TensorFlow meanwhile.
+                    keras_runtime.warm_up()
+                if name == "report" and not computed:
+                    # A cached stage publishes nothing; the run's page in the UI should still show its report.
+                    ui.publish_report(results["report"], results["evaluate"], results["promotion"])
+            if name == "preprocess" and config.batches.root:
+                results["batches"] = _check_batches(config, results, summary)
+                _log_dropped(config, results)
+            if name == "evaluate":
+                results["promotion"] = _decide_promotion(config, results, summary)
+        if "report" in results:
+            summary["report"] = str(results["report"].path(REPORT_HTML))
+        return summary
 
 
 def _check_batches(config: PipelineConfig, results: dict[str, Any], summary: dict[str, Any]) -> list[ArtifactRef]:

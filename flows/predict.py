@@ -18,6 +18,7 @@ from tasks.errors import PipelineError
 from tasks.files import sha256_file
 from tasks.images import Invert
 from tasks.layout import MODEL_FILE, MODELS_DIR, PREDICTIONS_FILE
+from tasks.locks import holding_run_lock
 from tasks.registry import KnownModel, find_model, read_history
 
 
@@ -63,44 +64,45 @@ def mnist_predict(
     """
     config = config or PipelineConfig()
     config.check_services(log=get_run_logger().warning)
-    if output is not None and not Path(output).expanduser().parent.is_dir():
-        raise PipelineError(f"{output}: output folder {Path(output).expanduser().parent} does not exist: "
-                            "expected an existing folder")
-    dataset = dataset or configured_dataset(config).key()
-    chosen = resolve_model(model, config, dataset)
-    files = predict.list_inputs(inputs)
-    names = class_names or chosen.class_names
-    logger = get_run_logger()
-    logger.info("scoring %d input files with model %s (%s)", len(files), chosen.digest[:16], chosen.path)
+    with holding_run_lock(config.lock_manager()):  # gc removes nothing until the run ends
+        if output is not None and not Path(output).expanduser().parent.is_dir():
+            raise PipelineError(f"{output}: output folder {Path(output).expanduser().parent} does not exist: "
+                                "expected an existing folder")
+        dataset = dataset or configured_dataset(config).key()
+        chosen = resolve_model(model, config, dataset)
+        files = predict.list_inputs(inputs)
+        names = class_names or chosen.class_names
+        logger = get_run_logger()
+        logger.info("scoring %d input files with model %s (%s)", len(files), chosen.digest[:16], chosen.path)
 
-    stages: dict[str, str] = {}
+        stages: dict[str, str] = {}
 
-    def run(name: str, inputs: dict[str, Any]) -> ArtifactRef:
-        ref, computed = run_stage(TASKS[name], {**inputs, "artifacts_dir": config.artifacts_dir}, config)
-        stages[name] = "completed" if computed else "cached"
-        return ref
+        def run(name: str, inputs: dict[str, Any]) -> ArtifactRef:
+            ref, computed = run_stage(TASKS[name], {**inputs, "artifacts_dir": config.artifacts_dir}, config)
+            stages[name] = "completed" if computed else "cached"
+            return ref
 
-    # Keyed by the files' contents (`fingerprint`): the same images under other names are not decoded again.
-    decoded = run("load_inputs", {"files": files, "fingerprint": [sha256_file(path) for path in files],
-                                  "invert": invert})
-    scores = run("predict_classes", {"inputs": decoded, "model": model_ref(chosen)})
-    table = run("write_predictions", {"files": files, "inputs": decoded, "scores": scores, "model_digest": chosen.digest,
-                                      "class_names": list(names) if names else None})
+        # Keyed by the files' contents (`fingerprint`): the same images under other names are not decoded again.
+        decoded = run("load_inputs", {"files": files, "fingerprint": [sha256_file(path) for path in files],
+                                      "invert": invert})
+        scores = run("predict_classes", {"inputs": decoded, "model": model_ref(chosen)})
+        table = run("write_predictions", {"files": files, "inputs": decoded, "scores": scores,
+                                          "model_digest": chosen.digest, "class_names": list(names) if names else None})
 
-    frame = predict.read_table(table.path(PREDICTIONS_FILE))
-    if output is not None:
-        predict.write_table(frame, Path(output).expanduser().absolute())
-    ui.publish_predictions(frame, decoded)
-    return {
-        "run_id": str(flow_run.get_id()),
-        "output": str(Path(output).expanduser().absolute()) if output else str(table.path(PREDICTIONS_FILE)),
-        "predictions": str(table.path(PREDICTIONS_FILE)),
-        "images": len(frame),
-        "model": chosen.digest,
-        **({"dataset": dataset} if model == "champion" else {}),
-        "counts": table.meta["counts"],
-        "stages": stages,
-    }
+        frame = predict.read_table(table.path(PREDICTIONS_FILE))
+        if output is not None:
+            predict.write_table(frame, Path(output).expanduser().absolute())
+        ui.publish_predictions(frame, decoded)
+        return {
+            "run_id": str(flow_run.get_id()),
+            "output": str(Path(output).expanduser().absolute()) if output else str(table.path(PREDICTIONS_FILE)),
+            "predictions": str(table.path(PREDICTIONS_FILE)),
+            "images": len(frame),
+            "model": chosen.digest,
+            **({"dataset": dataset} if model == "champion" else {}),
+            "counts": table.meta["counts"],
+            "stages": stages,
+        }
 
 
 def model_ref(model: KnownModel) -> ArtifactRef:

@@ -27,6 +27,13 @@ from flows.stages import OTHER_STEPS, STEPS, dataset
 from tasks import sweep
 from tasks.errors import PipelineError
 from tasks.layout import SWEEP_HTML
+from tasks.locks import holding_run_lock
+
+
+# Where a sweep's client finds its TLS certificate for a scheduler at a tls:// address (Dask's own configuration).
+TLS_SETTINGS = {"DASK_DISTRIBUTED__COMM__TLS__CA_FILE": "distributed.comm.tls.ca-file",
+                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": "distributed.comm.tls.client.cert",
+                "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": "distributed.comm.tls.client.key"}
 
 
 def task_runner(config: PipelineConfig) -> Any:
@@ -43,18 +50,30 @@ def task_runner(config: PipelineConfig) -> Any:
 
 
 def check_scheduler(address: str, timeout_s: float) -> None:
-    """Fail with one line if no Dask scheduler answers at `address` within `timeout_s` seconds."""
+    """Fail with one line if no Dask scheduler answers at `address` within `timeout_s` seconds, with Dask's TLS
+    settings (its configuration: `DASK_DISTRIBUTED__COMM__TLS__*`) for a `tls://` address, as the sweep's client."""
     import asyncio
 
     from distributed.comm import connect
+    from distributed.security import Security
 
     async def probe() -> None:
-        comm = await connect(address, timeout=timeout_s)
+        comm = await connect(address, timeout=timeout_s, **Security().get_connection_args("client"))
         await comm.close()
 
     try:
         asyncio.run(probe())
+    except TypeError:  # distributed's word for a tls:// address without a certificate to connect with
+        import dask
+
+        given = [name for name, key in TLS_SETTINGS.items() if dask.config.get(key, None)]
+        raise PipelineError(f"dask scheduler {address}: expected Dask's TLS settings for a tls:// address (the CA, "
+                            f"this client's certificate and key: {', '.join(TLS_SETTINGS)}), found "
+                            f"{'only ' + ', '.join(given) if given else 'none'}") from None
     except (OSError, TimeoutError, ValueError) as exc:
+        if "SSL" in str(exc):  # it answered, but one side refused the other's certificate
+            raise PipelineError(f"dask scheduler {address}: expected a TLS handshake with the certificate of Dask's "
+                                f"TLS settings, found it refused ({exc})") from None
         raise PipelineError(f"dask scheduler {address}: expected a Dask scheduler answering there, found none within "
                             f"{timeout_s:g} s ({exc})") from None
 
@@ -69,60 +88,61 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     locks = config.lock_manager()
     config.check_services(log=logger.warning)
     runner = task_runner(config)  # first: a scheduler or lock server that does not answer fails before any work
-    results: dict[str, Any] = {}
-    for name in ("download", "validate", "preprocess"):
-        results[name], _ = run_stage(TASKS[name], STEPS[name].inputs(config, results), config)
+    with holding_run_lock(config.lock_manager()):  # gc removes nothing until the run ends
+        results: dict[str, Any] = {}
+        for name in ("download", "validate", "preprocess"):
+            results[name], _ = run_stage(TASKS[name], STEPS[name].inputs(config, results), config)
 
-    unique = {sweep.trial_id(t): t for t in trials}
-    stages = {name: cached(TASKS[name], config, locks=locks) for name in ("train", "evaluate")}
-    classes = dataset(config, results)
-    # Trials train on the base dataset alone (batches: see `mnist-pipeline run --batches`).
-    train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": classes.num_classes,
-                          "batches": [], "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
-    evaluate_inputs = {"processed": results["preprocess"], "batches": [], "artifacts_dir": config.artifacts_dir}
-    # A trial whose train and evaluate results are both recorded is looked up here: no cluster starts for it.
-    outcomes: dict[str, dict[str, Any]] = {}
-    for key in unique:
-        model = recorded(STEPS["train"], train_inputs[key], config, locks)
-        if model is not None and recorded(STEPS["evaluate"], {"model": model, **evaluate_inputs}, config,
-                                          locks) is not None:
-            trained = _Here(stages["train"](**train_inputs[key], return_state=True))
-            scored = _Here(stages["evaluate"](model=trained.result(), **evaluate_inputs, return_state=True))
-            outcomes[key] = _outcome(trained, scored, train_inputs[key], evaluate_inputs, config.cache_dir)
-    pending = [key for key in unique if key not in outcomes]
-    logger.info("sweep of %d trials (%d distinct, %d to compute on %s)", len(trials), len(unique), len(pending),
-                config.sweep.dask_address or "a local Dask cluster")
-    started = time.perf_counter()
-    if pending:
-        with runner:
-            futures = {}
-            for key in pending:
-                trained = runner.submit(stages["train"], parameters=train_inputs[key])
-                futures[key] = (trained, runner.submit(stages["evaluate"], parameters={"model": trained, **evaluate_inputs}))
-            for key, (trained, scored) in futures.items():
+        unique = {sweep.trial_id(t): t for t in trials}
+        stages = {name: cached(TASKS[name], config, locks=locks) for name in ("train", "evaluate")}
+        classes = dataset(config, results)
+        # Trials train on the base dataset alone (batches: see `mnist-pipeline run --batches`).
+        train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": classes.num_classes,
+                              "batches": [], "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
+        evaluate_inputs = {"processed": results["preprocess"], "batches": [], "artifacts_dir": config.artifacts_dir}
+        # A trial whose train and evaluate results are both recorded is looked up here: no cluster starts for it.
+        outcomes: dict[str, dict[str, Any]] = {}
+        for key in unique:
+            model = recorded(STEPS["train"], train_inputs[key], config, locks)
+            if model is not None and recorded(STEPS["evaluate"], {"model": model, **evaluate_inputs}, config,
+                                              locks) is not None:
+                trained = _Here(stages["train"](**train_inputs[key], return_state=True))
+                scored = _Here(stages["evaluate"](model=trained.result(), **evaluate_inputs, return_state=True))
                 outcomes[key] = _outcome(trained, scored, train_inputs[key], evaluate_inputs, config.cache_dir)
-    wall = time.perf_counter() - started
+        pending = [key for key in unique if key not in outcomes]
+        logger.info("sweep of %d trials (%d distinct, %d to compute on %s)", len(trials), len(unique), len(pending),
+                    config.sweep.dask_address or "a local Dask cluster")
+        started = time.perf_counter()
+        if pending:
+            with runner:
+                futures = {}
+                for key in pending:
+                    trained = runner.submit(stages["train"], parameters=train_inputs[key])
+                    futures[key] = (trained, runner.submit(stages["evaluate"], parameters={"model": trained, **evaluate_inputs}))
+                for key, (trained, scored) in futures.items():
+                    outcomes[key] = _outcome(trained, scored, train_inputs[key], evaluate_inputs, config.cache_dir)
+        wall = time.perf_counter() - started
 
-    columns = [name for name in sweep.PARAMETERS if name in checked.grid or name in checked.random]
-    rows = [{"trial": i + 1, "id": sweep.trial_id(t), **{name: getattr(t, name) for name in columns},
-             **outcomes[sweep.trial_id(t)]["row"]} for i, t in enumerate(trials)]
-    done = [key for key in unique if outcomes[key]["evaluation"] is not None]
-    if not done:
-        raise PipelineError("sweep: every trial failed: " + "; ".join(o["error"] for o in outcomes.values()))
-    best = min(done, key=lambda k: (-outcomes[k]["evaluation"].meta["test_accuracy"], outcomes[k]["evaluation"].meta["test_loss"]))
-    decision = decide(config, {**results, "batches": [], "train": outcomes[best]["model"],
-                               "evaluate": outcomes[best]["evaluation"]}, str(flow_run.get_id()))
-    report = execute(OTHER_STEPS["write_sweep_report"], {"rows": rows, "columns": columns, "best_id": best,
-                                                         "decision": decision, "artifacts_dir": config.artifacts_dir})
-    ui.publish_sweep(rows, columns, report)
-    return {
-        "run_id": str(flow_run.get_id()),
-        "trials": rows,
-        "best": next(r for r in rows if r["id"] == best),
-        "promotion": {"promoted": decision.promoted, "reason": decision.reason},
-        "report": str(report.path(SWEEP_HTML)),
-        "wall_seconds": round(wall, 3),
-    }
+        columns = [name for name in sweep.PARAMETERS if name in checked.grid or name in checked.random]
+        rows = [{"trial": i + 1, "id": sweep.trial_id(t), **{name: getattr(t, name) for name in columns},
+                 **outcomes[sweep.trial_id(t)]["row"]} for i, t in enumerate(trials)]
+        done = [key for key in unique if outcomes[key]["evaluation"] is not None]
+        if not done:
+            raise PipelineError("sweep: every trial failed: " + "; ".join(o["error"] for o in outcomes.values()))
+        best = min(done, key=lambda k: (-outcomes[k]["evaluation"].meta["test_accuracy"], outcomes[k]["evaluation"].meta["test_loss"]))
+        decision = decide(config, {**results, "batches": [], "train": outcomes[best]["model"],
+                                   "evaluate": outcomes[best]["evaluation"]}, str(flow_run.get_id()))
+        report = execute(OTHER_STEPS["write_sweep_report"], {"rows": rows, "columns": columns, "best_id": best,
+                                                             "decision": decision, "artifacts_dir": config.artifacts_dir})
+        ui.publish_sweep(rows, columns, report)
+        return {
+            "run_id": str(flow_run.get_id()),
+            "trials": rows,
+            "best": next(r for r in rows if r["id"] == best),
+            "promotion": {"promoted": decision.promoted, "reason": decision.reason},
+            "report": str(report.path(SWEEP_HTML)),
+            "wall_seconds": round(wall, 3),
+        }
 
 
 @dataclass(frozen=True)

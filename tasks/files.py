@@ -82,13 +82,14 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def take_flock(path: Path, timeout: float | None = None) -> int | None:
-    """Take an exclusive flock on `path` (created if missing); return its descriptor, or None if `timeout` passed.
+def take_flock(path: Path, timeout: float | None = None, create: bool = True) -> int | None:
+    """Take an exclusive flock on `path` (created if missing, unless not `create`: FileNotFoundError); return its
+    descriptor, or None if `timeout` passed.
 
     The lock lasts until the descriptor is closed. flock belongs to the open file, so it excludes other threads (each
     opens its own) as well as other processes, and the kernel drops it when its holder dies.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:

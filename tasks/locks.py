@@ -30,6 +30,21 @@ LOCK_EXPIRY_S = 15.0
 _log = logging.getLogger("prefect.mnist_pipeline.locks")
 # The lock `gc` holds while it plans and removes (flows/gc.py); every other lock, once taken, waits until it is free.
 GC_KEY = "gc"
+# The lock each run holds from its start to its end (`holding_run_lock`), one key per run: `run-<random>`.
+RUN_KEY_PREFIX = "run-"
+
+
+@contextmanager
+def holding_run_lock(locks: FlockLockManager | RedisLockManager) -> Iterator[None]:
+    """Hold a lock of this run's own for the block (a whole flow run): gc removes nothing while any lock is held, and
+    the run starts only once a gc at work has finished (flows/gc.py), so gc never removes what a run published and
+    reads next, even between two of its stages."""
+    key = f"{RUN_KEY_PREFIX}{uuid.uuid4().hex}"
+    locks.acquire_lock(key, key)
+    try:
+        yield
+    finally:
+        locks.release_lock(key, key)
 
 
 def redacted(url: str) -> str:
@@ -130,13 +145,18 @@ class FlockLockManager(_Shared):
             if not self.is_lock_holder(key, holder):
                 raise ValueError(f"No lock held by {holder} for transaction with key {key}")
             _, fd = self._held.pop(key)
+        if key.startswith(RUN_KEY_PREFIX):  # a file per run: removed while locked (no other holder uses its key)
+            self.lock_path(key).unlink(missing_ok=True)
         os.close(fd)  # closing the only descriptor releases the flock
 
     def is_locked(self, key: str) -> bool:
         """Return whether any process (this one included) holds the lock of `key`."""
         if key in self._held:
             return True
-        fd = take_flock(self.lock_path(key), timeout=0)
+        try:  # a lock file that is not there is not made (a run's is removed when it is released)
+            fd = take_flock(self.lock_path(key), timeout=0, create=False)
+        except FileNotFoundError:
+            return False
         if fd is not None:
             os.close(fd)
         return fd is None

@@ -20,8 +20,8 @@ from tasks.files import flocked
 from tasks.dataset import version_label
 from tasks.layout import DECISIONS_FILE, METRICS_FILE, MODEL_FILE, REGISTRY_LOCK
 from tasks.locks import RedisLockManager
-from tasks.registry import (Champion, Decision, PromotionConfig, Registered, Scores, champion_path, read_champion,
-                            read_history, recorded_decision)
+from tasks.registry import (Champion, Decision, PromotionConfig, Scores, champion_path, champion_record,
+                            promotion_in_flight, read_champion, read_history, recorded_decision)
 from tasks.storage import append_line, as_root, lock_file, make_folder, version, write_text
 
 # Keras reports accuracy as float32, so 9700 of 10000 may arrive as 0.96999997: compare with a slack far below one
@@ -48,8 +48,12 @@ def decide_promotion(model: ArtifactRef, evaluation: ArtifactRef, registry_dir: 
     with locks.held("registry") if redis else flocked(lock_file(registry_dir, REGISTRY_LOCK)):
         while True:
             unchanged = None if redis else version(registry_dir / DECISIONS_FILE)
-            champion = read_champion(registry_dir, dataset)
-            decision = recorded_decision(model.digest, read_history(registry_dir), champion, config)
+            champion, history = read_champion(registry_dir, dataset), read_history(registry_dir)
+            pending = promotion_in_flight(history, champion, dataset)
+            if pending is not None:  # judged against the champion on record, whose record is completed here
+                write_text(champion_path(registry_dir, dataset), pending.model_dump_json(indent=2) + "\n")
+                champion = pending
+            decision = recorded_decision(model.digest, history, champion, config)
             if decision is not None:
                 log(f"model {model.digest[:16]}: decision of {decision.decided_at} still holds: {decision.verdict}")
                 break
@@ -62,9 +66,7 @@ def decide_promotion(model: ArtifactRef, evaluation: ArtifactRef, registry_dir: 
             log(f"model {model.digest[:16]}: another machine wrote the registry while this one judged the model; "
                 "judging it again")
         if decision.promoted and (champion is None or champion.model_digest != model.digest):
-            record = Champion(**decision.model_dump(include=set(Registered.model_fields) - {"schema_version"}),
-                              promoted_at=decision.decided_at)
-            write_text(champion_path(registry_dir, dataset), record.model_dump_json(indent=2) + "\n")
+            write_text(champion_path(registry_dir, dataset), champion_record(decision).model_dump_json(indent=2) + "\n")
     return decision
 
 

@@ -165,6 +165,23 @@ def recorded_decision(digest: str, history: list[Decision], champion: Champion |
     return latest if before_digest == champion_digest and same_rules else None
 
 
+def promotion_in_flight(history: list[Decision], champion: Champion | None, dataset: str) -> Champion | None:
+    """Return the champion record that the dataset's latest promotion on record makes, if that record is not written
+    yet (another machine writes it right now, or a crash cut it short): the champion it beat is still the champion."""
+    latest = next((d for d in reversed(history) if d.promoted and d.dataset == dataset), None)
+    champion_digest = None if champion is None else champion.model_digest
+    if latest is None or latest.model_digest == champion_digest:
+        return None
+    before_digest = None if latest.champion_before is None else latest.champion_before.model_digest
+    return champion_record(latest) if before_digest == champion_digest else None
+
+
+def champion_record(decision: Decision) -> Champion:
+    """Return the champion record that a promotion makes."""
+    return Champion(**decision.model_dump(include=set(Registered.model_fields) - {"schema_version"}),
+                    promoted_at=decision.decided_at)
+
+
 @dataclass(frozen=True)
 class KnownModel:
     """A model the registry or the models folder knows: its digest, its file and its class names if recorded."""

@@ -194,7 +194,7 @@ def test_gc_removes_nothing_while_a_run_holds_a_stage_lock(synthetic_config, tmp
         before = tree_state(Path(synthetic_config.data_dir), Path(synthetic_config.artifacts_dir))
         result = cli(synthetic_config, "gc", "--yes")
         assert result.returncode == 1, result
-        assert "a run is in progress (stage lock train_model-inprogress held): nothing removed" in result.stdout
+        assert "a run is in progress (lock train_model-inprogress held): nothing removed" in result.stdout
         assert tree_state(Path(synthetic_config.data_dir), Path(synthetic_config.artifacts_dir)) == before
     finally:
         os.killpg(holder.pid, signal.SIGKILL)

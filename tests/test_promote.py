@@ -16,7 +16,7 @@ from tasks.errors import PipelineError
 from tasks.files import new_workdir, write_json
 from tasks.promote import decide_promotion, judge
 from tasks.dataset import DatasetConfig
-from tasks.registry import PromotionConfig, champion_path, read_champion, read_history
+from tasks.registry import PromotionConfig, champion_path, champion_record, read_champion, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = PromotionConfig()  # gate 0.97, tolerance 0.002
@@ -415,3 +415,21 @@ def test_a_promotion_on_record_without_its_champion_record_is_completed_not_deci
 
     assert decide(registry, model, run_id="run-2") == decision
     assert read_history(registry) == [decision] and read_champion(registry, DATASET).model_digest == model[0].digest
+
+
+def test_a_model_judged_while_another_machine_writes_its_promotion_meets_the_new_champion(tmp_path, registry):
+    first = decide(registry, candidate(tmp_path, "a", 0.975))
+    winner = decide(registry, candidate(tmp_path, "b", 0.99), run_id="run-2")
+    assert winner.promoted
+    # Another machine has written its promotion to the history and not yet its champion record: the record still
+    # names the champion it beat.
+    champion_path(registry, DATASET).write_text(champion_record(first).model_dump_json(indent=2) + "\n")
+
+    third = decide(registry, candidate(tmp_path, "c", 0.985), run_id="run-3")
+
+    # Judged against the new champion (it beats the former by more than the tolerance, not the new one).
+    assert third.champion_before.model_digest == winner.model_digest and not third.promoted
+    assert third.reason == "test accuracy 0.9850 is 0.0050 below the champion's 0.9900, more than the tolerance 0.0020"
+    assert read_champion(registry, DATASET) == champion_record(winner)  # the promotion on record completed
+    assert [d.model_digest for d in read_history(registry)] == [first.model_digest, winner.model_digest,
+                                                                third.model_digest]

@@ -437,8 +437,9 @@ def test_the_redis_lock_of_a_run_killed_in_train_expires_and_the_next_run_trains
     killed = run_cli({**env, "KILL_IN_STAGE": "train"}, args, code=KILLER)
 
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    (left,) = [k for k in client.keys() if k not in before]  # the train lock, held by nobody alive
-    assert b":lock:train_model-" in left and 0 < client.pttl(left) <= 3000
+    left = sorted(k for k in client.keys() if k not in before)  # the run's own lock and its train lock, held by
+    assert [key.split(b":lock:")[1].split(b"-")[0] for key in left] == [b"run", b"train_model"]  # nobody alive
+    assert all(0 < client.pttl(key) <= 3000 for key in left)
     final = run_cli(env, args)
 
     assert final.returncode == 0, final.stderr

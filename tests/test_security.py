@@ -232,6 +232,63 @@ def test_redis_locks_with_a_password_and_over_tls(redis_secure, tls, tmp_path):
     assert line.startswith("mnist-pipeline: error: " + cases[0][1]) and "wrong-password" not in line
 
 
+@pytest.mark.slow
+def test_a_sweep_on_a_dask_cluster_with_mutual_tls_and_a_client_without_its_certificate(tls, prefect_api_url,
+                                                                                      tmp_path):
+    from distributed import Client
+    from distributed.security import Security
+    from test_sweep import DASK, worker_env
+
+    from flows.sweep import TLS_SETTINGS
+
+    address = f"tls://127.0.0.1:{free_port()}"
+    certificate = ["--tls-ca-file", str(tls.ca), "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    security = Security(tls_ca_file=str(tls.ca), tls_client_cert=str(tls.cert), tls_client_key=str(tls.key),
+                        require_encryption=True)
+
+    def workers() -> int:
+        with Client(address, security=security, timeout=5) as client:
+            return len(client.scheduler_info()["workers"])
+
+    env = worker_env(prefect_api_url, tmp_path)
+    scheduler = start([DASK, "scheduler", "--host", address.rsplit(":", 1)[0], "--port", address.rsplit(":", 1)[1],
+                       "--no-dashboard", *certificate], tmp_path / "scheduler.log", lambda: workers() == 0, 60,
+                      cwd=tmp_path, env=env)
+    worker = None
+    try:
+        worker = start([DASK, "worker", address, "--nthreads", "1", "--name", "w0", "--no-dashboard", *certificate],
+                       tmp_path / "worker.log", lambda: workers() == 1, 120, cwd=tmp_path, env=env)
+        write_source(tmp_path / "source")
+        args = ["sweep", "--json", "--grid", "hidden_units=16,24", "--dask-address", address, "--source",
+                str(tmp_path / "source"), "--data-dir", str(tmp_path / "data"), "--artifacts-dir",
+                str(tmp_path / "artifacts"), *TINY]
+        client = client_env(tmp_path, PREFECT_API_URL=prefect_api_url)
+        settings = dict(zip(TLS_SETTINGS, (str(tls.ca), str(tls.cert), str(tls.key))))
+
+        # No certificate: one line naming Dask's settings.
+        line = error_line(run_cli(client, args))
+        assert line == (f"mnist-pipeline: error: dask scheduler {address}: expected Dask's TLS settings for a tls:// "
+                        "address (the CA, this client's certificate and key: " + ", ".join(TLS_SETTINGS) + "), found none")
+        # A certificate that the cluster's CA did not sign: refused by the scheduler.
+        (tmp_path / "stranger").mkdir()
+        stranger = make_certs(tmp_path / "stranger")
+        refused = {**settings, list(TLS_SETTINGS)[1]: str(stranger.cert), list(TLS_SETTINGS)[2]: str(stranger.key)}
+        line = error_line(run_cli({**client, **refused}, args))
+        assert line.startswith(f"mnist-pipeline: error: dask scheduler {address}: expected a TLS handshake with the "
+                               "certificate of Dask's TLS settings, found it refused (") and "SSL" in line
+        assert not (tmp_path / "data").exists()  # before any stage
+
+        result = run_cli({**client, **settings}, args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [row["state"] for row in json.loads(result.stdout)["trials"]] == ["trained", "trained"]
+        with Client(address, security=security, timeout=5) as check:  # the trials went through this scheduler
+            assert check.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter) > 0
+    finally:
+        for proc in (worker, scheduler):
+            if proc is not None:
+                stop_process(proc)
+
+
 def test_an_https_endpoint_whose_certificate_is_not_trusted_is_one_line(s3_https, tmp_path):
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s3_https.client.create_bucket(Bucket=bucket)
