@@ -1,7 +1,8 @@
 """Benchmark runs on s3:// roots (moto's S3 API server on 127.0.0.1) against local roots, side by side; print JSON.
 
 Per repetition, in alternating order: a cold run on fresh roots and its no-op rerun, on local roots and on roots in a
-bucket of the local S3 server. Every command runs against one running Prefect server (the local server of a
+bucket of the local S3 server. The cold runs' fit times show what keeping each epoch's training state in the bucket
+costs (on s3:// roots every epoch's backup is uploaded, so a killed training resumes on another machine). Every command runs against one running Prefect server (the local server of a
 PREFECT_HOME made here), so no candidate pays a server start-up. The S3 server's request log gives the number of
 requests each command made; an in-process probe times one listing and one small read.
 """
@@ -91,6 +92,7 @@ def main() -> int:
         filesystem().mkdir("bench")
         samples: dict[str, list[float]] = {f"{kind} {run}": [] for kind in ("local", "s3") for run in ("cold", "noop")}
         counts: dict[str, list[int]] = {"s3 cold": [], "s3 noop": []}
+        fits: dict[str, list[float]] = {"local": [], "s3": []}
         for i in range(args.repeat):
             for kind in (["local", "s3"] if i % 2 == 0 else ["s3", "local"]):
                 root = f"s3://bench/r{i}" if kind == "s3" else str(tmp / f"local-{i}")
@@ -99,9 +101,12 @@ def main() -> int:
                 for run, state in (("cold", "completed"), ("noop", "cached")):
                     before = requests(s3_log)
                     wall, _, out = run_child(cmd, env)
-                    states = {info["state"] for info in json.loads(out)["stages"].values()}
+                    summary = json.loads(out)
+                    states = {info["state"] for info in summary["stages"].values()}
                     assert states == {state}, states
                     samples[f"{kind} {run}"].append(wall)
+                    if run == "cold":
+                        fits[kind].append(summary["stages"]["train"]["fit_seconds"])
                     if kind == "s3":
                         counts[f"s3 {run}"].append(requests(s3_log) - before)
                 if kind == "local":
@@ -114,7 +119,9 @@ def main() -> int:
         local_server.stop(home)
         shutil.rmtree(tmp, ignore_errors=True)
     medians = {key: statistics.median(values) for key, values in samples.items()}
+    fit = {kind: statistics.median(values) for kind, values in fits.items()}
     print(json.dumps({"medians": medians, "samples": samples, "s3_requests": counts, "probe_s": probes,
+                      "fit_seconds": fits, "fit_ratio": fit["s3"] / fit["local"],
                       "noop_ratio": medians["s3 noop"] / medians["local noop"],
                       "cold_ratio": medians["s3 cold"] / medians["local cold"]}, indent=1))
     return 0

@@ -224,6 +224,10 @@ def check_api() -> None:
     except RuntimeError as exc:
         if not isinstance(exc.__cause__, httpx.HTTPError):
             raise
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc.__cause__):
+            raise PipelineError(f"Prefect API {api.url}: expected a certificate that this client trusts (signed by "
+                                "the system's CAs or the CA in PREFECT_API_SSL_CERT_FILE), found one it cannot verify "
+                                f"({exc.__cause__})") from None
         raise PipelineError(f"Prefect API {api.url}: expected a Prefect server answering there, found none "
                             f"({exc.__cause__})") from None
 
@@ -283,18 +287,25 @@ def run_command(args: argparse.Namespace) -> int:
     return run_flow(local, args, human_summary, mnist_pipeline, config=config, until=args.until, rerun=rerun, only=args.only)
 
 
+def batch_lines(summary: dict[str, Any]) -> list[str]:
+    """Return a line per checked batch (its verdict and why) and the data version, if the run had a batches root."""
+    lines = []
+    for name, batch in summary.get("batches", {}).items():
+        why = f": {'; '.join(batch['reasons'])}" if batch["reasons"] else ""
+        lines.append(f"batch {name} ({batch['images']} images, {batch['state']}): {batch['verdict']}{why}")
+    if "data_version" in summary:
+        lines.append(f"data version {version_label(summary['data_version'])} (the base and "
+                     f"{len(summary['data_version']['batches'])} accepted batches)")
+    return lines
+
+
 def human_summary(summary: dict[str, Any]) -> str:
     """Return a few lines for people: each stage's state, the headline metrics, and the report's path last."""
     lines = []
     for stage, info in summary["stages"].items():
         lines.append(f"{stage:<11} {info['state']:<9} {info['artifacts'][0].rpartition('/')[0]}")
         if stage == "preprocess":  # the batches are checked after it
-            for name, batch in summary.get("batches", {}).items():
-                why = f": {'; '.join(batch['reasons'])}" if batch["reasons"] else ""
-                lines.append(f"batch {name} ({batch['images']} images, {batch['state']}): {batch['verdict']}{why}")
-            if "data_version" in summary:
-                lines.append(f"data version {version_label(summary['data_version'])} (the base and "
-                             f"{len(summary['data_version']['batches'])} accepted batches)")
+            lines += batch_lines(summary)
     if "metrics" in summary:
         m = summary["metrics"]
         lines.append(f"test accuracy {m['test_accuracy']:.4f}, test loss {m['test_loss']:.4f}")
@@ -574,7 +585,8 @@ def sweep_summary(summary: dict[str, Any]) -> str:
 
     rows = summary["trials"]
     columns = [name for name in PARAMETERS if name in rows[0]]
-    lines = ["trial " + " ".join(f"{name:>13}" for name in columns) + "  state    test acc  test loss  fit (s)  model"]
+    lines = [*batch_lines(summary),
+             "trial " + " ".join(f"{name:>13}" for name in columns) + "  state    test acc  test loss  fit (s)  model"]
     for row in rows:
         scores = (f"{row['test_accuracy']:.4f}    {row['test_loss']:.4f}     {row.get('fit_seconds', 0):6.1f}"
                   if row["state"] != "failed" else f"failed: {row['error']}")

@@ -58,7 +58,7 @@ def mnist_pipeline(
                     # A cached stage publishes nothing; the run's page in the UI should still show its report.
                     ui.publish_report(results["report"], results["evaluate"], results["promotion"])
             if name == "preprocess" and config.batches.root:
-                results["batches"] = _check_batches(config, results, summary)
+                results["batches"] = check_batches(config, results, summary)
                 _log_dropped(config, results)
             if name == "evaluate":
                 results["promotion"] = _decide_promotion(config, results, summary)
@@ -67,7 +67,7 @@ def mnist_pipeline(
         return summary
 
 
-def _check_batches(config: PipelineConfig, results: dict[str, Any], summary: dict[str, Any]) -> list[ArtifactRef]:
+def check_batches(config: PipelineConfig, results: dict[str, Any], summary: dict[str, Any]) -> list[ArtifactRef]:
     """Check every landed batch in name order (each a cached stage, keyed by its files); record the quarantined ones
     in artifacts/quarantine/; return the accepted ones.
 

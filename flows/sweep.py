@@ -21,7 +21,7 @@ from prefect.states import State
 
 from flows import ui
 from flows.config import PipelineConfig
-from flows.pipeline import decide
+from flows.pipeline import check_batches, decide
 from flows.runner import TASKS, cached, discard_failure_record, execute, record_components, recorded, run_stage
 from flows.stages import OTHER_STEPS, STEPS, dataset
 from tasks import sweep
@@ -88,18 +88,21 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
     locks = config.lock_manager()
     config.check_services(log=logger.warning)
     runner = task_runner(config)  # first: a scheduler or lock server that does not answer fails before any work
-    with holding_run_lock(config.lock_manager()):  # gc removes nothing until the run ends
+    with holding_run_lock(locks):  # gc removes nothing until the run ends
         results: dict[str, Any] = {}
         for name in ("download", "validate", "preprocess"):
             results[name], _ = run_stage(TASKS[name], STEPS[name].inputs(config, results), config)
+        summary: dict[str, Any] = {"run_id": str(flow_run.get_id())}
+        # As in `run`: the landed batches checked, the accepted ones trained on and scored on by every trial.
+        results["batches"] = check_batches(config, results, summary) if config.batches.root else []
 
         unique = {sweep.trial_id(t): t for t in trials}
         stages = {name: cached(TASKS[name], config, locks=locks) for name in ("train", "evaluate")}
         classes = dataset(config, results)
-        # Trials train on the base dataset alone (batches: see `mnist-pipeline run --batches`).
-        train_inputs = {key: {"processed": results["preprocess"], "config": trial, "num_classes": classes.num_classes,
-                              "batches": [], "artifacts_dir": config.artifacts_dir} for key, trial in unique.items()}
-        evaluate_inputs = {"processed": results["preprocess"], "batches": [], "artifacts_dir": config.artifacts_dir}
+        data = {"processed": results["preprocess"], "batches": results["batches"], "artifacts_dir": config.artifacts_dir}
+        train_inputs = {key: {**data, "config": trial, "num_classes": classes.num_classes}
+                        for key, trial in unique.items()}
+        evaluate_inputs = data
         # A trial whose train and evaluate results are both recorded is looked up here: no cluster starts for it.
         outcomes: dict[str, dict[str, Any]] = {}
         for key in unique:
@@ -130,13 +133,13 @@ def mnist_sweep(space: dict[str, Any], config: PipelineConfig | None = None) -> 
         if not done:
             raise PipelineError("sweep: every trial failed: " + "; ".join(o["error"] for o in outcomes.values()))
         best = min(done, key=lambda k: (-outcomes[k]["evaluation"].meta["test_accuracy"], outcomes[k]["evaluation"].meta["test_loss"]))
-        decision = decide(config, {**results, "batches": [], "train": outcomes[best]["model"],
-                                   "evaluate": outcomes[best]["evaluation"]}, str(flow_run.get_id()))
+        decision = decide(config, {**results, "train": outcomes[best]["model"], "evaluate": outcomes[best]["evaluation"]},
+                          summary["run_id"])
         report = execute(OTHER_STEPS["write_sweep_report"], {"rows": rows, "columns": columns, "best_id": best,
                                                              "decision": decision, "artifacts_dir": config.artifacts_dir})
         ui.publish_sweep(rows, columns, report)
         return {
-            "run_id": str(flow_run.get_id()),
+            **summary,
             "trials": rows,
             "best": next(r for r in rows if r["id"] == best),
             "promotion": {"promoted": decision.promoted, "reason": decision.reason},

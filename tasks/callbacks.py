@@ -95,4 +95,3 @@ class EpochBackup(keras.callbacks.Callback):
                 old.unlink()
         if self.after is not None:
             self.after(self.folder)
-

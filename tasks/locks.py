@@ -310,7 +310,7 @@ class RedisLockManager(_Shared):
             if self._first_to_stop(stop) and not _release(lock):
                 self._warn_lost(key)  # lost before the renewal thread woke up to notice
         except redis.RedisError as exc:  # cleanup after the server stopped answering: not another error on top
-            _log.warning("stage lock %s not released: the Redis server did not answer (%s); it expires within %g s",
+            _log.warning("lock %s not released: the Redis server did not answer (%s); it expires within %g s",
                          key, exc, self.expiry_s)
 
     def _first_to_stop(self, stop: threading.Event) -> bool:
@@ -321,9 +321,11 @@ class RedisLockManager(_Shared):
         return first
 
     def _warn_lost(self, key: str) -> None:
-        _log.warning(
-            "stage lock %s expired before it was renewed (this process was stopped or cut off from Redis for over "
-            "%g s); another run may compute the stage, and this one will not record its result", key, self.expiry_s)
+        consequence = ("a gc meanwhile may remove what this run reads next" if key.startswith(RUN_KEY_PREFIX) else
+                       "another run may compute the stage, and this one will not record its result")
+        _log.warning("%s lock %s expired before it was renewed (this process was stopped or cut off from Redis for "
+                     "over %g s); %s", "run" if key.startswith(RUN_KEY_PREFIX) else "stage", key, self.expiry_s,
+                     consequence)
 
     @_answers
     def is_locked(self, key: str) -> bool:

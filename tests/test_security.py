@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -120,6 +121,62 @@ def prefect_server(tmp_path_factory):
         stop_process(proc)
 
 
+# A TLS proxy in front of the Prefect server, as the README's multi-machine setup has one (nginx: its websockets too).
+NGINX_CONF = """
+daemon off;
+master_process off;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log;
+events {{}}
+http {{
+    access_log {folder}/access.log;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        location / {{
+            proxy_pass http://{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_read_timeout 1h;
+        }}
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def prefect_https(prefect_server, tls, tmp_path_factory):
+    """nginx on 127.0.0.1 speaking HTTPS (the test CA's certificate) in front of `prefect_server`."""
+    import shutil
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "nginx is not installed (.ci/run installs Debian's nginx-light)"
+    folder = tmp_path_factory.mktemp("nginx")
+    port = free_port()
+    conf = folder / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(folder=folder, port=port, cert=tls.cert, key=tls.key,
+                                      upstream=prefect_server.api.split("//")[1].split("/")[0]))
+    api = f"https://127.0.0.1:{port}/api"
+
+    def healthy() -> bool:
+        return httpx.get(f"{api}/health", verify=ssl.create_default_context(cafile=tls.ca), timeout=2).status_code == 200
+
+    proc = start([nginx, "-p", str(folder), "-c", str(conf)], folder / "nginx.out", healthy, 30, cwd=folder)
+    try:
+        yield SimpleNamespace(api=api, folder=folder)
+    finally:
+        stop_process(proc)
+
+
 @pytest.fixture(scope="module")
 def redis_secure(tmp_path_factory, tls):
     """Debian's redis-server with a password, on a plain port and a TLS port; return both URLs."""
@@ -193,6 +250,35 @@ def test_a_client_without_the_auth_string_gets_one_line_naming_the_server_and_wh
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line.split()[:2] for line in result.stdout.splitlines()] == [["download", "completed"],
                                                                          ["validate", "completed"]]
+
+
+def test_the_prefect_api_over_https_through_a_tls_proxy_and_a_client_without_its_ca(prefect_https, prefect_server,
+                                                                                    tls, tmp_path):
+    write_source(tmp_path / "source")
+    args = ["run", "--json", "--until", "validate", "--source", str(tmp_path / "source"), "--data-dir",
+            str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts")]
+    env = client_env(tmp_path, PREFECT_API_URL=prefect_https.api, PREFECT_API_AUTH_STRING=AUTH)
+
+    line = error_line(run_cli(env, args))  # the proxy's certificate is signed by a CA this client does not know
+    assert line.startswith(f"mnist-pipeline: error: Prefect API {prefect_https.api}: expected a certificate that "
+                           "this client trusts (signed by the system's CAs or the CA in PREFECT_API_SSL_CERT_FILE), "
+                           "found one it cannot verify ([SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    assert not (tmp_path / "data").exists()
+
+    result = run_cli({**env, "PREFECT_API_SSL_CERT_FILE": str(tls.ca)}, args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = json.loads(result.stdout)["run_id"]
+    # Everything the run sent went through the proxy over TLS: its states, its logs, its events (a websocket).
+    records = api_records(prefect_server.api)
+    (flow_run,) = [run for run in records["flow_runs"] if run["id"] == run_id]
+    assert flow_run["state_type"] == "COMPLETED"
+    assert any(entry["flow_run_id"] == run_id for entry in records["logs"])
+    assert '"GET /api/events/in HTTP/1.1" 101 ' in (prefect_https.folder / "access.log").read_text()  # a websocket
+    deadline = time.monotonic() + 60  # the server stores the events it receives in batches
+    while not any(event["resource"]["prefect.resource.id"] == f"prefect.flow-run.{run_id}"
+                  for event in api_records(prefect_server.api)["events"]):
+        assert time.monotonic() < deadline, "no event of the run reached the server through the proxy"
+        time.sleep(1)
 
 
 def test_redis_locks_with_a_password_and_over_tls(redis_secure, tls, tmp_path):

@@ -301,20 +301,33 @@ def cli(*args, env=None):
                           env={**os.environ, **(env or {})}, cwd=REPO)
 
 
-def test_cli_sweep_on_a_local_cluster_prints_json(tmp_path, prefect_api_url):
+def test_cli_sweep_on_a_local_cluster_prints_json_and_trains_on_the_accepted_batches(tmp_path, prefect_api_url):
+    from synthetic import make_split
+    from tasks.batches import add_batch
+    from tasks.sources import write_class_folders
+
     write_source(tmp_path / "source")
+    write_class_folders(tmp_path / "landed", {"": make_split(100, 30)})
+    add_batch(tmp_path / "landed", tmp_path / "batches", "2026-12-07")
     env = {"PREFECT_API_URL": prefect_api_url, "MNIST_PIPELINE_DOWNLOAD__MIRRORS": "[]",
            "MNIST_PIPELINE_DOWNLOAD__RETRIES": "0", "MNIST_PIPELINE_VALIDATION__TRAIN_COUNT": "200",
            "MNIST_PIPELINE_VALIDATION__TEST_COUNT": "50", "MNIST_PIPELINE_PROMOTION__MIN_TEST_ACCURACY": "0"}
     (tmp_path / "space.yaml").write_text("grid:\n  learning_rate: [0.001, 0.003]\n")
     result = cli("sweep", "--space", str(tmp_path / "space.yaml"), "--grid", "hidden_units=16", "--epochs", "1",
                  "--batch-size", "32", "--no-jit-compile", "--dask-workers", "2", "--json", "--source", str(tmp_path / "source"),
-                 "--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts"), env=env)
+                 "--data-dir", str(tmp_path / "data"), "--artifacts-dir", str(tmp_path / "artifacts"),
+                 "--batches", str(tmp_path / "batches"), env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert [(r["learning_rate"], r["hidden_units"], r["state"]) for r in summary["trials"]] == [
         (0.001, 16, "trained"), (0.003, 16, "trained")]
     assert summary["promotion"]["promoted"] and Path(summary["report"]).is_file()
+    # As in `run`: the batch checked and accepted, and every trial trained on the base and the batch.
+    assert summary["batches"]["2026-12-07"]["verdict"] == "accepted"
+    assert len(summary["data_version"]["batches"]) == 1
+    for row in summary["trials"]:
+        (config,) = (tmp_path / "artifacts" / "models").glob(f"{row['model_digest'][:16]}/config.json")
+        assert json.loads(config.read_text())["data_version"] == summary["data_version"]
 
 
 def test_a_scheduler_that_does_not_answer_is_one_line_within_the_timeout(tmp_path, prefect_api_url):
