@@ -170,7 +170,8 @@ def prefect_https(prefect_server, tls, tmp_path_factory):
     def healthy() -> bool:
         return httpx.get(f"{api}/health", verify=ssl.create_default_context(cafile=tls.ca), timeout=2).status_code == 200
 
-    proc = start([nginx, "-p", str(folder), "-c", str(conf)], folder / "nginx.out", healthy, 30, cwd=folder)
+    proc = start([nginx, "-p", str(folder), "-c", str(conf), "-e", str(folder / "error.log")], folder / "nginx.out",
+                 healthy, 30, cwd=folder)
     try:
         yield SimpleNamespace(api=api, folder=folder)
     finally:
