@@ -167,13 +167,14 @@ def recorded_decision(digest: str, history: list[Decision], champion: Champion |
 
 def promotion_in_flight(history: list[Decision], champion: Champion | None, dataset: str) -> Champion | None:
     """Return the champion record that the dataset's latest promotion on record makes, if that record is not written
-    yet (another machine writes it right now, or a crash cut it short): the champion it beat is still the champion."""
+    yet (another machine writes it right now, or a crash cut it short): the champion it beat is still the champion.
+    Without a champion record there is none: a removed record means "judge the next model without a champion"."""
     latest = next((d for d in reversed(history) if d.promoted and d.dataset == dataset), None)
-    champion_digest = None if champion is None else champion.model_digest
-    if latest is None or latest.model_digest == champion_digest:
+    if champion is None or latest is None or latest.champion_before is None:
         return None
-    before_digest = None if latest.champion_before is None else latest.champion_before.model_digest
-    return champion_record(latest) if before_digest == champion_digest else None
+    if latest.model_digest == champion.model_digest or latest.champion_before.model_digest != champion.model_digest:
+        return None
+    return champion_record(latest)
 
 
 def champion_record(decision: Decision) -> Champion:

@@ -433,3 +433,8 @@ def test_a_model_judged_while_another_machine_writes_its_promotion_meets_the_new
     assert read_champion(registry, DATASET) == champion_record(winner)  # the promotion on record completed
     assert [d.model_digest for d in read_history(registry)] == [first.model_digest, winner.model_digest,
                                                                 third.model_digest]
+    # A champion record removed on purpose (its model lost) is not brought back: the next model has no champion.
+    champion_path(registry, DATASET).unlink()
+    fourth = decide(registry, candidate(tmp_path, "d", 0.98), run_id="run-4")
+    assert fourth.promoted and fourth.reason.startswith("first model: no champion yet")
+    assert read_champion(registry, DATASET) == champion_record(fourth)
