@@ -13,7 +13,7 @@ from flows.config import STAGES, PipelineConfig, Stage
 from flows.runner import TASKS, recorded, run_stage
 from flows.stages import OTHER_STEPS, STEPS, batch_inputs, dataset
 from tasks import keras_runtime, promote, storage
-from tasks.artifacts import ArtifactRef, published_ref
+from tasks.artifacts import TRAINING_FACTS, ArtifactRef, published_ref
 from tasks.dataset import data_version, landed, version_label
 from tasks.errors import PipelineError
 from tasks.layout import BATCH_FILE, BATCHES_DIR, QUARANTINE_DIR, REPORT_HTML, SUCCESS_MARKER
@@ -49,8 +49,7 @@ def mnist_pipeline(
                     "artifacts": [f.path for f in results[name].files.values()],
                 }
                 if name == "train":  # how the model was trained (by the run that trained it): the timings, a resume
-                    summary["stages"][name].update({key: results[name].meta.get(key) for key in (
-                        "fit_seconds", "epoch_seconds", "resumed_from_epoch")})
+                    summary["stages"][name].update({key: results[name].meta.get(key) for key in TRAINING_FACTS})
                 if computed and "train" in stages[stages.index(name) + 1 :]:
                     # Training likely follows (unless this stage's output is unchanged): import TensorFlow meanwhile.
                     keras_runtime.warm_up()

@@ -46,9 +46,14 @@ assert JSONSerializer().model_dump(mode="json") == SERIALIZER, "Prefect's JSONSe
 SUPPLIED = ("out_dir", "log", "progress", "state_dir", "on_backup")
 
 
+def stage_components(step: Step, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Return what the cache key of a stage covers: its name, its inputs' content and the code it runs."""
+    return key_components(step.task, step.module, inputs)
+
+
 def stage_key(step: Step, inputs: dict[str, Any]) -> str:
-    """Return the cache key of a stage: its name, its inputs' content and the code it runs."""
-    return key_of(key_components(step.task, step.module, inputs))
+    """Return the cache key of a stage (see `stage_components`)."""
+    return key_of(stage_components(step, inputs))
 
 
 @dataclass
@@ -104,10 +109,9 @@ def recorded(step: Step, inputs: dict[str, Any], config: PipelineConfig, locks: 
         return trusted_result(config.cache_dir, key)
 
 
-def record_components(step: Step, inputs: dict[str, Any], cache_dir: str | Path) -> None:
-    """Record what the key of a stage whose result is recorded covers, once: `status` compares a configuration's
-    keys with these to say why a stage is stale."""
-    components = key_components(step.task, step.module, inputs)
+def record_components(components: dict[str, Any], cache_dir: str | Path) -> None:
+    """Record what the key of a stage whose result is recorded covers (`stage_components`), once: `status` compares a
+    configuration's keys with these to say why a stage is stale."""
     path = components_path(cache_dir, key_of(components))
     if not storage.exists(path):
         text = json.dumps({**components, "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
@@ -143,9 +147,10 @@ def run_stage(stage_task: Task, inputs: dict[str, Any], config: PipelineConfig, 
         discard_failure_record(state, config.cache_dir)
     result = state.result()  # re-raises the stage's error
     step = TASK_STEPS[stage_task.name]
-    key = stage_key(step, inputs)
+    components = stage_components(step, inputs)
+    key = key_of(components)
     recorded = state.name == "Cached" or was_recorded(key, config)
-    record_components(step, inputs, config.cache_dir)  # on a full disk: one line that says so
+    record_components(components, config.cache_dir)  # on a full disk: one line that says so
     if not recorded:
         raise PipelineError(f"{config.cache_dir}/{key}: cache record of {step.task}: expected it "
                             "written, found none (the error logged above says why); the stage's output is published, "

@@ -22,7 +22,8 @@ from prefect.states import State
 from flows import ui
 from flows.config import PipelineConfig
 from flows.pipeline import check_batches, decide
-from flows.runner import TASKS, cached, discard_failure_record, execute, record_components, recorded, run_stage
+from flows.runner import (TASKS, cached, discard_failure_record, execute, record_components, recorded, run_stage,
+                          stage_components)
 from flows.stages import OTHER_STEPS, STEPS, dataset
 from tasks import sweep
 from tasks.errors import PipelineError
@@ -178,8 +179,8 @@ def _outcome(trained: Any, scored: Any, train_inputs: dict[str, Any], evaluate_i
         error = str(failed.result(raise_on_failure=False))
         return {"row": {"state": "failed", "error": error, **parameters}, "model": None, "evaluation": None, "error": error}
     evaluation = scored.result()
-    record_components(STEPS["train"], train_inputs, cache_dir)
-    record_components(STEPS["evaluate"], {"model": model, **evaluate_inputs}, cache_dir)
+    record_components(stage_components(STEPS["train"], train_inputs), cache_dir)
+    record_components(stage_components(STEPS["evaluate"], {"model": model, **evaluate_inputs}), cache_dir)
     state = "cached" if states["train"].name == "Cached" else "trained"
     row = {"state": state, "test_accuracy": evaluation.meta["test_accuracy"], "test_loss": evaluation.meta["test_loss"],
            **parameters, "evaluate_seconds": evaluation.meta.get("seconds")}

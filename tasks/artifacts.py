@@ -35,6 +35,10 @@ from tasks.files import (
 )
 from tasks.layout import MANIFEST, STAGE_SCRATCH_DIR
 
+# What a trained model's reference meta holds about the run that trained it, outside its digest (tasks.train.fit_model):
+# the run summary and the report show them.
+TRAINING_FACTS = ("fit_seconds", "epoch_seconds", "resumed_from_epoch")
+
 
 class FileRef(BaseModel):
     """One file of an artifact: absolute path (or URL), SHA-256 of its bytes and its size."""

@@ -140,25 +140,6 @@ def test_a_run_started_while_gc_removes_waits_and_records_nothing_that_gc_remove
     assert run_waits.exists()  # one of its stages took its lock while gc held gc's, and waited
 
 
-# A run paused between two stages: after train has recorded its model, before evaluate reads it, until FAULT_GO.
-RUN_PAUSED_AFTER_TRAIN = """
-import os, time
-from pathlib import Path
-import flows.pipeline as pipeline
-run_stage = pipeline.run_stage
-def paused(task, inputs, config, refresh=False):
-    result = run_stage(task, inputs, config, refresh)
-    if task.name == "train_model":
-        Path(os.environ["FAULT_SIGNAL"]).touch()
-        while not Path(os.environ["FAULT_GO"]).exists():
-            time.sleep(0.05)
-    return result
-pipeline.run_stage = paused
-from flows.cli import run
-run()
-"""
-
-
 @pytest.mark.parametrize("locks", ["flock", "redis"])
 def test_gc_of_another_configuration_between_two_stages_of_a_run_removes_nothing(synthetic_config, prefect_api_url,
                                                                                   tmp_path, locks, request):
@@ -168,22 +149,16 @@ def test_gc_of_another_configuration_between_two_stages_of_a_run_removes_nothing
     if locks == "redis":
         config = config.model_copy(update={"locks": request.getfixturevalue("redis_url")})
     other = with_train(config, epochs=3)
-    trained, go = tmp_path / "trained", tmp_path / "go"
-    run = start(RUN_PAUSED_AFTER_TRAIN, ["run", "--json", "--until", "evaluate"],
-                env_of(other, prefect_api_url, FAULT_SIGNAL=str(trained), FAULT_GO=str(go)))
+    # Paused after train recorded its model, before evaluate's key (see PAUSED): no stage lock is held then, and only
+    # the run's own lock keeps gc from removing the model (which `config` does not use) before evaluate reads it.
+    run, go = paused_run(env_of(other, prefect_api_url), tmp_path, "key:evaluate_model", "--until", "evaluate")
     try:
-        wait_until(trained.exists, run)
-        # Between train and evaluate no stage lock is held: only the run's own lock keeps gc from removing the model
-        # (which `config` does not use) before evaluate reads it.
-        (model,) = (config.artifacts_dir / "models").glob("*/model.keras")
         before = tree_state(config.data_dir, config.artifacts_dir)
         held = subprocess.run([sys.executable, "-m", "flows.cli", "gc", "--yes", "--json"], capture_output=True,
                               text=True, env=env_of(config, prefect_api_url), cwd=REPO, timeout=120)
         untouched = tree_state(config.data_dir, config.artifacts_dir) == before
-        go.touch()
-        run_out, run_err = run.communicate(timeout=300)
     finally:
-        stop_process(run)
+        run_out, run_err = resume(run, go)
 
     assert held.returncode == 1, held.stderr[-3000:]
     refused = json.loads(held.stdout)

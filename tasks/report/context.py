@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tasks.artifacts import ArtifactRef
+from tasks.artifacts import TRAINING_FACTS, ArtifactRef
 from tasks.dataset import BY_MNIST, BY_SUMS, BY_USER, DatasetConfig
 from tasks.errors import PipelineError
 from tasks.layout import CONFIG_FILE, HISTORY_FILE, METRICS_FILE, PREDICTIONS_FILE, SPLIT_FILES, VALIDATION_FILE
@@ -164,8 +164,8 @@ def load_context(validation: ArtifactRef, processed: ArtifactRef, model: Artifac
     ctx = ReportContext(
         validation=read_json(validation.path(VALIDATION_FILE)),
         # With this run's training facts, which the model's reference carries (tasks.train.fit_model).
-        history={**read_json(model.path(HISTORY_FILE)), **{key: model.meta[key] for key in (
-            "fit_seconds", "epoch_seconds", "resumed_from_epoch") if key in model.meta}},
+        history={**read_json(model.path(HISTORY_FILE)),
+                 **{key: model.meta[key] for key in TRAINING_FACTS if key in model.meta}},
         config=read_json(model.path(CONFIG_FILE)),
         metrics=read_json(evaluation.path(METRICS_FILE)),
         test_images=images,
